@@ -1,0 +1,197 @@
+"""ModelConfig: one dataclass for the dense Qwen family (v1, 1.5, 2, 2.5, 3).
+
+Built from a Hugging Face `config.json` (Qwen v1.1 names, Qwen v1.0 names, Qwen2/3 names) or
+from GGUF metadata (see `loading/gguf.py`). Unknown keys are ignored; a missing required key is
+an error naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, UnsupportedModelError
+
+# model_type -> architecture family we run.
+SUPPORTED_MODEL_TYPES = {"qwen": "qwen", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHITECTURES = "qwen (Qwen-7B v1), qwen2 (Qwen1.5, Qwen2, Qwen2.5), qwen3 (dense Qwen3)"
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # "qwen" (v1), "qwen2" (also Qwen1.5), "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # width of the SwiGLU branch (Qwen v1: config's intermediate_size // 2)
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None  # None: the whole head (Qwen v1 rotary_pct < 1 rotates a prefix)
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True
+    o_bias: bool = False
+    qk_norm: bool = False
+    # Qwen v1 long context (spec §2.3-2.4): training length drives dynamic NTK and LogN.
+    seq_length: int | None = None
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
+    rope_scaling: dict | None = None  # kept for later (YaRN); not applied yet
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # untouched source keys
+
+    def __post_init__(self):
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config value {name}={value!r} must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ConfigError(f"rotary dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model is meant to see (what generation checks prompts against)."""
+        return self.max_position_embeddings
+
+    # ------------------------------------------------------------------ sources
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no config file at {path}: a Hugging Face checkpoint directory needs config.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); re-download the checkpoint's config.json") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        model_type = d.get("model_type")
+        if model_type is None:
+            archs = d.get("architectures") or []
+            if "QWenLMHeadModel" in archs or "n_embd" in d or "kv_channels" in d:
+                model_type = "qwen"
+            else:
+                raise ConfigError(f"missing required key 'model_type' in {source}")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} in {source} is not supported; qwenkit runs "
+                f"{SUPPORTED_ARCHITECTURES}")
+        if model_type == "qwen":
+            return cls._from_qwen_v1(d, source)
+        return cls._from_qwen2(d, source, model_type)
+
+    @classmethod
+    def _from_qwen_v1(cls, d, source):
+        # v1.1 names first, then the v1.0 names (spec §1.1).
+        get = _getter(d, source)
+        hidden = get("hidden_size", "n_embd")
+        heads = get("num_attention_heads", "n_head")
+        head_dim = get("kv_channels", default=hidden // heads)
+        rotary_pct = float(d.get("rotary_pct", 1.0))
+        seq_length = get("seq_length", default=None)
+        return cls(
+            arch="qwen",
+            vocab_size=get("vocab_size", "padded_vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size", "ffn_hidden_size") // 2,
+            num_layers=get("num_hidden_layers", "n_layer"),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(get("layer_norm_epsilon", default=1e-6)),
+            rope_theta=float(get("rotary_emb_base", "rope_theta", default=10000.0)),
+            rotary_dim=int(head_dim * rotary_pct),
+            max_position_embeddings=get("max_position_embeddings", "n_positions", default=8192),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True,  # c_attn always carries a bias
+            o_bias=not d.get("no_bias", True),
+            seq_length=seq_length,
+            use_dynamic_ntk=bool(d.get("use_dynamic_ntk", False)),
+            use_logn_attn=bool(d.get("use_logn_attn", False)),
+            rope_scaling=d.get("rope_scaling"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            extra=d,
+        )
+
+    @classmethod
+    def _from_qwen2(cls, d, source, model_type):
+        get = _getter(d, source)
+        if d.get("use_sliding_window"):
+            raise UnsupportedModelError(
+                f"{source} sets use_sliding_window=true; qwenkit does not implement Qwen2 sliding-window "
+                "attention yet. Set it to false (Qwen2/2.5 checkpoints ship it false) to run full attention.")
+        if d.get("num_experts") or d.get("num_experts_per_tok"):
+            raise UnsupportedModelError(
+                f"{source} describes a mixture-of-experts model; qwenkit runs dense models only: "
+                f"{SUPPORTED_ARCHITECTURES}")
+        hidden = get("hidden_size")
+        heads = get("num_attention_heads")
+        head_dim = d.get("head_dim") or hidden // heads
+        rope_scaling = d.get("rope_scaling")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+            warnings.warn(
+                f"{source}: rope_scaling {rope_scaling} is recorded but not applied yet; "
+                "results past the trained context length will differ from transformers", stacklevel=3)
+        attention_bias = d.get("attention_bias")
+        return cls(
+            arch=model_type,
+            vocab_size=get("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size"),
+            num_layers=get("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads", default=heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(get("rms_norm_eps", default=1e-6)),
+            rope_theta=float(_rope_theta(d)),
+            max_position_embeddings=get("max_position_embeddings", default=32768),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Qwen2/1.5 always carry q/k/v biases; Qwen3 has attention_bias (default false) on all four.
+            qkv_bias=True if model_type == "qwen2" else bool(attention_bias),
+            o_bias=False if model_type == "qwen2" else bool(attention_bias),
+            qk_norm=model_type == "qwen3",
+            rope_scaling=rope_scaling,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            extra=d,
+        )
+
+
+def _rope_theta(d):
+    # transformers >= 5 moves rope_theta into rope_parameters.
+    params = d.get("rope_parameters") or {}
+    return d.get("rope_theta", params.get("rope_theta", 10000.0))
+
+
+_MISSING = object()
+
+
+def _getter(d, source):
+    def get(*names, default=_MISSING):
+        for name in names:
+            if d.get(name) is not None:
+                return d[name]
+        if default is _MISSING:
+            raise ConfigError(f"missing required key {names[0]!r} in {source}"
+                              + (f" (also looked for {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""))
+        return default
+    return get

@@ -1,0 +1,21 @@
+"""Errors a user can act on. Each message names the problem and the fix."""
+
+
+class QwenkitError(Exception):
+    """Base class for every error qwenkit raises on purpose."""
+
+
+class ConfigError(QwenkitError, ValueError):
+    """A config.json / GGUF header is missing a key or holds a bad value."""
+
+
+class CheckpointError(QwenkitError):
+    """A weights file is missing, truncated, corrupt or does not fit the config."""
+
+
+class UnsupportedModelError(QwenkitError):
+    """The checkpoint is of an architecture qwenkit does not run."""
+
+
+class DownloadError(QwenkitError):
+    """A hub id could not be downloaded."""

@@ -1,0 +1,269 @@
+"""The dense Qwen transformer (v1, 1.5, 2, 2.5, 3) in plain PyTorch.
+
+Module names follow Hugging Face Qwen2 (`model.layers.N.self_attn.q_proj`, ...) so state dicts
+and LoRA adapters interoperate with transformers and peft. Quantized linears, LoRA and tensor
+parallelism are applied from outside by swapping modules; nothing here knows about them.
+
+Positions are explicit: every forward takes `input_pos` ([T] shared by the batch, or [B, T]
+per row) and, when a `KVCache` is passed, writes keys and values at those positions and attends
+to everything the cache holds up to them. Prefill and single-token decode are the same call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before scaling, as every Qwen generation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, written by position.
+
+    Layout [layers, batch, kv_heads, max_len, head_dim]. `ntk_alpha` holds each row's dynamic-NTK
+    alpha, fixed when that row is prefilled and reused by its decode steps (Qwen v1 semantics).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows [start, stop): writes through it land in this cache."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.ntk_alpha, view.max_len = self.ntk_alpha[start:stop], self.max_len
+        return view
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE computed in fp32, with Qwen v1's dynamic-NTK base stretching."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dim = config.rotary_dim
+        self.base = config.rope_theta
+        self._inv_freq: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+    def inv_freq(self, alpha: float, device: torch.device) -> torch.Tensor:
+        key = (alpha, device)
+        if key not in self._inv_freq:
+            base = self.base * alpha ** (self.dim / (self.dim - 2)) if alpha != 1 else self.base
+            exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+            self._inv_freq[key] = 1.0 / (base ** exponent)
+        return self._inv_freq[key]
+
+    def forward(self, positions: torch.Tensor, alphas: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, dim] in fp32; alphas [B] or None (all 1)."""
+        device = positions.device
+        if alphas is None or bool((alphas == alphas[0]).all()):
+            inv = self.inv_freq(1.0 if alphas is None else float(alphas[0]), device)[None]
+        else:
+            inv = torch.stack([self.inv_freq(float(a), device) for a in alphas.tolist()])
+        freqs = positions.float()[:, :, None] * inv[:, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, head_dim]; rotates the first cos.shape[-1] dims in fp32, passes the rest through."""
+    rot_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
+    half = rot_dim // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = (x_rot * cos + rotated * sin).to(x.dtype)
+    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3 normalises each head of q and k before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                input_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if q_scale is not None:  # Qwen v1 LogN: queries past the training length are sharpened
+            q = q * q_scale.to(q.dtype)
+
+        if cache is not None:
+            k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            rows = torch.arange(B, device=x.device)[:, None]
+            k_cache[rows, :, input_pos] = k.transpose(1, 2)
+            v_cache[rows, :, input_pos] = v.transpose(1, 2)
+            kv_len = mask.shape[-1]
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, input_pos, cache, q_scale):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, input_pos, cache, q_scale)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Embedding, blocks and final norm: tokens -> hidden states."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T = tokens.shape
+        if input_pos is None:
+            if cache is not None:
+                raise ValueError("a forward with a KVCache needs input_pos (the positions to write)")
+            input_pos = torch.arange(T, device=tokens.device)
+        input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+        if cache is not None and int(input_pos.max()) >= cache.max_len:
+            raise ValueError(f"position {int(input_pos.max())} is past the KV cache length {cache.max_len}")
+
+        alphas = self._ntk_alphas(input_pos, cache)
+        rope = self.rotary(input_pos, alphas)
+        q_scale = self._logn_scale(input_pos)
+        mask = None
+        if cache is not None:
+            # Each query sees the cached keys at positions <= its own.
+            kv_len = int(input_pos.max()) + 1
+            mask = torch.arange(kv_len, device=tokens.device) <= input_pos[:, None, :, None]
+
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos, cache, q_scale)
+        return self.norm(x)
+
+    def _ntk_alphas(self, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
+        """Qwen v1 dynamic NTK (spec §2.3): alpha from the row's length at prefill, frozen for decode."""
+        cfg = self.config
+        if not cfg.use_dynamic_ntk or self.training or cfg.seq_length is None:
+            return None
+        is_prefill = input_pos.shape[1] > 1 or bool((input_pos[:, 0] == 0).all())
+        if cache is not None and not is_prefill:
+            return cache.ntk_alpha
+        lengths = input_pos.max(dim=1).values + 1
+        alphas = torch.tensor([ntk_alpha(int(n), cfg.seq_length) for n in lengths.tolist()],
+                              dtype=torch.float32, device=input_pos.device)
+        if cache is not None:
+            cache.ntk_alpha.copy_(alphas)
+        return alphas
+
+    def _logn_scale(self, input_pos: torch.Tensor) -> torch.Tensor | None:
+        """Qwen v1 LogN (spec §2.4): q *= log(p+1)/log(seq_length) for positions past seq_length."""
+        cfg = self.config
+        if not cfg.use_logn_attn or self.training or cfg.seq_length is None:
+            return None
+        if int(input_pos.max()) + 1 <= cfg.seq_length:
+            return None
+        return logn_scale(input_pos, cfg.seq_length)[:, None, :, None]
+
+
+class Model(nn.Module):
+    """Transformer plus language-model head: tokens [B, T] -> logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+        """`last_only` computes logits for the final position only (prefill needs no more)."""
+        hidden = self.model(tokens, input_pos, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        param = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.context_length, param.dtype, param.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+
+def ntk_alpha(seq_len: int, train_len: int) -> float:
+    """Dynamic NTK alpha: 1 up to train_len, then 3, 7, 15, ... for each doubling of the length."""
+    context_value = math.log2(seq_len / train_len) + 1
+    return float(max(2 ** math.ceil(context_value) - 1, 1))
+
+
+def logn_scale(positions: torch.Tensor, train_len: int) -> torch.Tensor:
+    """LogN query factor for 0-based positions: log(p+1)/log(train_len) past train_len, else 1."""
+    n = (positions + 1).double()
+    return torch.where(n > train_len, n.log() / math.log(train_len), torch.ones_like(n)).float()

@@ -1,0 +1,228 @@
+"""Parity of the model with transformers on tiny random checkpoints, cached decode, NTK and LogN."""
+
+import math
+
+import pytest
+import torch
+
+import qwenkit
+from qwenkit.model import logn_scale, ntk_alpha
+
+from .conftest import randomize, write_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6)
+
+
+def hf_qwen2(tie: bool, kv_heads: int = 2, seed: int = 0):
+    config = transformers.Qwen2Config(**TINY, num_key_value_heads=kv_heads, tie_word_embeddings=tie)
+    return randomize(transformers.Qwen2ForCausalLM(config).eval(), seed)
+
+
+def hf_qwen3(tie: bool = True):
+    config = transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=32, tie_word_embeddings=tie,
+                                      attention_bias=False)
+    return randomize(transformers.Qwen3ForCausalLM(config).eval(), 1)
+
+
+def tokens(n=24, batch=2, seed=0):
+    return torch.randint(0, TINY["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_state(model):
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def hf_config(model):
+    return model.config.to_dict()
+
+
+def load_fp32(path):
+    model, _ = qwenkit.load(path, dtype="float32", device="cpu")
+    return model
+
+
+def assert_close(ours, ref, tol=TOL):
+    diff = (ours - ref).abs().max().item()
+    assert diff <= tol, f"max |delta| {diff:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_qwen2_matches_transformers(tmp_path, tie):
+    ref = hf_qwen2(tie)
+    ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
+    x = tokens()
+    with torch.no_grad():
+        assert_close(ours(x), ref(x).logits)
+
+
+def test_qwen2_mha_sharded(tmp_path):
+    ref = hf_qwen2(tie=False, kv_heads=4, seed=3)
+    ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref), shards=3))
+    x = tokens(seed=1)
+    with torch.no_grad():
+        assert_close(ours(x), ref(x).logits)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_qwen3_matches_transformers(tmp_path, tie):
+    ref = hf_qwen3(tie)
+    ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
+    assert ours.config.qk_norm and ours.config.head_dim == 32 and not ours.config.qkv_bias
+    x = tokens()
+    with torch.no_grad():
+        assert_close(ours(x), ref(x).logits)
+
+
+# ----------------------------------------------------------------------------- Qwen v1
+def v1_checkpoint(ref, old_names: bool, seq_length: int = 2048) -> tuple[dict, dict]:
+    """Qwen v1 names and config keys for the weights of a Qwen2 model with MHA and qkv bias."""
+    c = ref.config
+    width = c.num_attention_heads * (c.hidden_size // c.num_attention_heads)
+    sizes = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                 num_attention_heads=c.num_attention_heads, intermediate_size=2 * c.intermediate_size,
+                 max_position_embeddings=c.max_position_embeddings)
+    if old_names:
+        renames = dict(hidden_size="n_embd", num_hidden_layers="n_layer", num_attention_heads="n_head",
+                       intermediate_size="ffn_hidden_size", vocab_size="padded_vocab_size",
+                       max_position_embeddings="n_positions")
+        sizes = {renames[k]: v for k, v in sizes.items()}
+    config = dict(sizes, architectures=["QWenLMHeadModel"], kv_channels=c.hidden_size // c.num_attention_heads,
+                  layer_norm_epsilon=c.rms_norm_eps, rotary_emb_base=10000, rotary_pct=1.0, no_bias=True,
+                  seq_length=seq_length, use_dynamic_ntk=True, use_logn_attn=True, tie_word_embeddings=False)
+    if not old_names:
+        config["model_type"] = "qwen"
+    s = ref.state_dict()
+    out = {"transformer.wte.weight": s["model.embed_tokens.weight"], "transformer.ln_f.weight": s["model.norm.weight"],
+           "lm_head.weight": s["lm_head.weight"]}
+    for i in range(c.num_hidden_layers):
+        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+        a = p + "self_attn."
+        out[q + "ln_1.weight"] = s[p + "input_layernorm.weight"]
+        out[q + "ln_2.weight"] = s[p + "post_attention_layernorm.weight"]
+        for kind in ("weight", "bias"):
+            out[q + f"attn.c_attn.{kind}"] = torch.cat([s[a + f"{x}_proj.{kind}"] for x in "qkv"])
+        assert out[q + "attn.c_attn.weight"].shape[0] == 3 * width
+        out[q + "attn.c_proj.weight"] = s[a + "o_proj.weight"]
+        out[q + "mlp.w1.weight"] = s[p + "mlp.up_proj.weight"]
+        out[q + "mlp.w2.weight"] = s[p + "mlp.gate_proj.weight"]  # w2 goes through SiLU
+        out[q + "mlp.c_proj.weight"] = s[p + "mlp.down_proj.weight"]
+        out[q + "attn.rotary_emb.inv_freq"] = torch.ones(8)  # a buffer old checkpoints carry
+    return config, out
+
+
+@pytest.mark.parametrize("old_names,fmt", [(False, "safetensors"), (True, "bin")])
+def test_qwen_v1_matches_transformers_qwen2(tmp_path, old_names, fmt):
+    ref = hf_qwen2(tie=False, kv_heads=4, seed=5)
+    config, state = v1_checkpoint(ref, old_names)
+    ours = load_fp32(write_checkpoint(tmp_path, config, state, fmt=fmt))
+    assert ours.config.arch == "qwen" and ours.config.intermediate_size == TINY["intermediate_size"]
+    assert ours.config.use_dynamic_ntk and ours.config.use_logn_attn and ours.config.seq_length == 2048
+    x = tokens(n=40)
+    with torch.no_grad():
+        assert_close(ours(x), ref(x).logits)
+
+
+# ----------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("maker", [lambda: hf_qwen2(tie=False), hf_qwen3])
+def test_cached_decode_equals_full_forward(tmp_path, maker):
+    ref = maker()
+    ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
+    x = tokens(n=20)
+    with torch.no_grad():
+        full = ours(x)
+        cache = ours.new_cache(batch_size=2, max_len=64)
+        steps = [ours(x[:, :8], torch.arange(8), cache)]
+        for t in range(8, 20):
+            steps.append(ours(x[:, t:t + 1], torch.tensor([t]), cache))
+    assert_close(torch.cat(steps, dim=1), full)
+
+
+def test_cache_rows_at_different_positions(tmp_path):
+    ref = hf_qwen2(tie=True)
+    ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
+    a, b = tokens(n=12, batch=1, seed=1), tokens(n=7, batch=1, seed=2)
+    with torch.no_grad():
+        cache = ours.new_cache(batch_size=2, max_len=32)
+        ours(a[:, :-1], torch.arange(11), cache.rows(0, 1))
+        ours(b[:, :-1], torch.arange(6), cache.rows(1, 2))
+        # One batched decode step, each row at its own position.
+        step = ours(torch.cat([a[:, -1:], b[:, -1:]]), torch.tensor([[11], [6]]), cache)
+        assert_close(step[0, -1], ours(a)[0, -1])
+        assert_close(step[1, -1], ours(b)[0, -1])
+
+
+def test_last_only_and_cache_overflow(tmp_path):
+    ref = hf_qwen2(tie=True)
+    ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
+    x = tokens(n=10)
+    with torch.no_grad():
+        assert_close(ours(x, last_only=True)[:, 0], ours(x)[:, -1])
+        with pytest.raises(ValueError, match="past the KV cache length 8"):
+            ours(x, torch.arange(10), ours.new_cache(batch_size=2, max_len=8))
+
+
+# ----------------------------------------------------------------------------- Qwen v1 long context
+@pytest.mark.parametrize("train_len,table", [
+    (8192, {1: 1, 8192: 1, 8193: 3, 16384: 3, 16385: 7, 32768: 7}),
+    (2048, {2048: 1, 4096: 3, 8192: 7, 16384: 15, 32768: 31}),
+])
+def test_ntk_alpha_table(train_len, table):
+    assert {n: ntk_alpha(n, train_len) for n in table} == table
+
+
+def test_ntk_base_and_logn_values():
+    base = lambda alpha: 10000 * alpha ** (128 / 126)  # noqa: E731
+    assert [round(base(a), 1) for a in (1, 3, 7)] == [10000.0, 30527.7, 72195.9]
+    pos = torch.tensor([0, 8190, 8191, 8192, 16383, 32766])
+    want = [1, 1, 1, math.log(8193) / math.log(8192), math.log(16384) / math.log(8192),
+            math.log(32767) / math.log(8192)]
+    assert torch.allclose(logn_scale(pos, 8192), torch.tensor(want, dtype=torch.float32))
+
+
+@pytest.fixture
+def v1_short(tmp_path):
+    """A Qwen v1 model whose training length is 16, so 'long' prompts are cheap."""
+    ref = hf_qwen2(tie=False, kv_heads=4, seed=7)
+    config, state = v1_checkpoint(ref, old_names=False, seq_length=16)
+    return load_fp32(write_checkpoint(tmp_path, config, state)), ref
+
+
+def _with(model, ntk, logn):
+    model.config.use_dynamic_ntk, model.config.use_logn_attn = ntk, logn
+    with torch.no_grad():
+        return model(tokens(n=40, batch=1, seed=9))
+
+
+def test_long_context_only_acts_past_seq_length(v1_short):
+    model, ref = v1_short
+    x = tokens(n=16, batch=1, seed=9)
+    with torch.no_grad():
+        short_on = model(x)
+        assert_close(short_on, ref(x).logits)  # up to seq_length both are exact no-ops
+
+    off, logn_only, both = _with(model, False, False), _with(model, False, True), _with(model, True, True)
+    assert torch.equal(off[:, :16], logn_only[:, :16])  # LogN touches queries past position 16 only
+    assert (off[:, 16:] - logn_only[:, 16:]).abs().amax(-1).min() > 1e-4
+    assert (both - logn_only).abs().max() > 1e-3  # a 40-token prompt gets alpha 7 (32 < 40 <= 64)
+
+
+def test_ntk_alpha_fixed_at_prefill(v1_short):
+    model, _ = v1_short
+    x = tokens(n=40, batch=2, seed=4)
+    with torch.no_grad():
+        cache = model.new_cache(batch_size=2, max_len=64)
+        model(x[:, :20], torch.arange(20), cache)
+        assert cache.ntk_alpha.tolist() == [3.0, 3.0]  # 16 < 20 <= 32
+        for t in range(20, 40):
+            model(x[:, t:t + 1], torch.tensor([t]), cache)
+        assert cache.ntk_alpha.tolist() == [3.0, 3.0]  # frozen past 32, as in the reference
+        # Per-row alpha: rows prefilled with different lengths keep their own alpha.
+        model(x[:1, :10], torch.arange(10), cache.rows(0, 1))
+        assert cache.ntk_alpha.tolist() == [1.0, 3.0]
