@@ -1,0 +1,306 @@
+"""The one decode loop: prefill, batched decode steps, stops, streaming deltas, logprobs.
+
+`Decoder` runs many sequences through one model and one preallocated KV cache: each sequence is
+prefilled into its own cache row, then every active row decodes together in one batched forward
+per step. Finished rows leave between steps and their slot is reused. `generate`,
+`stream_generate`, the chat API, the CLI, the server engine and the evaluations all drive it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import KVCache, Model
+from .sampling import SamplingParams, TokenHistory, logprobs_of, make_generator, process_logits, sample
+from .tokenizer import Tokenizer
+
+
+class ContextLengthError(ValueError):
+    """The prompt (plus at least one new token) does not fit the model's context."""
+
+
+@dataclass
+class Delta:
+    """What one sequence produced in one step."""
+    text: str                       # new text, never a partial UTF-8 character
+    token_id: int | None            # the token sampled this step (None on the final flush)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" once the sequence is done
+
+
+@dataclass
+class Request:
+    """One sequence to generate: prompt ids plus how to sample and when to stop."""
+    prompt_ids: list[int]
+    max_new_tokens: int = 256
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()
+    stop: Sequence[str] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+class _Row:
+    """Decoding state of one active sequence (its cache row is its index in Decoder.rows)."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer, device):
+        self.request = request
+        self.generator = make_generator(request.params.seed, device)
+        self.detok = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.pos = len(request.prompt_ids)  # where the next token goes in the cache
+        self.output: list[int] = []
+        self.pending = ""  # decoded text held back while it could still start a stop string
+        self.hold = max((len(s) for s in request.stop), default=1) - 1
+
+
+class Decoder:
+    """Continuous batching over the rows of one KV cache."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 1, max_len: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_len = min(max_len or model.config.context_length, model.config.context_length)
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.rows: list[_Row] = []
+        self.history: TokenHistory | None = None  # made when a request uses penalties
+        self.last_tokens = torch.zeros(max_batch, dtype=torch.long, device=model.device)
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.batch_size - len(self.rows)
+
+    def check_fits(self, prompt_len: int) -> None:
+        if prompt_len + 1 > self.max_len:
+            raise ContextLengthError(
+                f"the prompt has {prompt_len} tokens but the context holds {self.max_len} "
+                f"(prompt plus at least one new token): shorten the prompt or ask for truncation")
+
+    @torch.inference_mode()
+    def add(self, request: Request) -> tuple[_Row, Delta]:
+        """Prefill `request` into a free row and sample its first token."""
+        if not self.free_slots:
+            raise RuntimeError("no free cache row: wait for a sequence to finish")
+        self.check_fits(len(request.prompt_ids))
+        request.params.validate(self.model.config.vocab_size)
+        slot = len(self.rows)
+        row = _Row(request, self.tokenizer, self.model.device)
+        self.rows.append(row)
+        self._reset_history(slot, request)
+        ids = torch.tensor([request.prompt_ids], device=self.model.device)
+        logits = self.model(ids, torch.arange(len(request.prompt_ids), device=ids.device),
+                            self.cache.rows(slot, slot + 1), last_only=True)
+        return row, self._advance(slot, slot + 1, logits[:, -1])[0][1]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[_Row, Delta]]:
+        """One batched decode step for every active row; finished rows are removed afterwards."""
+        n = len(self.rows)
+        if not n:
+            return []
+        pos = torch.tensor([[r.pos - 1] for r in self.rows], device=self.model.device)
+        logits = self.model(self.last_tokens[:n, None], pos, self.cache.rows(0, n))
+        return self._advance(0, n, logits[:, -1])
+
+    def cancel(self, row: _Row) -> None:
+        """Drop a sequence (e.g. its client went away); its slot is free for the next add."""
+        if row in self.rows:
+            self._remove(self.rows.index(row))
+
+    # ------------------------------------------------------------------ internals
+    def _reset_history(self, slot: int, request: Request) -> None:
+        p = request.params
+        if self.history is None and (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty):
+            self.history = TokenHistory(self.cache.batch_size, self.model.config.vocab_size, self.model.device)
+            for i, r in enumerate(self.rows):
+                self.history.reset_row(i, r.request.prompt_ids + r.output)
+        if self.history is not None:
+            self.history.reset_row(slot, request.prompt_ids)
+
+    def _advance(self, start: int, stop: int, logits: torch.Tensor) -> list[tuple[_Row, Delta]]:
+        """Sample the next token of rows [start, stop) from their logits and emit their deltas."""
+        slots = range(start, stop)
+        rows = self.rows[start:stop]
+        params = [r.request.params for r in rows]
+        history = None if self.history is None else self.history.rows(start, stop)
+        logits = process_logits(logits.float(), params, history)
+        tokens = sample(logits, params, [r.generator for r in rows])
+        want_logprobs = any(r.request.logprobs for r in rows)
+        top_n = max(r.request.top_logprobs for r in rows)
+        chosen, top_vals, top_ids = logprobs_of(logits, tokens, top_n) if want_logprobs else (None, None, None)
+        if history is not None:
+            history.add(tokens)
+        self.last_tokens[start:stop] = tokens
+
+        events, finished = [], []
+        for i, (slot, row) in enumerate(zip(slots, rows)):
+            token = int(tokens[i])
+            delta = self._emit(row, token)
+            if row.request.logprobs:
+                delta.logprob = float(chosen[i])
+                if row.request.top_logprobs:
+                    delta.top_logprobs = list(zip(top_ids[i, :row.request.top_logprobs].tolist(),
+                                                  top_vals[i, :row.request.top_logprobs].tolist()))
+            events.append((row, delta))
+            if delta.finish_reason:
+                finished.append(slot)
+        for slot in sorted(finished, reverse=True):
+            self._remove(slot)
+        return events
+
+    def _emit(self, row: _Row, token: int) -> Delta:
+        req = row.request
+        row.pos += 1
+        if token in req.stop_token_ids:
+            return Delta(self._release(row, final=True), token, finish_reason="stop")
+        row.output.append(token)
+        row.pending += row.detok.add(token)
+        for s in req.stop:
+            cut = row.pending.find(s)
+            if cut >= 0:
+                row.pending = row.pending[:cut]
+                return Delta(self._release(row, final=True, flush=False), token, finish_reason="stop")
+        if len(row.output) >= req.max_new_tokens or row.pos >= self.max_len:
+            return Delta(self._release(row, final=True), token, finish_reason="length")
+        return Delta(self._release(row, final=False), token)
+
+    def _release(self, row: _Row, final: bool, flush: bool = True) -> str:
+        """Text that can no longer be part of a stop string (all of it when the row is done)."""
+        if final:
+            text = row.pending + (row.detok.flush() if flush else "")
+            row.pending = ""
+            return text
+        keep = min(row.hold, len(row.pending))
+        text, row.pending = row.pending[:len(row.pending) - keep], row.pending[len(row.pending) - keep:]
+        return text
+
+    def _remove(self, slot: int) -> None:
+        """Free a row; the last active row moves into its slot so active rows stay a prefix."""
+        last = len(self.rows) - 1
+        if slot != last:
+            n = self.rows[last].pos
+            self.cache.k[:, slot, :, :n] = self.cache.k[:, last, :, :n]
+            self.cache.v[:, slot, :, :n] = self.cache.v[:, last, :, :n]
+            self.cache.ntk_alpha[slot] = self.cache.ntk_alpha[last]
+            self.last_tokens[slot] = self.last_tokens[last]
+            if self.history is not None:
+                self.history.copy_row(last, slot)
+            self.rows[slot] = self.rows[last]
+        self.rows.pop()
+
+
+# ---------------------------------------------------------------------- the public API
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def default_stop_ids(model: Model, tokenizer: Tokenizer) -> frozenset[int]:
+    """The model's eos ids, plus every ChatML control token: a Qwen v1 chat model must stop at them."""
+    eos = getattr(model, "generation_config", {}).get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [eos])
+    ids |= {tokenizer.eos_token_id, tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.endoftext_id}
+    return frozenset(i for i in ids if i is not None)
+
+
+def sampling_defaults(model: Model) -> dict:
+    """Sampling settings from the checkpoint's generation_config (do_sample false means greedy)."""
+    gc = getattr(model, "generation_config", {}) or {}
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    out = {k: gc[k] for k in keys if gc.get(k) is not None}
+    if gc.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def make_request(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], *,
+                 max_new_tokens: int | None = None, stop: str | Sequence[str] | None = None,
+                 stop_token_ids: Sequence[int] | None = None, logprobs: bool = False, top_logprobs: int = 0,
+                 truncate: bool = False, context_length: int | None = None, **sampling) -> Request:
+    """Build a Request: defaults from generation_config, then the caller's settings.
+
+    `truncate` keeps the newest tokens of a prompt that does not fit instead of raising.
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    gc = getattr(model, "generation_config", {}) or {}
+    max_new = max_new_tokens if max_new_tokens is not None else gc.get("max_new_tokens", 512)
+    if max_new < 1:
+        raise ValueError(f"max_new_tokens={max_new} must be at least 1")
+    limit = context_length or model.config.context_length
+    if len(ids) + 1 > limit:
+        if not truncate:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens but the context holds {limit} "
+                "(prompt plus at least one new token): shorten the prompt or pass truncate=True")
+        ids = ids[-max(1, limit - max_new):]
+    unknown = set(sampling) - set(SamplingParams.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown generation option(s) {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(SamplingParams.__dataclass_fields__)}")
+    params = SamplingParams(**{**sampling_defaults(model), **sampling}).validate(model.config.vocab_size)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    stop_ids = default_stop_ids(model, tokenizer) | frozenset(stop_token_ids or ())
+    return Request(ids, max_new, params, stop_ids, [s for s in stops if s], logprobs, top_logprobs)
+
+
+def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> Iterator[Delta]:
+    """Yield text deltas (with token ids, logprobs and, last, the finish reason) as they are decoded."""
+    request = make_request(model, tokenizer, prompt, **kwargs)
+    decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens)
+    _, delta = decoder.add(request)
+    yield delta
+    while decoder.rows:
+        for _, delta in decoder.step():
+            yield delta
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
+    """Generate a completion of `prompt` (text or token ids); see `make_request` for the options."""
+    return generate_batch(model, tokenizer, [prompt], **kwargs)[0]
+
+
+def generate_batch(model: Model, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
+                   max_batch: int = 8, **kwargs) -> list[GenerationResult]:
+    """Generate for many prompts of different lengths, decoding up to `max_batch` of them together."""
+    requests = [make_request(model, tokenizer, p, **kwargs) for p in prompts]
+    results: list[GenerationResult | None] = [None] * len(requests)
+    parts: dict[int, list[Delta]] = {}
+    max_len = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+    decoder = Decoder(model, tokenizer, min(max_batch, len(requests)), max_len)
+    index_of: dict[int, int] = {}
+    waiting = list(enumerate(requests))
+
+    def record(row, delta):
+        i = index_of[id(row)]
+        parts.setdefault(i, []).append(delta)
+        if delta.finish_reason:
+            results[i] = _collect(requests[i], parts.pop(i))
+
+    while waiting or decoder.rows:
+        while waiting and decoder.free_slots:
+            i, request = waiting.pop(0)
+            row, delta = decoder.add(request)
+            index_of[id(row)] = i
+            record(row, delta)
+        for row, delta in decoder.step():
+            record(row, delta)
+    return results
+
+
+def _collect(request: Request, deltas: list[Delta]) -> GenerationResult:
+    tokens = [d.token_id for d in deltas if d.token_id is not None and d.token_id not in request.stop_token_ids]
+    return GenerationResult(
+        text="".join(d.text for d in deltas), token_ids=tokens, finish_reason=deltas[-1].finish_reason,
+        prompt_tokens=len(request.prompt_ids),
+        logprobs=[d.logprob for d in deltas] if request.logprobs else None,
+        top_logprobs=[d.top_logprobs for d in deltas] if request.top_logprobs else None)

@@ -1,0 +1,123 @@
+"""The decode loop: stops, streaming, batching, seeds, logprobs, context limits."""
+
+import pytest
+import torch
+
+import qwenkit
+from qwenkit.config import ModelConfig
+from qwenkit.generate import ContextLengthError
+from qwenkit.model import Model
+from qwenkit.tokenizer import Tokenizer
+
+from .conftest import qwen_tiktoken_path, randomize
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
+
+
+def tiny_config(**kw):
+    return ModelConfig(**{**dict(arch="qwen2", vocab_size=151936, hidden_size=32, intermediate_size=48,
+                                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                                 max_position_embeddings=256), **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = randomize(Model(tiny_config()), seed=3, scale=0.5).eval()
+    model.generation_config = {}
+    return model
+
+
+class Scripted(Model):
+    """A model whose greedy continuation of any prompt is `script` (drives the loop deterministically)."""
+
+    def __init__(self, script, prompt_len):
+        super().__init__(tiny_config())
+        self.script, self.prompt_len = script, prompt_len
+        self.generation_config = {}
+
+    def forward(self, tokens, input_pos=None, cache=None, *, last_only=False):
+        pos = input_pos.expand(tokens.shape) if input_pos.dim() == 1 else input_pos
+        pos = pos[:, -1:] if last_only else pos
+        logits = torch.zeros(*pos.shape, self.config.vocab_size)
+        nxt = (pos + 1 - self.prompt_len).clamp(0, len(self.script) - 1)
+        logits.scatter_(-1, torch.tensor(self.script)[nxt][..., None], 10.0)
+        return logits
+
+
+def run_script(tok, text, prompt="x", **kw):
+    prompt_ids = tok.encode(prompt)
+    model = Scripted(tok.encode(text) + [tok.im_end_id], len(prompt_ids))
+    return model, prompt_ids, kw
+
+
+def test_stop_string_split_across_tokens_is_cut(tok):
+    model, prompt, _ = run_script(tok, "Answer: 42\nObservation: done")
+    assert len(tok.encode("Observation:")) > 1  # the stop string spans several tokens
+    result = qwenkit.generate(model, tok, prompt, temperature=0, stop=["Observation:"], max_new_tokens=50)
+    assert result.text == "Answer: 42\n" and result.finish_reason == "stop"
+    streamed = list(qwenkit.stream_generate(model, tok, prompt, temperature=0, stop="Observation:", max_new_tokens=50))
+    assert "".join(d.text for d in streamed) == "Answer: 42\n"
+    assert not any("Obs" in d.text for d in streamed)
+
+
+def test_stop_token_and_length(tok):
+    model, prompt, _ = run_script(tok, "one two three")
+    done = qwenkit.generate(model, tok, prompt, temperature=0, max_new_tokens=50)
+    assert done.text == "one two three" and done.finish_reason == "stop"
+    assert tok.im_end_id not in done.token_ids
+    cut = qwenkit.generate(model, tok, prompt, temperature=0, max_new_tokens=2)
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 2 and cut.text == "one two"
+
+
+def test_streaming_chinese_and_emoji_never_splits_a_character(tok):
+    text = "你好，世界！🫠 🧑‍🚀 𠀋龘𪚥 Ünïcödé 𝔘𝔫𝔦"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are partial characters
+    model = Scripted(ids + [tok.im_end_id], 1)
+    deltas = [d.text for d in qwenkit.stream_generate(model, tok, [0], temperature=0, max_new_tokens=100)]
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == text == qwenkit.generate(model, tok, [0], temperature=0, max_new_tokens=100).text
+
+
+def test_batched_generation_equals_one_by_one(tiny, tok):
+    prompts = ["hello world", "a much longer prompt with many more tokens in it, to differ", "短"]
+    kw = dict(temperature=0, max_new_tokens=12, stop_token_ids=[], repetition_penalty=1.3)
+    single = [qwenkit.generate(tiny, tok, p, **kw).token_ids for p in prompts]
+    batched = [r.token_ids for r in qwenkit.generate_batch(tiny, tok, prompts, max_batch=2, **kw)]
+    assert batched == single
+
+
+def test_seed_reproduces_and_differs(tiny, tok):
+    kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=16)
+    a = qwenkit.generate(tiny, tok, "hello", seed=7, **kw).token_ids
+    assert a == qwenkit.generate(tiny, tok, "hello", seed=7, **kw).token_ids
+    assert a != qwenkit.generate(tiny, tok, "hello", seed=8, **kw).token_ids
+
+
+def test_logprobs(tiny, tok):
+    r = qwenkit.generate(tiny, tok, "hello", temperature=0, max_new_tokens=5, logprobs=True, top_logprobs=3)
+    assert len(r.logprobs) == len(r.top_logprobs) == 5
+    for lp, top in zip(r.logprobs, r.top_logprobs):
+        assert lp <= 0 and len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+        assert abs(top[0][1] - lp) < 1e-5  # greedy picks the most likely token
+
+
+def test_prompt_too_long(tiny, tok):
+    ids = list(range(300))
+    with pytest.raises(ContextLengthError, match="the prompt has 300 tokens but the context holds 256"):
+        qwenkit.generate(tiny, tok, ids)
+    r = qwenkit.generate(tiny, tok, ids, truncate=True, max_new_tokens=6, temperature=0)
+    assert r.prompt_tokens == 250 and len(r.token_ids) <= 6
+
+
+def test_bad_options(tiny, tok):
+    with pytest.raises(ValueError, match="top_p"):
+        qwenkit.generate(tiny, tok, "hi", top_p=1.5)
+    with pytest.raises(TypeError, match="unknown generation option.*nucleus"):
+        qwenkit.generate(tiny, tok, "hi", nucleus=0.5)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        qwenkit.generate(tiny, tok, "")
