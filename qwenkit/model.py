@@ -248,6 +248,19 @@ class Model(nn.Module):
         param = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len or self.config.context_length, param.dtype, param.device)
 
+    # The Qwen-7B scripts' chat API, so their callers keep working (implemented in chat.py).
+    def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **kwargs):
+        """-> (response, new history). Options as in qwenkit.generate, plus the seed's stop_words_ids,
+        generation_config and max_window_size."""
+        from .chat import chat_seed
+        return chat_seed(self, tokenizer, query, history, system, **kwargs)
+
+    def chat_stream(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.",
+                    **kwargs):
+        """Yields the cumulative response as it grows, as the seed's chat_stream does."""
+        from .chat import chat_stream_seed
+        return chat_stream_seed(self, tokenizer, query, history, system, **kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
