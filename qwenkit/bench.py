@@ -1,0 +1,81 @@
+"""Speed of one model on this machine: prefill, decode, time to first token, GB/s, peak RSS."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+from .generate import Decoder, Request
+from .model import Model
+from .sampling import SamplingParams
+
+
+def decode_bytes_per_token(model: Model, context: int) -> int:
+    """Bytes a batch-1 decode step reads: every weight but the embedding table, plus the KV cache."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                  if n != "model.embed_tokens.weight" or model.config.tie_word_embeddings)
+    c = model.config
+    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize * context
+    return weights + kv
+
+
+def peak_rss_mib() -> float:
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _sync(model: Model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_bench(model: Model, prompt_tokens: int = 512, new_tokens: int = 128, warmup: bool = True) -> dict:
+    """Greedy decode of `new_tokens` after a random `prompt_tokens` prompt, never stopping early."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1000, 20000, (prompt_tokens,), generator=gen).tolist()
+    request = Request(prompt, new_tokens, SamplingParams(temperature=0.0))
+    if warmup:
+        _timed_run(model, Request(prompt[:32], 4, SamplingParams(temperature=0.0)))
+    ttft, decode_s, produced = _timed_run(model, request)
+    decode_tok_s = (produced - 1) / decode_s
+    bytes_per_token = decode_bytes_per_token(model, prompt_tokens + new_tokens // 2)
+    return {
+        "prefill_tok_s": round(prompt_tokens / ttft, 2),
+        "decode_tok_s": round(decode_tok_s, 2),
+        "ttft_s": round(ttft, 4),
+        "gb_per_s": round(bytes_per_token * decode_tok_s / 1e9, 2),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _timed_run(model: Model, request: Request) -> tuple[float, float, int]:
+    decoder = Decoder(model, _NullTokenizer(), 1, len(request.prompt_ids) + request.max_new_tokens)
+    start = time.perf_counter()
+    decoder.add(request)
+    _sync(model)
+    first = time.perf_counter()
+    produced = 1
+    while decoder.rows:
+        produced += len(decoder.step())
+    _sync(model)
+    return first - start, time.perf_counter() - first, produced
+
+
+class _NullTokenizer:
+    """Benchmarks measure the model, not detokenization."""
+
+    class _Null:
+        def add(self, ids):
+            return ""
+
+        def flush(self):
+            return ""
+
+    def stream_decoder(self, skip_special_tokens=True):
+        return self._Null()

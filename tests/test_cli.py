@@ -1,0 +1,68 @@
+"""The command line, driven as a user drives it: a subprocess with piped standard input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import qwenkit
+
+
+def qwenkit_cli(*args, stdin="", timeout=600):
+    return subprocess.run([sys.executable, "-m", "qwenkit", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env={"QWENKIT_NO_PROGRESS": "1", **_env()})
+
+
+def _env():
+    import os
+    return {k: v for k, v in os.environ.items()}
+
+
+def test_help_and_version():
+    out = qwenkit_cli("--help")
+    assert out.returncode == 0 and "chat" in out.stdout and "bench" in out.stdout
+    assert qwenkit_cli("--version").stdout.strip() == f"qwenkit {qwenkit.__version__}"
+    chat_help = qwenkit_cli("chat", "--help").stdout
+    for flag in ("-m", "--system", "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--seed",
+                 "--device", "--dtype"):
+        assert flag in chat_help
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    out = qwenkit_cli("chat", "-m", str(tmp_path / "nope"), stdin=":exit\n")
+    assert out.returncode == 2
+    assert "does not exist: pass a checkpoint directory" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.real
+def test_chat_session_with_history(demo_path):
+    script = "\n".join([
+        ":conf temperature=0 repetition_penalty=1.0",
+        "My name is Alice and I live in Paris. Reply with one word: OK.",
+        "What is my name? Answer with the name only.",
+        ":history",
+        ":clear-history",
+        "What is my name? Answer with the name only.",
+        ":exit",
+        "this line is never read",
+    ]) + "\n"
+    first = qwenkit_cli("chat", "-m", "demo", "--max-new-tokens", "24", stdin=script)
+    assert first.returncode == 0, first.stderr
+    replies = first.stdout.split("[history cleared]")
+    assert "Alice" in replies[0].split("User[1]")[0]  # the second answer needs the first turn
+    assert "User[0]: My name is Alice" in replies[0]
+    assert "Alice" not in replies[1]  # forgotten after :clear-history
+    again = qwenkit_cli("chat", "-m", "demo", "--max-new-tokens", "24", stdin=script)
+    assert again.stdout == first.stdout  # temperature 0 set with :conf makes replies deterministic
+
+
+@pytest.mark.real
+def test_generate_and_bench(demo_path):
+    out = qwenkit_cli("generate", "-m", "demo", "--prompt", "def add(a, b):", "--temperature", "0",
+                      "--max-new-tokens", "8", "--stream")
+    assert out.returncode == 0 and "return" in out.stdout
+    bench = qwenkit_cli("bench", "-m", "demo", "--prompt-tokens", "32", "--new-tokens", "8", "--json")
+    assert bench.returncode == 0, bench.stderr
+    result = json.loads(bench.stdout)
+    assert {"prefill_tok_s", "decode_tok_s", "ttft_s", "gb_per_s", "peak_rss_mib"} <= set(result)

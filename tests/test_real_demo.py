@@ -1,0 +1,86 @@
+"""Real tier: the demo model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF) against transformers."""
+
+import pytest
+import torch
+
+import qwenkit
+
+pytestmark = pytest.mark.real
+
+transformers = pytest.importorskip("transformers")
+
+FIB = "Write a Python function that returns the n-th Fibonacci number."
+# transformers bf16 and llama.cpp agree on these 20 greedy tokens (shared/reference/baselines.md).
+FIB_IDS = [8420, 594, 264, 13027, 729, 311, 11047, 279, 308, 7563, 79683, 1372, 1447, 73594, 12669, 198,
+           750, 75698, 1445, 982]
+
+
+@pytest.fixture(scope="module")
+def ours_fp32(demo_path):
+    return qwenkit.load("demo", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompt64(ours_fp32):
+    _, tok = ours_fp32
+    text = ("def quicksort(xs):\n    # 排序: pick a pivot, split, recurse\n    if len(xs) <= 1:\n"
+            "        return xs\n    pivot = xs[len(xs) // 2]\n    left = [x for x in xs if x < pivot]\n")
+    ids = tok.encode(text)
+    assert len(ids) >= 64
+    return ids[:64]
+
+
+def test_logits_match_transformers_fp32(demo_path, ours_fp32, prompt64):
+    model, _ = ours_fp32
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(demo_path.parent), gguf_file=demo_path.name, dtype=torch.float32).eval()
+    x = torch.tensor([prompt64])
+    with torch.no_grad():
+        ours, theirs = model(x), ref(x).logits
+    diff = (ours - theirs).abs().max().item()
+    print(f"demo fp32 logits vs transformers: max |delta| = {diff:.2e}")
+    assert diff <= 1e-3
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))  # the same greedy next token everywhere
+
+
+def test_fibonacci_greedy_fp32(ours_fp32):
+    model, tok = ours_fp32
+    ids = tok.apply_chat_template([{"role": "user", "content": FIB}])
+    out = qwenkit.generate(model, tok, ids, max_new_tokens=20, temperature=0, repetition_penalty=1.0).token_ids
+    matched = next((i for i, (a, b) in enumerate(zip(out, FIB_IDS)) if a != b), len(FIB_IDS))
+    print(f"fp32 greedy Fibonacci reply: {matched}/20 tokens match the reference")
+    assert matched >= 12  # transformers float32 agrees on the first 12
+
+
+def test_fibonacci_greedy_bf16(demo_path):
+    model, tok = qwenkit.load("demo", dtype="bfloat16", device="cpu")
+    ids = tok.apply_chat_template([{"role": "user", "content": FIB}])
+    out = qwenkit.generate(model, tok, ids, max_new_tokens=20, temperature=0, repetition_penalty=1.0).token_ids
+    matched = next((i for i, (a, b) in enumerate(zip(out, FIB_IDS)) if a != b), len(FIB_IDS))
+    print(f"bf16 greedy Fibonacci reply: {matched}/20 tokens match the reference")
+    assert matched == 20
+
+
+@pytest.fixture(scope="module")
+def demo_bf16(demo_path):
+    return qwenkit.load("demo")
+
+
+def test_seed_chat_api_keeps_history(demo_bf16):
+    model, tok = demo_bf16
+    greedy = dict(do_sample=False, repetition_penalty=1.0, max_new_tokens=32)
+    first, history = model.chat(tok, "My name is Alice and I live in Paris. Reply with one word: OK.", history=None,
+                                **greedy)
+    assert history == [("My name is Alice and I live in Paris. Reply with one word: OK.", first)]
+    second, history2 = model.chat(tok, "What is my name? Answer with the name only.", history=history, **greedy)
+    assert "Alice" in second and len(history) == 1 and len(history2) == 2  # the caller's list is untouched
+
+
+def test_chat_stream_ends_with_chat_response(demo_bf16):
+    model, tok = demo_bf16
+    sampled = dict(temperature=0.8, top_p=0.9, seed=1234, max_new_tokens=40)
+    response, _ = model.chat(tok, "用一句话介绍你自己。", history=None, **sampled)
+    streamed = list(model.chat_stream(tok, "用一句话介绍你自己。", history=None, **sampled))
+    assert len(streamed) > 3 and streamed[-1] == response
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:]))  # cumulative, as the seed yields
+    assert not any("\ufffd" in s for s in streamed)
