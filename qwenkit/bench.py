@@ -23,8 +23,14 @@ def decode_bytes_per_token(model: Model, context: int) -> int:
 
 
 def peak_rss_mib() -> float:
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    """This process's peak resident memory. Linux's ru_maxrss survives exec (a child started by a big
+    parent would report the parent's peak), so /proc's VmHWM comes first."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def _sync(model: Model) -> None:

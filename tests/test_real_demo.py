@@ -24,7 +24,9 @@ def ours_fp32(demo_path):
 def prompt64(ours_fp32):
     _, tok = ours_fp32
     text = ("def quicksort(xs):\n    # 排序: pick a pivot, split, recurse\n    if len(xs) <= 1:\n"
-            "        return xs\n    pivot = xs[len(xs) // 2]\n    left = [x for x in xs if x < pivot]\n")
+            "        return xs\n    pivot = xs[len(xs) // 2]\n    left = [x for x in xs if x < pivot]\n"
+            "    middle = [x for x in xs if x == pivot]\n    right = [x for x in xs if x > pivot]\n"
+            "    return quicksort(left) + middle + quicksort(right)\n")
     ids = tok.encode(text)
     assert len(ids) >= 64
     return ids[:64]

@@ -1,0 +1,135 @@
+"""One engine, one measurement, in a fresh process so peak RSS belongs to that engine alone.
+
+    python benchmarks/engines.py ENGINE DTYPE [--prompt-tokens 512] [--new-tokens 128]
+
+ENGINE is qwenkit or transformers; prints one JSON object: load_s, prefill_tok_s (best of 3),
+ttft_s, decode_tok_s (greedy, eos ignored), gb_per_s, peak_rss_mib. The benchmarks in this folder
+run it once per engine and print the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from qwenkit.bench import peak_rss_mib
+
+
+def weight_bytes(model, exclude_embedding: bool) -> int:
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (exclude_embedding and "embed_tokens" in name):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def prompt_ids(n: int) -> list[int]:
+    return torch.randint(1000, 20000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def run_qwenkit(dtype: str, n_prompt: int, n_new: int) -> dict:
+    import qwenkit
+    from qwenkit.bench import run_bench
+    from qwenkit.loading.demo import demo_gguf_path
+
+    demo_gguf_path()  # assemble outside the timed load
+    start = time.perf_counter()
+    model, _ = qwenkit.load("demo", dtype=dtype, device="cpu")
+    load_s = time.perf_counter() - start
+    rss_loaded = peak_rss_mib()
+    ids = torch.tensor([prompt_ids(n_prompt)])
+    with torch.inference_mode():
+        model(ids[:, :32], last_only=True)
+        prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(3))
+    result = run_bench(model, prompt_tokens=n_prompt, new_tokens=n_new)
+    return {"load_s": load_s, "rss_after_load_mib": rss_loaded, "prefill_tok_s": n_prompt / prefill,
+            "ttft_s": result["ttft_s"], "decode_tok_s": result["decode_tok_s"], "gb_per_s": result["gb_per_s"],
+            "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
+    import transformers
+    from qwenkit.loading.demo import demo_gguf_path
+
+    path = demo_gguf_path()
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch_dtype).eval()
+    load_s = time.perf_counter() - start
+    rss_loaded = peak_rss_mib()
+    ids = torch.tensor([prompt_ids(n_prompt)])
+    greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model(ids[:, :32])
+        prefill = min(_timed(lambda: model(ids, logits_to_keep=1)) for _ in range(3))
+        ttft = _timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **greedy))
+        total = _timed(lambda: model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **greedy))
+    decode = (n_new - 1) / (total - ttft)
+    c = model.config
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) \
+        * model.dtype.itemsize * (n_prompt + n_new // 2)
+    return {"load_s": load_s, "rss_after_load_mib": rss_loaded, "prefill_tok_s": n_prompt / prefill,
+            "ttft_s": ttft, "decode_tok_s": decode,
+            "gb_per_s": (weight_bytes(model, not c.tie_word_embeddings) + kv) * decode / 1e9,
+            "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib()}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(engine: str, dtype: str, n_prompt: int = 512, n_new: int = 128) -> dict:
+    """Run one engine in a child process and return its JSON result (with an `error` on failure)."""
+    cmd = [sys.executable, __file__, engine, dtype, "--prompt-tokens", str(n_prompt), "--new-tokens", str(n_new)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        return {"engine": engine, "dtype": dtype, "error": out.stderr.strip().splitlines()[-1:]}
+    return {"engine": engine, "dtype": dtype, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def machine() -> dict:
+    import platform
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("engine", choices=["qwenkit", "transformers"])
+    parser.add_argument("dtype", choices=["bfloat16", "float32"])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    a = parser.parse_args()
+    run = run_qwenkit if a.engine == "qwenkit" else run_transformers
+    print(json.dumps({k: round(v, 3) for k, v in run(a.dtype, a.prompt_tokens, a.new_tokens).items()}))
+
+
+def report(name: str, rows: list[dict], columns: list[tuple[str, str, str]], ratios: dict, **meta) -> None:
+    """Print `rows` as a table (columns: key, header, format), then the ratios of qwenkit to the peer,
+    and write everything to benchmarks/results/NAME-DATE.json."""
+    from pathlib import Path
+
+    print(f"{'engine':<14}" + "".join(f"{h:>{len(h) + 2}}" for _, h, _ in columns))
+    for r in rows:
+        cells = "".join(f"{r[k]:>{len(h) + 2}{fmt}}" for k, h, fmt in columns) if "error" not in r \
+            else f" failed: {r['error']}"
+        print(f"{r['engine']:<14}{cells}")
+    ours, ref = rows[0], rows[1]
+    if "error" not in ours and "error" not in ref:
+        values = {k: f(ours, ref) for k, f in ratios.items()}
+        print("  ".join(f"{k} {v:.2f}x" for k, v in values.items()))
+        rows = rows + [{"ratios": values}]
+    out = Path(__file__).parent / "results" / f"{name}-{time.strftime('%Y-%m-%d')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), **meta, "results": rows}, indent=2) + "\n")
+    print(f"written to {out}")
