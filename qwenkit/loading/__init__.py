@@ -103,8 +103,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Mo
     tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields())
     net = build_model(config, gguf.tensors(dtype), dtype, device, description=f"loading {path.name}",
                       total_bytes=path.stat().st_size)
-    net.generation_config = {}
+    net.generation_config = dict(GGUF_GENERATION_DEFAULTS[config.arch], eos_token_id=tokenizer.eos_token_id)
     return net, tokenizer
+
+
+# GGUF files carry no generation_config.json: use what the official chat checkpoints of each
+# generation ship (Qwen-7B-Chat; Qwen2/2.5-Instruct; Qwen3 in thinking mode).
+GGUF_GENERATION_DEFAULTS = {
+    "qwen": {"top_p": 0.8, "top_k": 0, "repetition_penalty": 1.1, "max_new_tokens": 512},
+    "qwen2": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 512},
+    "qwen3": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 512},
+}
 
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
