@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import KVCache, Model
+from .model import Model, ntk_alpha
 from .sampling import SamplingParams, TokenHistory, logprobs_of, make_generator, process_logits, sample
 from .tokenizer import Tokenizer
 
@@ -52,20 +52,32 @@ class _Row:
         self.request = request
         self.generator = make_generator(request.params.seed, device)
         self.detok = tokenizer.stream_decoder(skip_special_tokens=True)
-        self.pos = len(request.prompt_ids)  # where the next token goes in the cache
+        self.pos = len(request.prompt_ids)  # one past the last sampled token's position
+        self.cached_tokens = 0  # prompt tokens whose keys/values were already in the cache row
         self.output: list[int] = []
         self.pending = ""  # decoded text held back while it could still start a stop string
         self.hold = max((len(s) for s in request.stop), default=1) - 1
 
 
+    def written(self) -> list[int]:
+        """The tokens whose keys/values sit in the cache row (all but the last sampled one)."""
+        return (self.request.prompt_ids + self.output)[:self.pos - 1]
+
+
 class Decoder:
-    """Continuous batching over the rows of one KV cache."""
+    """Continuous batching over the rows of one KV cache.
+
+    Active sequences occupy rows [0, len(rows)). A finished sequence's row keeps its keys and
+    values, and `add` starts a new request in the free row that shares the longest prefix with
+    its prompt, so a conversation's next turn prefills only what is new.
+    """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 1, max_len: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_len = min(max_len or model.config.context_length, model.config.context_length)
         self.cache = model.new_cache(max_batch, self.max_len)
         self.rows: list[_Row] = []
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each free row holds
         self.history: TokenHistory | None = None  # made when a request uses penalties
         self.last_tokens = torch.zeros(max_batch, dtype=torch.long, device=model.device)
 
@@ -87,11 +99,13 @@ class Decoder:
         self.check_fits(len(request.prompt_ids))
         request.params.validate(self.model.config.vocab_size)
         slot = len(self.rows)
+        reuse = self._take_best_free_row(request.prompt_ids)
         row = _Row(request, self.tokenizer, self.model.device)
+        row.cached_tokens = reuse
         self.rows.append(row)
         self._reset_history(slot, request)
-        ids = torch.tensor([request.prompt_ids], device=self.model.device)
-        logits = self.model(ids, torch.arange(len(request.prompt_ids), device=ids.device),
+        ids = torch.tensor([request.prompt_ids[reuse:]], device=self.model.device)
+        logits = self.model(ids, torch.arange(reuse, len(request.prompt_ids), device=ids.device),
                             self.cache.rows(slot, slot + 1), last_only=True)
         return row, self._advance(slot, slot + 1, logits[:, -1])[0][1]
 
@@ -111,6 +125,34 @@ class Decoder:
             self._remove(self.rows.index(row))
 
     # ------------------------------------------------------------------ internals
+    def _take_best_free_row(self, prompt: list[int]) -> int:
+        """Move the free row sharing the longest prefix with `prompt` to the next active slot;
+        return how many prompt tokens it already holds (at least one token is always recomputed)."""
+        slot = len(self.rows)
+        best, best_len = slot, 0
+        for i in range(slot, self.cache.batch_size):
+            n = _common_prefix(self.slot_tokens[i], prompt)
+            if n > best_len:
+                best, best_len = i, n
+        if best != slot:
+            self._swap(best, slot)
+        reuse = min(best_len, len(prompt) - 1)
+        cfg = self.model.config
+        if reuse and cfg.use_dynamic_ntk and cfg.seq_length and \
+                float(self.cache.ntk_alpha[slot]) != ntk_alpha(len(prompt), cfg.seq_length):
+            reuse = 0  # Qwen v1: cached keys were rotated with another NTK alpha
+        self.slot_tokens[slot] = []
+        return reuse
+
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange two cache rows (keys, values, NTK alpha, and the record of what they hold)."""
+        n = max(len(self.slot_tokens[a]), len(self.slot_tokens[b]),
+                *(r.pos for r in (self.rows[i] for i in (a, b) if i < len(self.rows))))
+        for t in (self.cache.k, self.cache.v):
+            t[:, [a, b], :, :n] = t[:, [b, a], :, :n]
+        self.cache.ntk_alpha[[a, b]] = self.cache.ntk_alpha[[b, a]]
+        self.slot_tokens[a], self.slot_tokens[b] = self.slot_tokens[b], self.slot_tokens[a]
+
     def _reset_history(self, slot: int, request: Request) -> None:
         p = request.params
         if self.history is None and (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty):
@@ -178,13 +220,12 @@ class Decoder:
         return text
 
     def _remove(self, slot: int) -> None:
-        """Free a row; the last active row moves into its slot so active rows stay a prefix."""
+        """Free a row. The last active row swaps into its place so active rows stay a prefix, and
+        the finished row's cache stays behind in the freed slot for prefix reuse."""
         last = len(self.rows) - 1
+        self.slot_tokens[slot] = self.rows[slot].written()
         if slot != last:
-            n = self.rows[last].pos
-            self.cache.k[:, slot, :, :n] = self.cache.k[:, last, :, :n]
-            self.cache.v[:, slot, :, :n] = self.cache.v[:, last, :, :n]
-            self.cache.ntk_alpha[slot] = self.cache.ntk_alpha[last]
+            self._swap(slot, last)
             self.last_tokens[slot] = self.last_tokens[last]
             if self.history is not None:
                 self.history.copy_row(last, slot)
@@ -201,6 +242,14 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def default_stop_ids(model: Model, tokenizer: Tokenizer) -> frozenset[int]:

@@ -121,3 +121,27 @@ def test_bad_options(tiny, tok):
         qwenkit.generate(tiny, tok, "hi", nucleus=0.5)
     with pytest.raises(ValueError, match="the prompt is empty"):
         qwenkit.generate(tiny, tok, "")
+
+
+def _run(decoder, request):
+    row, delta = decoder.add(request)
+    out = [delta]
+    while row in decoder.rows:
+        out += [d for r, d in decoder.step() if r is row]
+    return row, [d.token_id for d in out if d.token_id is not None]
+
+
+def test_prefix_reuse_gives_the_same_tokens(tiny, tok):
+    from qwenkit.generate import Decoder, make_request
+
+    kw = dict(temperature=0, max_new_tokens=6, stop_token_ids=[])
+    first = make_request(tiny, tok, "a conversation that goes on", **kw)
+    decoder = Decoder(tiny, tok, max_batch=3, max_len=128)
+    other = decoder.add(make_request(tiny, tok, "someone else is decoding meanwhile", max_new_tokens=40,
+                                     temperature=0, stop_token_ids=[]))[0]
+    _, out = _run(decoder, first)
+    follow = make_request(tiny, tok, first.prompt_ids + out + tok.encode(" and the next turn"), **kw)
+    row, reused = _run(decoder, follow)
+    assert row.cached_tokens == len(first.prompt_ids) + len(out) - 1  # everything but the last sampled token
+    fresh = _run(Decoder(tiny, tok, max_batch=1, max_len=128), follow)[1]
+    assert reused == fresh and other in decoder.rows
