@@ -1,0 +1,299 @@
+"""The serving engine: a request queue and a scheduler thread doing continuous batching.
+
+The scheduler owns the model. Between decode steps it admits queued requests into free cache
+rows (prefilling only what a row does not already hold), drops cancelled ones, and runs jobs
+such as embeddings; then all active rows decode together in one batched forward. The HTTP layer
+only submits `Request`s and reads `Stream`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+
+import torch
+import torch.nn.functional as F
+
+from .errors import QwenkitError
+from .generate import ContextLengthError, Decoder, Delta, Request
+from .model import Model
+from .tokenizer import Tokenizer
+
+
+class QueueFullError(QwenkitError):
+    """Too many requests are waiting; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Stream:
+    """The deltas of one request, readable from a thread (`for`) or from asyncio (`async for`)."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.prompt_tokens = len(request.prompt_ids)
+        self.cached_tokens = 0
+        self.error: str | None = None
+        self.submitted = time.perf_counter()
+        self._cancelled = False
+        self._items: deque[Delta] = deque()
+        self._cond = threading.Condition()
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    def cancel(self) -> None:
+        """The reader went away: the engine drops the sequence before its next step."""
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _push(self, delta: Delta) -> None:
+        with self._cond:
+            self._items.append(delta)
+            self._cond.notify()
+            wake = self._wake
+        if wake is not None:
+            loop, event = wake
+            loop.call_soon_threadsafe(event.set)
+
+    def __iter__(self) -> Iterator[Delta]:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                delta = self._items.popleft()
+            yield delta
+            if delta.finish_reason:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        event = asyncio.Event()
+        with self._cond:
+            self._wake = (asyncio.get_running_loop(), event)
+        while True:
+            event.clear()
+            with self._cond:
+                items = list(self._items)
+                self._items.clear()
+            if not items:
+                await event.wait()
+                continue
+            for delta in items:
+                yield delta
+                if delta.finish_reason:
+                    return
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, name: str, help: str, buckets: list[float]):
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        lines += [f'{self.name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return lines + [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum:.6f}",
+                        f"{self.name}_count {self.count}"]
+
+
+class EngineMetrics:
+    """What /metrics reports; updated by the scheduler thread only."""
+
+    COUNTERS = {
+        "requests_total": "Requests admitted to the batch.",
+        "requests_cancelled_total": "Requests dropped because their client went away.",
+        "prompt_tokens_total": "Prompt tokens of admitted requests.",
+        "cached_prompt_tokens_total": "Prompt tokens served from an earlier request's KV cache.",
+        "generation_tokens_total": "Tokens generated.",
+        "decode_steps_total": "Batched decode steps run.",
+    }
+
+    def __init__(self):
+        self.counters = dict.fromkeys(self.COUNTERS, 0)
+        self.queue_depth = 0
+        self.running = 0
+        self.batch_size = Histogram("qwenkit_decode_batch_size", "Sequences decoded together per step.",
+                                    [1, 2, 4, 8, 16, 32, 64])
+        self.ttft = Histogram("qwenkit_time_to_first_token_seconds", "From submission to the first token.",
+                              [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
+        self.token_latency = Histogram("qwenkit_time_per_output_token_seconds", "Duration of one decode step.",
+                                       [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1])
+
+    def render(self) -> str:
+        lines = []
+        for name, help in self.COUNTERS.items():
+            lines += [f"# HELP qwenkit_{name} {help}", f"# TYPE qwenkit_{name} counter",
+                      f"qwenkit_{name} {self.counters[name]}"]
+        for name, value, help in (("queue_depth", self.queue_depth, "Requests waiting for a cache row."),
+                                  ("running", self.running, "Sequences in the decode batch.")):
+            lines += [f"# HELP qwenkit_{name} {help}", f"# TYPE qwenkit_{name} gauge", f"qwenkit_{name} {value}"]
+        for hist in (self.batch_size, self.ttft, self.token_latency):
+            lines += hist.render()
+        return "\n".join(lines) + "\n"
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 context_length: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.context_length = min(context_length or model.config.context_length, model.config.context_length)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.decoder = Decoder(model, tokenizer, max_batch, self.context_length)
+        self.metrics = EngineMetrics()
+        self._queue: deque[Stream] = deque()
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
+        self._streams: dict[int, Stream] = {}  # id(row) -> its stream
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ public, any thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="qwenkit-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, request: Request) -> Stream:
+        """Queue a request; raises for one that can never run or when the queue is full."""
+        self.decoder.check_fits(len(request.prompt_ids))
+        request.params.validate(self.model.config.vocab_size)
+        if len(request.prompt_ids) + request.max_new_tokens > self.context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.max_new_tokens}, "
+                f"more than the context of {self.context_length}: lower max_tokens or shorten the prompt")
+        stream = Stream(request)
+        with self._wake:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(f"{len(self._queue)} requests are already waiting; retry shortly",
+                                     retry_after=1.0)
+            self._queue.append(stream)
+            self.metrics.queue_depth = len(self._queue)
+            self._wake.notify()
+        return stream
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the engine thread between decode steps (it owns the model)."""
+        future: Future = Future()
+        with self._wake:
+            self._jobs.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled final hidden states, L2-normalized, one vector per input."""
+        def job():
+            with torch.inference_mode():
+                out = []
+                for ids in token_ids:
+                    hidden = self.model.model(torch.tensor([ids], device=self.model.device))[0].float()
+                    out.append(F.normalize(hidden.mean(0), dim=0).tolist())
+                return out
+        return self.call(job).result()
+
+    # ------------------------------------------------------------------ the scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._queue or self._jobs or self.decoder.rows or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, future in jobs:
+                self._run_job(fn, future)
+            self._drop_cancelled()
+            self._admit()
+            if self.decoder.rows:
+                self._step()
+
+    def _run_job(self, fn, future: Future) -> None:
+        try:
+            future.set_result(fn())
+        except Exception as e:  # the caller gets it from future.result()
+            future.set_exception(e)
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self.decoder.rows if self._streams[id(r)].cancelled]:
+            self.decoder.cancel(row)
+            self._streams.pop(id(row))
+            self.metrics.counters["requests_cancelled_total"] += 1
+        self.metrics.running = len(self.decoder.rows)
+
+    def _admit(self) -> None:
+        while self.decoder.free_slots:
+            with self._wake:
+                if not self._queue:
+                    return
+                stream = self._queue.popleft()
+                self.metrics.queue_depth = len(self._queue)
+            if stream.cancelled:
+                self.metrics.counters["requests_cancelled_total"] += 1
+                continue
+            try:
+                row, delta = self.decoder.add(stream.request)
+            except Exception as e:  # a bad request must not take the engine down
+                self._fail(stream, e)
+                continue
+            stream.cached_tokens = row.cached_tokens
+            self._streams[id(row)] = stream
+            c = self.metrics.counters
+            c["requests_total"] += 1
+            c["prompt_tokens_total"] += stream.prompt_tokens
+            c["cached_prompt_tokens_total"] += row.cached_tokens
+            self.metrics.ttft.observe(time.perf_counter() - stream.submitted)
+            self._deliver(row, delta)
+        self.metrics.running = len(self.decoder.rows)
+
+    def _step(self) -> None:
+        batch = len(self.decoder.rows)
+        start = time.perf_counter()
+        try:
+            events = self.decoder.step()
+        except Exception as e:  # fail the batch, keep serving
+            for row in list(self.decoder.rows):
+                self.decoder.cancel(row)
+                self._fail(self._streams.pop(id(row)), e)
+            return
+        self.metrics.token_latency.observe(time.perf_counter() - start)
+        self.metrics.batch_size.observe(batch)
+        self.metrics.counters["decode_steps_total"] += 1
+        for row, delta in events:
+            self._deliver(row, delta)
+        self.metrics.running = len(self.decoder.rows)
+
+    def _deliver(self, row, delta: Delta) -> None:
+        if delta.token_id is not None:
+            self.metrics.counters["generation_tokens_total"] += 1
+        stream = self._streams[id(row)]
+        if delta.finish_reason:
+            self._streams.pop(id(row))
+        stream._push(delta)
+
+    def _fail(self, stream: Stream, error: Exception) -> None:
+        stream.error = f"{type(error).__name__}: {error}"
+        stream._push(Delta("", None, finish_reason="error"))
