@@ -1,0 +1,473 @@
+"""Tool (function) calling: the prompts that offer tools, and parsers that find the calls in the reply.
+
+Two formats exist:
+
+* **Hermes** (Qwen2.5, Qwen3): the checkpoint's chat template lists the tools, and the model answers
+  ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, possibly several, possibly after
+  some text. Chosen when the tokenizer's template renders ``tools``.
+* **ReAct** (Qwen v1, and templates without a tools section such as Qwen1.5/Qwen2): the seed's
+  openai_api.py prompt (shared/reference/qwen-v1-spec.md §5.4-5.5). An instruction listing the APIs
+  precedes the last question; the model answers ``Thought: ...\\nAction: NAME\\nAction Input: {...}``
+  and generation stops at ``Observation:``, or it writes ``Final Answer: ...``.
+
+Parsers are incremental: the server feeds them each text delta and forwards the events they return
+(content, the start of a tool call, pieces of its arguments). ``finish()`` flushes what is held back
+and returns every complete call; a non-empty list means finish_reason "tool_calls". Text that is not
+a valid call (broken JSON, no name, arguments that are not a JSON object) comes back as content:
+parsers never raise on model output.
+
+``tool_choice`` "required" or a named function is enforced with a forced prefix: text the assistant
+turn must begin with (``forced_prefix``). The server appends its ids to the prompt and feeds the
+same text to the parser first, so the parser sees the whole reply.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+
+from .chat import DEFAULT_SYSTEM, _text_of, apply_chat_template, render_qwen_v1
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class ToolCall:
+    id: str  # "call_" + 24 random url-safe characters
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI returns it
+
+
+@dataclass
+class ContentDelta:
+    text: str
+
+
+@dataclass
+class ToolCallStart:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass
+class ToolCallArgs:
+    index: int
+    text: str  # a piece of the arguments JSON text
+
+
+Event = ContentDelta | ToolCallStart | ToolCallArgs
+
+
+class ToolParser(Protocol):
+    stop: list[str]  # stop strings the generation must add
+
+    def feed(self, text: str) -> list[Event]: ...
+
+    def finish(self) -> tuple[list[Event], list[ToolCall]]: ...
+
+
+# ------------------------------------------------------------------------- shared helpers
+
+def _content(text: str) -> list[Event]:
+    return [ContentDelta(text)] if text else []
+
+
+def _json_object(text: str) -> dict | None:
+    """The JSON object ``text`` holds, or None (invalid JSON, or a value that is not an object)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _new_call(index: int, name: str, arguments: dict) -> tuple[ToolCall, list[Event]]:
+    """A complete call and the events announcing it (the arguments go out as one piece)."""
+    call = ToolCall("call_" + secrets.token_urlsafe(18), name, json.dumps(arguments, ensure_ascii=False))
+    return call, [ToolCallStart(index, call.id, call.name), ToolCallArgs(index, call.arguments)]
+
+
+def _is_react(tokenizer: Tokenizer) -> bool:
+    """ReAct unless the chat template can list tools itself (Qwen2.5+); Qwen v1 has no template."""
+    return not (tokenizer.chat_template and "tools" in tokenizer.chat_template)
+
+
+def _tool_choice(tool_choice) -> tuple[str, str | None]:
+    """tool_choice -> (mode, function name): mode is "none", "auto", "required" or "function"."""
+    if tool_choice is None:
+        return "auto", None
+    if tool_choice in ("none", "auto", "required"):
+        return tool_choice, None
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            return "function", name
+    raise ValueError("tool_choice must be 'none', 'auto', 'required' or "
+                     f"{{'type': 'function', 'function': {{'name': NAME}}}} (got {tool_choice!r})")
+
+
+def _functions(tools: list[dict]) -> list[dict]:
+    """The function specs inside OpenAI tools, checked: a name is required."""
+    functions = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function" or not function.get("name"):
+            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                             f"'description': ..., 'parameters': {{...}}}}}} (got {tool!r})")
+        functions.append(function)
+    return functions
+
+
+class PlainParser:
+    """No tools: every piece of text is content."""
+
+    def __init__(self):
+        self.stop: list[str] = []
+
+    def feed(self, text: str) -> list[Event]:
+        return _content(text)
+
+    def finish(self) -> tuple[list[Event], list[ToolCall]]:
+        return [], []
+
+
+# ------------------------------------------------------------------------- Hermes <tool_call>
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that could be the start of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class HermesParser:
+    """Finds ``<tool_call>{json}</tool_call>`` blocks in streamed text.
+
+    Text outside the blocks streams as content, except what could still turn into a tag: a partial
+    ``<tool_call`` and the whitespace before it are held back. Whitespace next to a call (the
+    newlines between and after blocks) is layout, not content, so it is dropped; a broken block is
+    returned as content verbatim, that whitespace included. A block cut off without ``</tool_call>``
+    (the model stopped right after the JSON) still counts when its JSON is a complete call.
+    """
+
+    def __init__(self):
+        self.stop: list[str] = []
+        self._calls: list[ToolCall] = []
+        self._buffer = ""  # text not yet emitted; inside a call, the call's body so far
+        self._opening = ""  # inside a call: the whitespace and <tool_call> that began it
+        self._after_call = False  # no content since the last call: leading whitespace is layout
+
+    def feed(self, text: str) -> list[Event]:
+        self._buffer += text
+        events: list[Event] = []
+        while True:
+            if self._opening:
+                end = self._buffer.find(CLOSE)
+                if end < 0:
+                    return events
+                body, self._buffer = self._buffer[:end], self._buffer[end + len(CLOSE):]
+                events += self._close(body, CLOSE)
+                continue
+            start = self._buffer.find(OPEN)
+            if start < 0:
+                undecided = _partial_tag(self._buffer, OPEN)
+                cut = len(self._buffer[:len(self._buffer) - undecided].rstrip())
+                events += self._text(self._buffer[:cut])
+                self._buffer = self._buffer[cut:]
+                return events
+            cut = len(self._buffer[:start].rstrip())
+            events += self._text(self._buffer[:cut])
+            self._opening = self._buffer[cut:start + len(OPEN)]
+            self._buffer = self._buffer[start + len(OPEN):]
+
+    def finish(self) -> tuple[list[Event], list[ToolCall]]:
+        if self._opening:
+            events = self._close(self._buffer, "")
+        else:
+            events = self._text(self._buffer)
+        self._buffer = ""
+        return events, list(self._calls)
+
+    def _text(self, text: str) -> list[Event]:
+        if self._after_call:
+            text = text.lstrip()
+            self._after_call = not text
+        return _content(text)
+
+    def _close(self, body: str, closing: str) -> list[Event]:
+        """The call whose JSON is ``body``, or its raw text as content when it is not one."""
+        raw, self._opening = self._opening + body + closing, ""
+        call = _json_object(body)
+        name, arguments = (call or {}).get("name"), (call or {}).get("arguments", {})
+        if not (isinstance(name, str) and name and isinstance(arguments, dict)):
+            return self._text(raw)
+        tool_call, events = _new_call(len(self._calls), name, arguments)
+        self._calls.append(tool_call)
+        self._after_call = True
+        return events
+
+
+# ------------------------------------------------------------------------- ReAct (Qwen v1)
+
+THOUGHT, ACTION, ACTION_INPUT = "Thought: ", "\nAction:", "\nAction Input:"
+OBSERVATION, FINAL_ANSWER = "\nObservation:", "\nFinal Answer: "
+
+TOOL_DESC = ("{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the "
+             "{name_for_human} API useful for? {description_for_model} Parameters: {parameters}")
+
+REACT_INSTRUCTION = """Answer the following questions as best you can. You have access to the following APIs:
+
+{tools_text}
+
+Use the following format:
+
+Question: the input question you must answer
+Thought: you should always think about what to do
+Action: the action to take, should be one of [{tools_name_text}]
+Action Input: the input to the action
+Observation: the result of the action
+... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
+Thought: I now know the final answer
+Final Answer: the final answer to the original input question
+
+Begin!"""
+
+
+class ReActParser:
+    """The seed's parse_response, made incremental.
+
+    Whether the reply is a call can only be known at its end, so text is held until ``finish``,
+    which applies the seed's rules: with ``\\nAction:`` before ``\\nAction Input:`` and a non-empty
+    name, the content is the thought and the Action Input is the arguments (re-serialized; a reply
+    whose input is not a JSON object comes back whole as content, with no call); otherwise the
+    content is the text after ``\\nFinal Answer: `` if present, else the whole text.
+
+    One deviation lets answers stream: once ``\\nFinal Answer: `` arrives with no ``\\nAction:``
+    before it, everything after it streams as content. So the first Final Answer counts (the seed
+    takes the last), and an Action written after a final answer is part of the answer (the seed
+    would call it). The model writes neither.
+    """
+
+    def __init__(self):
+        self.stop: list[str] = [OBSERVATION.strip()]
+        self._text = ""
+        self._answering = False  # past the Final Answer marker: everything streams as content
+
+    def feed(self, text: str) -> list[Event]:
+        if self._answering:
+            return _content(text)
+        self._text += text
+        answer, action = self._text.find(FINAL_ANSWER), self._text.find(ACTION)
+        if answer < 0 or 0 <= action < answer:
+            return []
+        self._answering = True
+        return _content(self._text[answer + len(FINAL_ANSWER):])
+
+    def finish(self) -> tuple[list[Event], list[ToolCall]]:
+        text = self._text
+        if self._answering:
+            return [], []
+        i, j = text.find(ACTION), text.find(ACTION_INPUT)
+        if 0 <= i < j and (name := text[i + len(ACTION):j].strip()):
+            k = text.find(OBSERVATION, j)  # present only when the caller left the stop word in
+            arguments = _json_object(text[j + len(ACTION_INPUT):k if k >= 0 else len(text)].strip())
+            if arguments is None:
+                return _content(text), []
+            thought = text[:i]
+            if (t := thought.find(THOUGHT)) >= 0:
+                thought = thought[t + len(THOUGHT):]
+            call, events = _new_call(0, name, arguments)
+            return _content(thought.strip()) + events, [call]
+        if (z := text.rfind(FINAL_ANSWER)) >= 0:
+            text = text[z + len(FINAL_ANSWER):]
+        return _content(text), []
+
+
+def react_instruction(tools: list[dict]) -> str:
+    """The seed's ReAct instruction for OpenAI tools (Qwen-style *_for_model / *_for_human keys win)."""
+    functions = _functions(tools)
+    lines, names = [], []
+    for f in functions:
+        name = f.get("name_for_model", f["name"])
+        description = f.get("description_for_model", f.get("description", ""))
+        lines.append(TOOL_DESC.format(name_for_model=name, name_for_human=f.get("name_for_human", f["name"]),
+                                      description_for_model=description,
+                                      parameters=json.dumps(f.get("parameters", {}), ensure_ascii=False)))
+        names.append(name)
+    return REACT_INSTRUCTION.format(tools_text="\n\n".join(lines), tools_name_text=", ".join(names))
+
+
+def _strip(text) -> str:
+    """Message text as the seed keeps it: leading newlines and trailing whitespace removed."""
+    return _text_of(text).lstrip("\n").rstrip()
+
+
+def _assistant_calls(message: dict) -> list[tuple[str, str]]:
+    """(name, arguments text) of an assistant message's tool_calls, or of its legacy function_call."""
+    calls = message.get("tool_calls") or []
+    if not calls and message.get("function_call"):
+        calls = [{"function": message["function_call"]}]
+    pairs = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments", "")
+        pairs.append((function.get("name", ""),
+                      arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)))
+    return pairs
+
+
+def _react_conversation(messages: list[dict], tools: list[dict] | None) -> tuple[str, list[list[str]]]:
+    """OpenAI messages -> (system, turns), as the seed's parse_messages builds them.
+
+    Turns are [user, assistant] pairs; the last has assistant None when a user message ends the
+    conversation, else the assistant text to continue. System messages may stand anywhere: they
+    are joined into the system prompt. An assistant message with several tool calls writes each
+    Action in turn, and the tool results follow as Observations in order.
+    """
+    systems, kept = [], []  # kept: [role, text] after merging, as the seed's `messages`
+    last_role = None  # of the last message that is not a system message
+    for n, m in enumerate(messages):
+        role, content = m.get("role"), _strip(m.get("content"))
+        if role == "system":
+            systems.append(content)
+            continue
+        last_role = role
+        if role == "user":
+            kept.append(["user", content])
+        elif role in ("tool", "function"):
+            if not kept or kept[-1][0] != "assistant":
+                raise ValueError(f"messages[{n}]: a {role!r} message must follow the assistant message "
+                                 "that called the tool")
+            kept[-1][1] += f"\nObservation: {content}"
+        elif role == "assistant":
+            if not kept:
+                raise ValueError(f"messages[{n}]: the conversation must start with a user message")
+            calls = _assistant_calls(m)
+            if calls:
+                if not content.startswith("Thought:"):
+                    content = f"Thought: {content}"
+                content += "".join(f"\nAction: {name}\nAction Input: {arguments}" for name, arguments in calls)
+            elif tools:
+                content = f"Thought: I now know the final answer.\nFinal Answer: {content}"
+            if kept[-1][0] == "user":
+                kept.append(["assistant", content.lstrip("\n").rstrip()])
+            else:
+                kept[-1][1] += "\n" + content
+        else:
+            raise ValueError(f"messages[{n}]: unknown role {role!r} (system, user, assistant, tool, function)")
+    if not any(role == "user" for role, _ in kept):
+        raise ValueError("messages must contain at least one user message")
+    if last_role in ("tool", "function"):
+        kept[-1][1] += "\nThought:"  # the model continues its turn after the observation
+
+    turns = []
+    for n in range(0, len(kept), 2):
+        user, assistant = kept[n], kept[n + 1] if n + 1 < len(kept) else None
+        if user[0] != "user" or (assistant is not None and assistant[0] != "assistant"):
+            raise ValueError("messages must alternate user and assistant turns (tool results belong to the "
+                             "assistant turn before them); two user messages in a row are not allowed")
+        turns.append([user[1], None if assistant is None else assistant[1].lstrip("\n").rstrip()])
+    return "\n".join(systems) or DEFAULT_SYSTEM, turns
+
+
+def _react_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None, forced: bool) -> list[int]:
+    system, turns = _react_conversation(messages, tools)
+    if tools:
+        turns[-1][0] = f"{react_instruction(tools)}\n\nQuestion: {turns[-1][0]}"
+    *history, (query, open_turn) = turns
+    open_turn = open_turn or ""
+    if forced and not open_turn.endswith("Thought:"):
+        # forced_prefix continues right after "Thought:", the seed's own completion point.
+        open_turn += ("\n" if open_turn else "") + "Thought:"
+    # The whole conversation is sent every time: a prompt that does not fit the context is refused
+    # by the caller rather than silently losing turns, so no max_window_size truncation here.
+    ids = render_qwen_v1(tokenizer, query, history, system, max_window_size=sys.maxsize)
+    # The open assistant turn continues after "assistant\n" without <|im_end|>, tokenized like the
+    # turns before it.
+    return ids + tokenizer.encode(open_turn, allowed_special=set())
+
+
+# ------------------------------------------------------------------------- templated prompts
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI messages -> what Qwen chat templates expect: text content, tool_calls with arguments
+    as a parsed object (the Qwen2.5 template writes ``arguments | tojson``), legacy function_call
+    and function results as tool_calls and tool messages."""
+    converted = []
+    for m in copy.deepcopy(messages):
+        m["content"] = _text_of(m.get("content"))
+        if m.get("role") == "function":
+            m["role"] = "tool"
+        if m.get("role") == "assistant" and m.get("function_call") and not m.get("tool_calls"):
+            m["tool_calls"] = [{"type": "function", "function": m.pop("function_call")}]
+        for call in m.get("tool_calls") or []:
+            function = call.get("function") or {}
+            if isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except ValueError:
+                    pass  # not JSON: the template writes the string as it is
+        converted.append(m)
+    return converted
+
+
+# ------------------------------------------------------------------------- public API
+
+def build_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None,
+                 tool_choice=None) -> list[int]:
+    """OpenAI messages and tools -> prompt ids, in the format the model was trained on.
+
+    tool_choice "none" leaves the tools out of the prompt. "required" and a named function change
+    nothing for Hermes (the caller appends ``forced_prefix``); for ReAct the assistant turn is
+    opened with "Thought:", the point the prefix continues from. Bad messages raise ValueError.
+    """
+    mode, name = _tool_choice(tool_choice)
+    names = {f["name"] for f in _functions(tools or [])}
+    if mode in ("required", "function") and not tools:
+        raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+    if name is not None and name not in names:
+        raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
+    if mode == "none":
+        tools = None
+    if _is_react(tokenizer):
+        return _react_prompt(tokenizer, messages, tools, forced=mode in ("required", "function"))
+    return apply_chat_template(tokenizer, _template_messages(messages), tools=tools or None)
+
+
+def forced_prefix(tokenizer: Tokenizer, tool_choice) -> str | None:
+    """Text the assistant reply must begin with to honour tool_choice; None when it may answer freely.
+
+    Hermes: the opening of a call, with the name filled in for a named function. ReAct: the prompt
+    ends in "Thought:" (see build_prompt) and the prefix skips the thought, so the reply's content
+    stays empty: "\\nAction: NAME\\nAction Input:" for a named function, "\\nAction:" for "required"
+    (the model picks one of the listed APIs).
+    """
+    mode, name = _tool_choice(tool_choice)
+    if mode not in ("required", "function"):
+        return None
+    if _is_react(tokenizer):
+        return f"{ACTION} {name}{ACTION_INPUT}" if name else ACTION
+    if name:
+        return f'{OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+    return f"{OPEN}\n"
+
+
+def parser_for(tokenizer: Tokenizer) -> type[HermesParser] | type[ReActParser]:
+    """The tool-call parser class for this tokenizer's format."""
+    return ReActParser if _is_react(tokenizer) else HermesParser
+
+
+def new_parser(tokenizer: Tokenizer, tools: list[dict] | None, tool_choice=None) -> ToolParser:
+    """A fresh parser for one reply: content only when there are no tools or tool_choice is "none"."""
+    if not tools or _tool_choice(tool_choice)[0] == "none":
+        return PlainParser()
+    return parser_for(tokenizer)()

@@ -1,0 +1,286 @@
+"""Tool calling: ReAct (Qwen v1) and Hermes <tool_call> (Qwen2.5+) prompts and streaming parsers."""
+
+import json
+
+import pytest
+
+from qwenkit.chat import render_qwen_v1
+from qwenkit.tokenizer import Tokenizer
+from qwenkit.tools import (ContentDelta, HermesParser, PlainParser, ReActParser, ToolCallArgs, ToolCallStart,
+                           build_prompt, forced_prefix, new_parser)
+
+from .conftest import qwen_tiktoken_path
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市"}},
+                   "required": ["city"]}}}
+PARIS_CALL = {"id": "call_1", "type": "function",
+              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+ROUND_TRIP = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": None, "tool_calls": [PARIS_CALL]},
+              {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'}]
+
+
+@pytest.fixture(scope="module")
+def v1():
+    return Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
+
+
+def run(parser, chunks):
+    """Feed chunks, finish, check the events agree with the calls; -> (content, [(name, args)], shape)."""
+    events = [e for chunk in chunks for e in parser.feed(chunk)]
+    tail, calls = parser.finish()
+    events += tail
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    assert [(s.index, s.id, s.name) for s in starts] == [(i, c.id, c.name) for i, c in enumerate(calls)]
+    for i, call in enumerate(calls):
+        assert call.id.startswith("call_") and len(call.id) == 29
+        assert "".join(e.text for e in events if isinstance(e, ToolCallArgs) and e.index == i) == call.arguments
+        json.loads(call.arguments)
+    # The order of content and calls, with consecutive content pieces merged.
+    shape = []
+    for e in events:
+        kind = type(e).__name__
+        if not (shape and shape[-1] == kind == "ContentDelta"):
+            shape.append(kind)
+    return content, [(c.name, c.arguments) for c in calls], shape
+
+
+def same_streamed(parser_class, text):
+    """The result of one feed, checked to equal the result of feeding one character at a time."""
+    whole = run(parser_class(), [text])
+    assert run(parser_class(), list(text)) == whole
+    return whole
+
+
+# ----------------------------------------------------------------------------- Hermes parser
+
+def test_hermes_one_call():
+    content, calls, shape = same_streamed(
+        HermesParser, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>')
+    assert content == "" and shape == ["ToolCallStart", "ToolCallArgs"]
+    assert calls == [("get_weather", json.dumps({"city": "北京"}, ensure_ascii=False))]
+
+
+def test_hermes_two_calls_after_content():
+    text = ('Let me check both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n')
+    content, calls, shape = same_streamed(HermesParser, text)
+    assert content == "Let me check both."  # the newlines around the calls are layout
+    assert calls == [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
+    assert shape == ["ContentDelta", "ToolCallStart", "ToolCallArgs", "ToolCallStart", "ToolCallArgs"]
+
+
+def test_hermes_content_streams_before_the_call_completes():
+    parser = HermesParser()
+    assert parser.feed("Checking") == [ContentDelta("Checking")]
+    assert parser.feed(" now <tool") == [ContentDelta(" now")]  # " <tool" could still become the tag
+    assert parser.feed('_call>\n{"name": "f", "arguments": {"x": 1}}') == []
+    events = parser.feed("\n</tool_call>")
+    assert [type(e) for e in events] == [ToolCallStart, ToolCallArgs] and events[1].text == '{"x": 1}'
+
+
+@pytest.mark.parametrize("body", ['{"name": "f", "arguments": {"x": 1}',  # cut short
+                                  '{"arguments": {"x": 1}}',  # no name
+                                  '{"name": "f", "arguments": "x=1"}'])  # arguments not an object
+def test_hermes_broken_call_is_content(body):
+    text = f"Hi\n<tool_call>\n{body}\n</tool_call>"
+    assert same_streamed(HermesParser, text) == (text, [], ["ContentDelta"])
+
+
+def test_hermes_broken_call_then_valid_call():
+    text = '<tool_call>\nnot json\n</tool_call>\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    content, calls, shape = same_streamed(HermesParser, text)
+    assert content == "<tool_call>\nnot json\n</tool_call>" and calls == [("f", "{}")]
+
+
+def test_hermes_partial_tag_at_the_end_is_content():
+    assert same_streamed(HermesParser, "The tag looks like <tool") == ("The tag looks like <tool", [],
+                                                                       ["ContentDelta"])
+    assert same_streamed(HermesParser, "Plain text.\n\n") == ("Plain text.\n\n", [], ["ContentDelta"])
+
+
+def test_hermes_unterminated_call():
+    # Cut off after complete JSON (the model stopped before </tool_call>): still a call.
+    assert same_streamed(HermesParser, '<tool_call>\n{"name": "f", "arguments": {"a": [1, 2]}}')[1] == [
+        ("f", '{"a": [1, 2]}')]
+    # Cut off inside the JSON (max_tokens): the text comes back.
+    assert same_streamed(HermesParser, '<tool_call>\n{"name": "f", "argu') == (
+        '<tool_call>\n{"name": "f", "argu', [], ["ContentDelta"])
+
+
+# ----------------------------------------------------------------------------- ReAct parser
+
+def test_react_action():
+    # Generation stopped at (and consumed) "Observation:".
+    text = 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city":"巴黎"}\n'
+    content, calls, shape = same_streamed(ReActParser, text)
+    assert content == "I need the weather."
+    assert calls == [("get_weather", '{"city": "巴黎"}')]
+    assert shape == ["ContentDelta", "ToolCallStart", "ToolCallArgs"]
+    assert ReActParser().stop == ["Observation:"]
+
+
+def test_react_action_with_the_stop_word_left_in():
+    text = 'Thought: x\nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: sunny'
+    assert same_streamed(ReActParser, text)[:2] == ("x", [("get_weather", '{"city": "Paris"}')])
+
+
+def test_react_final_answer_streams():
+    parser = ReActParser()
+    assert parser.feed("Thought: I now know the final answer.\nFinal Ans") == []
+    assert parser.feed("wer: It is") == [ContentDelta("It is")]
+    assert parser.feed(" 3°C.") == [ContentDelta(" 3°C.")]
+    assert parser.finish() == ([], [])
+    assert same_streamed(ReActParser, "Thought: done\nFinal Answer: It is 3°C.") == ("It is 3°C.", [],
+                                                                                      ["ContentDelta"])
+
+
+def test_react_plain_text_and_broken_arguments_are_content():
+    assert same_streamed(ReActParser, "Hello there!") == ("Hello there!", [], ["ContentDelta"])
+    text = "Thought: hm\nAction: get_weather\nAction Input: city=Paris\n"
+    assert same_streamed(ReActParser, text) == (text, [], ["ContentDelta"])
+
+
+def test_new_parser_choice(v1):
+    assert isinstance(new_parser(v1, [WEATHER]), ReActParser)
+    assert isinstance(new_parser(v1, [WEATHER], "none"), PlainParser)
+    assert isinstance(new_parser(v1, None), PlainParser)
+    plain = new_parser(v1, [WEATHER], "none")
+    assert plain.stop == [] and run(plain, ["<tool_call>", "x"]) == ("<tool_call>x", [], ["ContentDelta"])
+
+
+# ----------------------------------------------------------------------------- ReAct prompt (Qwen v1)
+
+# shared/reference/qwen-v1-spec.md §5.5, for WEATHER alone.
+SPEC_INSTRUCTION = (
+    "Answer the following questions as best you can. You have access to the following APIs:\n\n"
+    "get_weather: Call this tool to interact with the get_weather API. What is the get_weather API useful "
+    "for? Current weather in a city Parameters: "
+    '{"type": "object", "properties": {"city": {"type": "string", "description": "城市"}}, "required": ["city"]}'
+    "\n\nUse the following format:\n\n"
+    "Question: the input question you must answer\n"
+    "Thought: you should always think about what to do\n"
+    "Action: the action to take, should be one of [get_weather]\n"
+    "Action Input: the input to the action\n"
+    "Observation: the result of the action\n"
+    "... (this Thought/Action/Action Input/Observation can be repeated zero or more times)\n"
+    "Thought: I now know the final answer\n"
+    "Final Answer: the final answer to the original input question\n\n"
+    "Begin!")
+
+
+def chatml(system, *turns, open_turn=None):
+    text = f"<|im_start|>system\n{system}<|im_end|>"
+    for user, assistant in turns:
+        text += f"\n<|im_start|>user\n{user}<|im_end|>"
+        if assistant is not None:
+            text += f"\n<|im_start|>assistant\n{assistant}<|im_end|>"
+    return text + "\n<|im_start|>assistant\n" + (open_turn or "")
+
+
+def test_react_prompt_matches_spec(v1):
+    ids = build_prompt(v1, [{"role": "user", "content": "Weather in Paris?"}], [WEATHER])
+    question = f"{SPEC_INSTRUCTION}\n\nQuestion: Weather in Paris?"
+    assert v1.decode(ids) == chatml("You are a helpful assistant.", (question, None))
+    assert ids == render_qwen_v1(v1, question)
+
+
+def test_react_observation_continues_the_turn(v1):
+    ids = build_prompt(v1, ROUND_TRIP, [WEATHER])
+    open_turn = 'Thought: \nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: {"temp": 3}\nThought:'
+    question = f"{SPEC_INSTRUCTION}\n\nQuestion: Weather in Paris?"
+    assert v1.decode(ids) == chatml("You are a helpful assistant.", (question, None), open_turn=open_turn)
+    assert ids[-1] != v1.im_end_id
+    assert ids == render_qwen_v1(v1, question) + v1.encode(open_turn, allowed_special=set())
+    # A system message after the tool result still leaves the turn open.
+    late_system = build_prompt(v1, [*ROUND_TRIP, {"role": "system", "content": "Be brief."}], [WEATHER])
+    assert v1.decode(late_system) == chatml("Be brief.", (question, None), open_turn=open_turn)
+
+
+def test_react_history_and_systems_anywhere(v1):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "system", "content": "Use metric units."},
+                {"role": "user", "content": "Weather in Paris?"}]
+    ids = build_prompt(v1, messages, [WEATHER])
+    want = chatml("Be brief.\nUse metric units.",
+                  ("Hi", "Thought: I now know the final answer.\nFinal Answer: Hello!"),
+                  (f"{SPEC_INSTRUCTION}\n\nQuestion: Weather in Paris?", None))
+    assert v1.decode(ids) == want
+    # tool_choice "none": no instruction, and plain answers stay plain.
+    assert v1.decode(build_prompt(v1, messages, [WEATHER], "none")) == chatml(
+        "Be brief.\nUse metric units.", ("Hi", "Hello!"), ("Weather in Paris?", None))
+
+
+def test_react_forced_call(v1):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    ids = build_prompt(v1, ROUND_TRIP[:1], [WEATHER], choice)
+    assert v1.decode(ids).endswith("<|im_start|>assistant\nThought:")
+    assert v1.decode(build_prompt(v1, ROUND_TRIP, [WEATHER], "required")).endswith('{"temp": 3}\nThought:')
+    prefix = forced_prefix(v1, choice)
+    assert prefix == "\nAction: get_weather\nAction Input:"
+    assert forced_prefix(v1, "required") == "\nAction:" and forced_prefix(v1, "auto") is None
+    assert run(new_parser(v1, [WEATHER], choice), [prefix, ' {"city": "Paris"}\n']) == (
+        "", [("get_weather", '{"city": "Paris"}')], ["ToolCallStart", "ToolCallArgs"])
+
+
+@pytest.mark.parametrize("messages,tools,choice,error", [
+    ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], None, None, "start with a user"),
+    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}], [WEATHER], None, "must follow"),
+    ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], None, None, "alternate"),
+    ([{"role": "system", "content": "x"}], None, None, "at least one user"),
+    ([{"role": "user", "content": "x"}], [WEATHER], {"type": "function", "function": {"name": "nope"}}, "nope"),
+    ([{"role": "user", "content": "x"}], None, "required", "needs tools"),
+    ([{"role": "user", "content": "x"}], [{"name": "f"}], None, "tools\\[0\\]"),
+])
+def test_bad_requests_name_the_problem(v1, messages, tools, choice, error):
+    with pytest.raises(ValueError, match=error):
+        build_prompt(v1, messages, tools, choice)
+
+
+# ----------------------------------------------------------------------------- Qwen2.5 template (demo model)
+
+@pytest.fixture(scope="module")
+def demo_tokenizers(demo_path):
+    transformers = pytest.importorskip("transformers")
+    from qwenkit.loading.gguf import GGUFFile
+
+    ours = Tokenizer.from_gguf_fields(GGUFFile(demo_path).tokenizer_fields())
+    theirs = transformers.AutoTokenizer.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name)
+    return ours, theirs
+
+
+@pytest.mark.real
+def test_template_round_trip_equals_transformers(demo_tokenizers):
+    ours, theirs = demo_tokenizers
+    # What a transformers user writes: arguments as an object, content text.
+    hf_messages = [{"role": "system", "content": "Be brief."}, ROUND_TRIP[0],
+                   {"role": "assistant", "content": "", "tool_calls": [
+                       {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                   {"role": "tool", "content": '{"temp": 3}'}]
+    want = list(theirs.apply_chat_template(hf_messages, tools=[WEATHER], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False))
+    assert build_prompt(ours, [hf_messages[0], *ROUND_TRIP], [WEATHER], "auto") == want
+    # The legacy shape: function_call on the assistant and a function result.
+    legacy = [hf_messages[0], ROUND_TRIP[0],
+              {"role": "assistant", "content": None, "function_call": PARIS_CALL["function"]},
+              {"role": "function", "name": "get_weather", "content": '{"temp": 3}'}]
+    assert build_prompt(ours, legacy, [WEATHER]) == want
+    # tool_choice "none" drops the tools section.
+    plain = list(theirs.apply_chat_template(hf_messages[:2], add_generation_prompt=True, tokenize=True,
+                                            return_dict=False))
+    assert build_prompt(ours, hf_messages[:2], [WEATHER], "none") == plain
+
+
+@pytest.mark.real
+def test_template_forced_prefix_parses(demo_tokenizers):
+    ours, _ = demo_tokenizers
+    assert isinstance(new_parser(ours, [WEATHER]), HermesParser)
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    prefix = forced_prefix(ours, choice)
+    assert prefix == '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert forced_prefix(ours, "required") == "<tool_call>\n"
+    assert run(new_parser(ours, [WEATHER], choice), [prefix, '{"city": "Paris"}}\n</tool_call>']) == (
+        "", [("get_weather", '{"city": "Paris"}')], ["ToolCallStart", "ToolCallArgs"])
