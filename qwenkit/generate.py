@@ -8,7 +8,6 @@ per step. Finished rows leave between steps and their slot is reused. `generate`
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
