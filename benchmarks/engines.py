@@ -20,6 +20,11 @@ import torch
 from qwenkit.bench import peak_rss_mib
 
 
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def weight_bytes(model, exclude_embedding: bool) -> int:
     seen, total = set(), 0
     for name, p in model.named_parameters():
@@ -40,6 +45,7 @@ def run_qwenkit(dtype: str, n_prompt: int, n_new: int) -> dict:
     from qwenkit.loading.demo import demo_gguf_path
 
     demo_gguf_path()  # assemble outside the timed load
+    rss_before = rss_mib()
     start = time.perf_counter()
     model, _ = qwenkit.load("demo", dtype=dtype, device="cpu")
     load_s = time.perf_counter() - start
@@ -49,8 +55,8 @@ def run_qwenkit(dtype: str, n_prompt: int, n_new: int) -> dict:
         model(ids[:, :32], last_only=True)
         prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(3))
     result = run_bench(model, prompt_tokens=n_prompt, new_tokens=n_new)
-    return {"load_s": load_s, "rss_after_load_mib": rss_loaded, "prefill_tok_s": n_prompt / prefill,
-            "ttft_s": result["ttft_s"], "decode_tok_s": result["decode_tok_s"], "gb_per_s": result["gb_per_s"],
+    return {"load_s": load_s, "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_loaded,
+            "prefill_tok_s": n_prompt / prefill, "ttft_s": result["ttft_s"], "decode_tok_s": result["decode_tok_s"], "gb_per_s": result["gb_per_s"],
             "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -60,6 +66,7 @@ def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
 
     path = demo_gguf_path()
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    rss_before = rss_mib()
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               dtype=torch_dtype).eval()
@@ -76,8 +83,8 @@ def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
     c = model.config
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) \
         * model.dtype.itemsize * (n_prompt + n_new // 2)
-    return {"load_s": load_s, "rss_after_load_mib": rss_loaded, "prefill_tok_s": n_prompt / prefill,
-            "ttft_s": ttft, "decode_tok_s": decode,
+    return {"load_s": load_s, "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_loaded,
+            "prefill_tok_s": n_prompt / prefill, "ttft_s": ttft, "decode_tok_s": decode,
             "gb_per_s": (weight_bytes(model, not c.tie_word_embeddings) + kv) * decode / 1e9,
             "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib()}
 
