@@ -33,7 +33,11 @@ class QueueFullError(QwenkitError):
 
 
 class Stream:
-    """The deltas of one request, readable from a thread (`for`) or from asyncio (`async for`)."""
+    """The deltas of one request, readable from a thread (`for`) or from asyncio (`async for`).
+
+    The last delta has a finish_reason: "stop" or "length", "cancelled" after `cancel()`, or
+    "error" with the message in `error`.
+    """
 
     def __init__(self, request: Request):
         self.request = request
@@ -240,8 +244,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for row in [r for r in self.decoder.rows if self._streams[id(r)].cancelled]:
             self.decoder.cancel(row)
-            self._streams.pop(id(row))
-            self.metrics.counters["requests_cancelled_total"] += 1
+            self._end_cancelled(self._streams.pop(id(row)))
         self.metrics.running = len(self.decoder.rows)
 
     def _admit(self) -> None:
@@ -252,7 +255,7 @@ class Engine:
                 stream = self._queue.popleft()
                 self.metrics.queue_depth = len(self._queue)
             if stream.cancelled:
-                self.metrics.counters["requests_cancelled_total"] += 1
+                self._end_cancelled(stream)
                 continue
             try:
                 row, delta = self.decoder.add(stream.request)
@@ -293,6 +296,11 @@ class Engine:
         if delta.finish_reason:
             self._streams.pop(id(row))
         stream._push(delta)
+
+    def _end_cancelled(self, stream: Stream) -> None:
+        """A reader still iterating a cancelled stream gets a last delta instead of waiting forever."""
+        self.metrics.counters["requests_cancelled_total"] += 1
+        stream._push(Delta("", None, finish_reason="cancelled"))
 
     def _fail(self, stream: Stream, error: Exception) -> None:
         stream.error = f"{type(error).__name__}: {error}"

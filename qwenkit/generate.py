@@ -29,7 +29,7 @@ class Delta:
     token_id: int | None            # the token sampled this step (None on the final flush)
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" once the sequence is done
+    finish_reason: str | None = None  # "stop" | "length" when done; the engine adds "cancelled" | "error"
 
 
 @dataclass
@@ -167,7 +167,9 @@ class Decoder:
         rows = self.rows[start:stop]
         params = [r.request.params for r in rows]
         history = None if self.history is None else self.history.rows(start, stop)
-        logits = process_logits(logits.float(), params, history)
+        logits = logits.float()
+        logits[:, self.tokenizer.vocab_size:] = float("-inf")  # the head's padding rows are not tokens
+        logits = process_logits(logits, params, history)
         tokens = sample(logits, params, [r.generator for r in rows])
         want_logprobs = any(r.request.logprobs for r in rows)
         top_n = max(r.request.top_logprobs for r in rows)
