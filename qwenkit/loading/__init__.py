@@ -52,21 +52,34 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
+QUANTIZE_BITS = {"int8": 8, "int4": 4}
+
+
 def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-         ) -> tuple[Model, Tokenizer]:
-    """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources."""
+         quantize: str | None = None) -> tuple[Model, Tokenizer]:
+    """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
+
+    `quantize`: None, "int8" or "int4" — weight-only round-to-nearest quantization after loading
+    (see qwenkit.quant.quantize_model: the lm_head becomes int8 in both cases).
+    """
+    if quantize is not None and quantize not in QUANTIZE_BITS:
+        raise ValueError(f"quantize={quantize!r}: use None, 'int8' or 'int4'")
     path = resolve_source(model)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if path.is_file():
-        return _load_gguf(path, dtype, device)
-    config = ModelConfig.from_file(path / "config.json")
-    files = hf.weight_files(path)
-    tokenizer = Tokenizer.from_pretrained(path)
-    total = sum(f.stat().st_size for f in files)
-    net = build_model(config, hf.canonical_tensors(files, config), dtype, device,
-                      description=f"loading {path.name}", total_bytes=total)
-    net.generation_config = _read_json(path / "generation_config.json")
+        net, tokenizer = _load_gguf(path, dtype, device)
+    else:
+        config = ModelConfig.from_file(path / "config.json")
+        files = hf.weight_files(path)
+        tokenizer = Tokenizer.from_pretrained(path)
+        total = sum(f.stat().st_size for f in files)
+        net = build_model(config, hf.canonical_tensors(files, config), dtype, device,
+                          description=f"loading {path.name}", total_bytes=total)
+        net.generation_config = _read_json(path / "generation_config.json")
+    if quantize is not None:
+        from ..quant import quantize_model
+        quantize_model(net, bits=QUANTIZE_BITS[quantize])
     return net, tokenizer
 
 

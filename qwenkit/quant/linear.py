@@ -1,0 +1,277 @@
+"""Weight-only int8 and int4 linear layers.
+
+A layer's state dict holds only the portable tensors (documented on each class). The layout a
+fast kernel wants is derived from them in memory the first time the layer runs on a given
+device and activation dtype, and is never saved. The kernel is picked at run time:
+
+| layer | CPU                                 | CUDA                                | anything else        |
+|-------|-------------------------------------|-------------------------------------|----------------------|
+| int8  | aten._weight_int8pack_mm            | dequantize + matmul                 | dequantize + matmul  |
+| int4  | aten._weight_int4pack_mm_for_cpu    | aten._weight_int4pack_mm (bf16)     | dequantize + matmul  |
+
+The kernels are matrix-vector loops whose cost grows linearly with the rows of x, so from
+`gemm_min_rows` rows on (prefill) the layer dequantizes and lets the float GEMM (oneDNN, cuBLAS)
+do the work: 2x faster at 512 rows on our CPU. The same dequantize-and-matmul path covers devices
+and shapes without a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a
+naive one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rtn import quantize_int4, quantize_int8
+
+aten = torch.ops.aten
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> uint8 [N, K/2]: two values per byte along K, the even k in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] values 0..15 (the inverse of pack_int4)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    # Parameters (not buffers) so loaders that assign by parameter name and byte counts over
+    # named_parameters() see the quantized tensors like any other weight.
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and 64-byte aligned: the CPU int8 kernel's bf16 path uses aligned vector loads
+    (a safetensors mmap or a sliced activation can start anywhere; misaligned input crashes it)."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: shapes, bias, the lazily prepared kernel, the fallback."""
+
+    bits: int
+    group_size: int | None = None
+    gemm_min_rows: int  # from this many rows of x on, dequantize + float GEMM beats the kernel
+    # Weights dequantized at a time on the float path: a vocabulary-sized head (152k x 3584 in
+    # Qwen2.5-7B) would otherwise need a transient float copy of gigabytes.
+    dequant_chunk = 1 << 24
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if bias:
+            self.bias = _frozen(torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self._kernel: tuple[torch.dtype, Callable | None] | None = None  # activation dtype, fast kernel
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """The float weight [N, K] (or the given output rows of it) that the stored tensors stand for."""
+        raise NotImplementedError
+
+    def _build_kernel(self, device: torch.device, dtype: torch.dtype) -> Callable | None:
+        """A fast `x [M, K] -> y [M, N]` (bias included) for this device/dtype, or None."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        run = None
+        if x2d.shape[0] < self.gemm_min_rows and not (x.requires_grad and torch.is_grad_enabled()):
+            run = self._kernel_for(x)
+        y = run(x2d) if run is not None else self._dequantized_linear(x2d)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        step = max(1, self.dequant_chunk // self.in_features)
+        bias = self._bias_in(x.dtype)
+        parts = [F.linear(x, self.dequantize(x.dtype, slice(r, r + step)), None if bias is None else bias[r:r + step])
+                 for r in range(0, self.out_features, step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _kernel_for(self, x: torch.Tensor) -> Callable | None:
+        # Checked on every call, so kept to one attribute read and one comparison: the prepared
+        # kernel is dropped instead whenever the tensors it was derived from change (below).
+        if self._kernel is None or self._kernel[0] is not x.dtype:
+            run = self._build_kernel(x.device, x.dtype)
+            if run is not None and not _kernel_verified(type(self), x.device, x.dtype, self.group_size):
+                run = None
+            self._kernel = (x.dtype, run)
+        return self._kernel[1]
+
+    # The ways the portable tensors change: assigned by name (loaders), copied into by
+    # load_state_dict, converted or moved by .to()/.half()/.cuda().
+    def __setattr__(self, name, value):
+        if isinstance(value, torch.Tensor):
+            self.__dict__["_kernel"] = None
+        super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._kernel = None
+        return super()._apply(fn, recurse)
+
+    def _bias_in(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}{group}")
+
+
+class Int8Linear(QuantizedLinear):
+    """y = x · (weight · scales[:, None])ᵀ + bias, symmetric int8 per output channel.
+
+    State dict: `weight` int8 [N, K], `scales` [N] (float dtype), `bias` [N] if any.
+    """
+
+    bits = 8
+    gemm_min_rows = 48
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.weight = _frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.scales = _frozen(torch.empty(out_features, dtype=dtype, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, scale_dtype: torch.dtype | None = None) -> Int8Linear:
+        """Round-to-nearest int8 of a float linear; scales in `scale_dtype` (default: the weight's)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    scale_dtype or linear.weight.dtype, "meta")
+        q, scales = quantize_int8(linear.weight, layer.scales.dtype)
+        layer.weight, layer.scales = _frozen(q), _frozen(scales)
+        if linear.bias is not None:
+            layer.bias = _frozen(linear.bias.detach())
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        return self.weight[rows].to(dtype) * self.scales[rows].to(dtype)[:, None]
+
+    def _build_kernel(self, device, dtype):
+        if device.type != "cpu" or dtype not in FLOAT_DTYPES or not hasattr(aten, "_weight_int8pack_mm"):
+            return None
+        if dtype == torch.bfloat16 and self.in_features % 16:
+            return None  # the AVX-512 bf16 path reads K 16 at a time and returns garbage otherwise
+        weight, scales, bias = _aligned(self.weight), self.scales.to(dtype), self._bias_in(dtype)
+
+        def run(x):
+            y = aten._weight_int8pack_mm(_aligned(x), weight, scales)
+            return y if bias is None else y.add_(bias)
+        return run
+
+
+class Int4Linear(QuantizedLinear):
+    """y = x · Wᵀ + bias with W[n, k] = (q[n, k] − zeros[n, g]) · scales[n, g], g = k // group_size.
+
+    Asymmetric int4 per group of `group_size` inputs, q in 0..15. State dict: `qweight` uint8
+    [N, K/2] (two values per byte along K, the even k in the low nibble), `scales` and `zeros`
+    [N, K/group_size] (float dtype; zeros in q units), `bias` [N] if any.
+    """
+
+    bits = 4
+    gemm_min_rows = 128
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 dtype: torch.dtype = torch.float32, device=None):
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size {group_size} is not one of {INT4_GROUP_SIZES}")
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.qweight = _frozen(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.scales = _frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.zeros = _frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, group_size: int = 128,
+                   scale_dtype: torch.dtype | None = None) -> Int4Linear:
+        """Round-to-nearest int4 of a float linear; scales and zeros in `scale_dtype` (default: the weight's)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                    scale_dtype or linear.weight.dtype, "meta")
+        q, scales, zeros = quantize_int4(linear.weight, group_size, layer.scales.dtype)
+        layer.qweight, layer.scales, layer.zeros = _frozen(pack_int4(q)), _frozen(scales), _frozen(zeros)
+        if linear.bias is not None:
+            layer.bias = _frozen(linear.bias.detach())
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        q = unpack_int4(self.qweight[rows])
+        n, k, g = q.shape[0], self.in_features, self.group_size
+        scales, zeros = self.scales[rows].to(dtype)[..., None], self.zeros[rows].to(dtype)[..., None]
+        return ((q.view(n, k // g, g).to(dtype) - zeros) * scales).reshape(n, k)
+
+    def _build_kernel(self, device, dtype):
+        n, k = self.out_features, self.in_features
+        if n % 16:
+            return None  # both packers tile N by 16
+        if device.type == "cpu" and dtype in FLOAT_DTYPES and hasattr(aten, "_weight_int4pack_mm_for_cpu"):
+            # Takes int32 values 0..15 [N, K]; its innerKTiles argument is ignored on the CPU.
+            packed = aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qweight).to(torch.int32), 1)
+            mm = aten._weight_int4pack_mm_for_cpu
+        elif device.type == "cuda" and dtype == torch.bfloat16 and k % 32 == 0:
+            # Takes our bytes with the nibbles swapped (even k high); K is tiled by 16 * innerKTiles.
+            inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+            packed = aten._convert_weight_to_int4pack((self.qweight << 4) | (self.qweight >> 4), inner_k_tiles)
+            mm = aten._weight_int4pack_mm
+        else:
+            return None
+        # Both kernels dequantize as (q − 8)·scale + offset, with [K/g, N, 2] (scale, offset) pairs in
+        # the activation dtype. Ours is (q − zero)·scale, so offset = (8 − zero)·scale.
+        scales, zeros = self.scales.float(), self.zeros.float()
+        scale_and_offset = torch.stack((scales, (8 - zeros) * scales), dim=-1).transpose(0, 1)
+        scale_and_offset = scale_and_offset.to(dtype).contiguous()
+        group_size, bias = self.group_size, self._bias_in(dtype)
+
+        def run(x):
+            y = mm(x.contiguous(), packed, group_size, scale_and_offset)
+            return y if bias is None else y.add_(bias)
+        return run
+
+
+@functools.cache
+def _kernel_verified(cls: type[QuantizedLinear], device: torch.device, dtype: torch.dtype,
+                     group_size: int | None) -> bool:
+    """Check a fast kernel against dequantize-and-matmul once per layer kind, device, dtype and group
+    size, so a kernel whose layout or conventions differ in some torch build (or on a GPU these
+    tests never ran on) degrades to the slow path instead of computing garbage."""
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(256, 64)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 256, generator=gen))
+        linear.bias.copy_(torch.randn(64, generator=gen))
+    layer = cls.from_float(linear, **({"group_size": group_size} if group_size else {})).to(device)
+    x = torch.randn(3, 256, generator=gen).to(device=device, dtype=dtype)
+    reason = None
+    try:
+        with torch.no_grad():
+            fast = layer._build_kernel(device, dtype)(x).float()
+            ref = F.linear(x.float(), layer.dequantize(), layer.bias)
+        error = float((fast - ref).norm() / ref.norm())
+        if not error < 0.02:
+            reason = f"relative error {error:.3g} against dequantize-and-matmul"
+    except RuntimeError as e:  # an op missing or refusing in this torch build
+        reason = str(e).splitlines()[0]
+    if reason:
+        warnings.warn(f"{cls.__name__}: the fast {device.type} kernel for {dtype} fails its self-check "
+                      f"({reason}); using the slower dequantize-and-matmul path", RuntimeWarning, stacklevel=3)
+    return reason is None

@@ -1,0 +1,257 @@
+"""Weight-only int8/int4: packing, the quantizers, the kernels against their dequantized reference,
+whole-model accuracy, the portable state dict and its round trip, load(quantize=...)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qwenkit
+from qwenkit.cli import build_parser
+from qwenkit.config import ModelConfig
+from qwenkit.loading import _assign
+from qwenkit.model import Model
+from qwenkit.quant import (
+    Int4Linear,
+    Int8Linear,
+    apply_quantization_config,
+    pack_int4,
+    quantization_config,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    unpack_int4,
+)
+
+from .conftest import randomize, write_checkpoint
+
+# Relative error of a quantized layer against F.linear on its own dequantized weight: the kernels
+# accumulate in fp32, so only the output rounding of the activation dtype remains.
+KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+def float_linear(n_out=64, n_in=256, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n_out, n_in, generator=gen) * 0.1)
+        if bias:
+            linear.bias.copy_(torch.randn(n_out, generator=gen))
+    return linear
+
+
+def reference(layer, x):
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.dequantize(torch.float32), bias)
+
+
+def test_int4_packing_is_low_nibble_first_along_k():
+    q = torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.uint8)
+    assert pack_int4(q).tolist() == [[0x21, 0x43], [0x0F, 0xF0]]
+    rand = torch.randint(0, 16, (48, 96), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(rand)), rand)
+
+
+def test_rtn_quantizers_round_to_nearest():
+    w = torch.randn(40, 256) * 0.1
+    w[3] = 0  # an all-zero row must not divide by zero
+    q, scales = quantize_int8(w, torch.float32)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and scales.shape == (40,)
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
+    assert (q[3] == 0).all()
+
+    q, scales, zeros = quantize_int4(w, 64, torch.float32)
+    assert q.dtype == torch.uint8 and q.max() <= 15 and scales.shape == zeros.shape == (40, 4)
+    deq = (q.float().view(40, 4, 64) - zeros[..., None]) * scales[..., None]
+    assert ((deq - w.view(40, 4, 64)).abs() <= scales[..., None] / 2 + 1e-6).all()
+    assert (deq.reshape(40, 256)[3] == 0).all()
+    # Each group's range is kept: its min and max land on q = 0 and q = 15.
+    groups = w.view(40, 4, 64)[torch.arange(40) != 3]
+    ends = deq[torch.arange(40) != 3]
+    assert torch.allclose(ends.amin(-1), groups.amin(-1), atol=1e-6)
+    assert torch.allclose(ends.amax(-1), groups.amax(-1), atol=1e-6)
+
+
+LAYERS = [(Int8Linear, {}), (Int4Linear, {"group_size": 32}), (Int4Linear, {"group_size": 64}),
+          (Int4Linear, {"group_size": 128})]
+
+
+@pytest.mark.parametrize("cls,kwargs", LAYERS, ids=["int8", "int4-g32", "int4-g64", "int4-g128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_layer_matches_its_dequantized_reference(cls, kwargs, dtype, bias):
+    layer = cls.from_float(float_linear(bias=bias).to(dtype), **kwargs)
+    assert layer.scales.dtype == dtype
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(1, 256), (5, 3, 256)]:
+        x = torch.randn(shape, generator=gen).to(dtype)
+        with torch.no_grad():
+            fast = layer(x)
+        assert layer._kernel[1] is not None, "the CPU kernel should have been used"
+        assert fast.shape == (*shape[:-1], 64) and fast.dtype == dtype
+        assert rel_err(fast, reference(layer, x)) < KERNEL_TOL[dtype]
+        # The fallback, taken under autograd (the kernels have no backward), computes the same.
+        x_grad = x.clone().requires_grad_()
+        slow = layer(x_grad)
+        slow.float().sum().backward()
+        assert x_grad.grad is not None and rel_err(slow, fast) < 2 * KERNEL_TOL[dtype]
+
+
+@pytest.mark.parametrize("layer", [
+    Int8Linear.from_float(float_linear(n_in=40).to(torch.bfloat16)),   # bf16 int8 kernel needs K % 16
+    Int4Linear.from_float(float_linear(n_out=24), group_size=32),      # int4 packers need N % 16
+], ids=["int8-K40", "int4-N24"])
+def test_shapes_a_kernel_refuses_fall_back(layer):
+    x = torch.randn(3, layer.in_features, dtype=layer.scales.dtype)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._kernel[1] is None
+    assert rel_err(y, reference(layer, x)) < KERNEL_TOL[x.dtype]
+
+
+@pytest.mark.parametrize("cls,kwargs", LAYERS[:2], ids=["int8", "int4-g32"])
+def test_large_batches_dequantize_in_chunks_for_the_float_gemm(cls, kwargs):
+    layer = cls.from_float(float_linear(n_out=100), **kwargs)
+    x = torch.randn(2, cls.gemm_min_rows, 256)
+    with torch.no_grad():
+        whole = layer(x)
+        assert layer._kernel is None  # never needed
+        layer.dequant_chunk = 256 * 16  # 16 output rows at a time: 7 chunks, the last one short
+        assert torch.allclose(layer(x), whole, atol=1e-5)
+    assert rel_err(whole, reference(layer, x)) < KERNEL_TOL[torch.float32]
+
+
+def test_new_weights_replace_the_prepared_kernel():
+    layer, other = (Int4Linear.from_float(float_linear(seed=s), group_size=64) for s in (0, 1))
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict(other.state_dict())  # copies in place
+        assert rel_err(layer(x), reference(other, x)) < 1e-5
+        layer.qweight = nn.Parameter(pack_int4(torch.zeros(64, 256, dtype=torch.uint8)), requires_grad=False)
+        assert rel_err(layer(x), reference(layer, x)) < 1e-5
+
+
+VOCAB = 512
+
+
+def tiny_config(**kw):
+    return ModelConfig(**{"arch": "qwen2", "vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 256,
+                          "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32,
+                          "max_position_embeddings": 256, **kw})
+
+
+def tiny_model(**kw):
+    return randomize(Model(tiny_config(**kw)), seed=5, scale=0.1).eval()
+
+
+def tokens():
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+PORTABLE = {Int8Linear: {"weight": torch.int8, "scales": torch.float32},
+            Int4Linear: {"qweight": torch.uint8, "scales": torch.float32, "zeros": torch.float32}}
+
+
+# Random weights are a worst case: every linear adds its rounding noise (about 0.6 % of its output
+# in int8, 6 % in int4 with groups of 64) and nothing in the model damps it. Swapped nibbles or a
+# wrong zero point give errors of 100 % and more.
+@pytest.mark.parametrize("bits,tol", [(8, 0.05), (4, 0.4)])
+def test_quantized_model_keeps_logits_and_saves_only_portable_tensors(bits, tol):
+    model = tiny_model()
+    with torch.no_grad():
+        ref = model(tokens())
+        quantize_model(model, bits=bits, group_size=64)
+        logits = model(tokens())
+    assert rel_err(logits, ref) < tol
+
+    assert type(model.lm_head) is Int8Linear
+    assert type(model.model.layers[0].mlp.down_proj) is (Int8Linear if bits == 8 else Int4Linear)
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            own = {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
+            expected = dict(PORTABLE[type(module)], **({"bias": torch.float32} if module.bias is not None else {}))
+            assert {k: v.dtype for k, v in own.items()} == expected, name
+    assert quantization_config(model) == {"quant_method": "qwenkit", "bits": bits,
+                                          "group_size": 64 if bits == 4 else None, "lm_head_bits": 8,
+                                          "modules_not_converted": []}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_state_dict_round_trip_through_meta_model(bits):
+    model = quantize_model(tiny_model(tie_word_embeddings=True), bits=bits, group_size=32,
+                           skip=["model.layers.1.mlp.down_proj"])
+    assert not model.config.tie_word_embeddings  # the head has its own int8 copy now
+    assert model.lm_head.weight.dtype == torch.int8 and model.model.embed_tokens.weight.dtype == torch.float32
+    qconfig = quantization_config(model)
+    assert qconfig["modules_not_converted"] == ["model.layers.1.mlp.down_proj"]
+
+    with torch.device("meta"):
+        fresh = Model(model.config)
+    apply_quantization_config(fresh, qconfig)
+    for name, tensor in model.state_dict().items():
+        _assign(fresh, name, tensor.clone())
+    assert not [n for n, p in fresh.named_parameters() if p.is_meta]
+    assert type(fresh.model.layers[1].mlp.down_proj) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens()), model(tokens()))
+
+
+def test_small_inputs_stay_float_and_bad_arguments_are_refused():
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="stays in float"):
+        quantize_model(model, bits=4, group_size=256)  # the 128-wide layers cannot hold a 256 group
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert type(model.model.layers[0].mlp.down_proj) is Int4Linear
+    with pytest.raises(ValueError, match="bits"):
+        quantize_model(tiny_model(), bits=3)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_model(tiny_model(), bits=4, group_size=48)
+    with pytest.raises(ValueError, match="quant_method"):
+        apply_quantization_config(tiny_model(), {"quant_method": "gptq", "bits": 4})
+
+
+def test_load_quantized_checkpoint_generates(tmp_path):
+    model = tiny_model()
+    config = {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 256,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False}
+    path = write_checkpoint(tmp_path / "tiny", config, model.state_dict())
+    with pytest.raises(ValueError, match="int8"):
+        qwenkit.load(path, quantize="int3")
+    quantized, tok = qwenkit.load(path, dtype="bfloat16", device="cpu", quantize="int4")
+    assert type(quantized.model.layers[0].self_attn.q_proj) is Int4Linear
+    assert type(quantized.lm_head) is Int8Linear
+    result = qwenkit.generate(quantized, tok, [1, 2, 3], temperature=0, max_new_tokens=5)
+    assert len(result.token_ids) == 5 and all(0 <= t < VOCAB for t in result.token_ids)
+    with torch.no_grad():
+        assert rel_err(quantized(tokens()), model(tokens())) < 0.4
+
+
+def test_cli_verbs_take_quantize():
+    parser = build_parser()
+    for verb in ("chat", "generate", "bench"):
+        assert parser.parse_args([verb, "--quantize", "int4"]).quantize == "int4"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--quantize", "int2"])
+
+
+def test_a_kernel_failing_its_self_check_falls_back():
+    class Garbled(Int4Linear):  # a kernel whose conventions differ, as an untested build might
+        def _build_kernel(self, device, dtype):
+            run = super()._build_kernel(device, dtype)
+            return lambda x: -run(x)
+
+    layer = Garbled.from_float(float_linear(), group_size=64)
+    x = torch.randn(3, 256)
+    with pytest.warns(RuntimeWarning, match="self-check"), torch.no_grad():
+        y = layer(x)
+    assert layer._kernel[1] is None
+    assert rel_err(y, reference(layer, x)) < 1e-5
