@@ -47,14 +47,14 @@ def run_qwenkit(dtype: str, n_prompt: int, n_new: int) -> dict:
     demo_gguf_path()  # assemble outside the timed load
     rss_before = rss_mib()
     start = time.perf_counter()
-    model, _ = qwenkit.load("demo", dtype=dtype, device="cpu")
+    model, tokenizer = qwenkit.load("demo", dtype=dtype, device="cpu")
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mib()
     ids = torch.tensor([prompt_ids(n_prompt)])
     with torch.inference_mode():
         model(ids[:, :32], last_only=True)
         prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(3))
-    result = run_bench(model, prompt_tokens=n_prompt, new_tokens=n_new)
+    result = run_bench(model, tokenizer, prompt_tokens=n_prompt, new_tokens=n_new)
     return {"load_s": load_s, "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_loaded,
             "prefill_tok_s": n_prompt / prefill, "ttft_s": result["ttft_s"], "decode_tok_s": result["decode_tok_s"], "gb_per_s": result["gb_per_s"],
             "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib()}

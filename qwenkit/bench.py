@@ -11,6 +11,7 @@ import torch
 from .generate import Decoder, Request
 from .model import Model
 from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 
 def decode_bytes_per_token(model: Model, context: int) -> int:
@@ -38,14 +39,15 @@ def _sync(model: Model) -> None:
         torch.cuda.synchronize()
 
 
-def run_bench(model: Model, prompt_tokens: int = 512, new_tokens: int = 128, warmup: bool = True) -> dict:
+def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_tokens: int = 128,
+              warmup: bool = True) -> dict:
     """Greedy decode of `new_tokens` after a random `prompt_tokens` prompt, never stopping early."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(1000, 20000, (prompt_tokens,), generator=gen).tolist()
     request = Request(prompt, new_tokens, SamplingParams(temperature=0.0))
     if warmup:
-        _timed_run(model, Request(prompt[:32], 4, SamplingParams(temperature=0.0)))
-    ttft, decode_s, produced = _timed_run(model, request)
+        _timed_run(model, tokenizer, Request(prompt[:32], 4, SamplingParams(temperature=0.0)))
+    ttft, decode_s, produced = _timed_run(model, tokenizer, request)
     decode_tok_s = (produced - 1) / decode_s
     bytes_per_token = decode_bytes_per_token(model, prompt_tokens + new_tokens // 2)
     return {
@@ -60,8 +62,8 @@ def run_bench(model: Model, prompt_tokens: int = 512, new_tokens: int = 128, war
     }
 
 
-def _timed_run(model: Model, request: Request) -> tuple[float, float, int]:
-    decoder = Decoder(model, _NullTokenizer(), 1, len(request.prompt_ids) + request.max_new_tokens)
+def _timed_run(model: Model, tokenizer: Tokenizer, request: Request) -> tuple[float, float, int]:
+    decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens)
     start = time.perf_counter()
     decoder.add(request)
     _sync(model)
@@ -72,16 +74,3 @@ def _timed_run(model: Model, request: Request) -> tuple[float, float, int]:
     _sync(model)
     return first - start, time.perf_counter() - first, produced
 
-
-class _NullTokenizer:
-    """Benchmarks measure the model, not detokenization."""
-
-    class _Null:
-        def add(self, ids):
-            return ""
-
-        def flush(self):
-            return ""
-
-    def stream_decoder(self, skip_special_tokens=True):
-        return self._Null()

@@ -90,8 +90,8 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    model, _ = load_for(args)
-    result = run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    model, tokenizer = load_for(args)
+    result = run_bench(model, tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     if args.json:
         print(json.dumps(result))
     else:

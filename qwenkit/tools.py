@@ -446,7 +446,8 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] |
 def forced_prefix(tokenizer: Tokenizer, tool_choice) -> str | None:
     """Text the assistant reply must begin with to honour tool_choice; None when it may answer freely.
 
-    Hermes: the opening of a call, with the name filled in for a named function. ReAct: the prompt
+    Hermes: the opening of a call, with the name filled in for a named function (for "required",
+    up to the name's opening quote). ReAct: the prompt
     ends in "Thought:" (see build_prompt) and the prefix skips the thought, so the reply's content
     stays empty: "\\nAction: NAME\\nAction Input:" for a named function, "\\nAction:" for "required"
     (the model picks one of the listed APIs).
@@ -458,7 +459,8 @@ def forced_prefix(tokenizer: Tokenizer, tool_choice) -> str | None:
         return f"{ACTION} {name}{ACTION_INPUT}" if name else ACTION
     if name:
         return f'{OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
-    return f"{OPEN}\n"
+    # Up to the name's opening quote: after a bare "<tool_call>\n" small models end the turn at once.
+    return f'{OPEN}\n{{"name": "'
 
 
 def parser_for(tokenizer: Tokenizer) -> type[HermesParser] | type[ReActParser]:

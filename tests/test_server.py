@@ -666,6 +666,11 @@ def test_real_tool_calls(oai):
     assert name == "get_weather" and json.loads(arguments) == json.loads(call.function.arguments)
     assert reasons[-1] == "tool_calls"
 
+    required = oai.chat.completions.create(model="demo", messages=WEATHER_ASK, tools=TOOLS, tool_choice="required",
+                                           temperature=0, max_tokens=40)
+    assert required.choices[0].finish_reason == "tool_calls"
+    assert required.choices[0].message.tool_calls[0].function.name == "get_weather"
+
     # The client sends the assistant message back as it got it, then the tool's result.
     result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "sunny"}'}
     follow = WEATHER_ASK + [r.choices[0].message, result]

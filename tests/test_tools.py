@@ -281,6 +281,10 @@ def test_template_forced_prefix_parses(demo_tokenizers):
     choice = {"type": "function", "function": {"name": "get_weather"}}
     prefix = forced_prefix(ours, choice)
     assert prefix == '<tool_call>\n{"name": "get_weather", "arguments": '
-    assert forced_prefix(ours, "required") == "<tool_call>\n"
+    required = forced_prefix(ours, "required")
+    assert required == '<tool_call>\n{"name": "'
+    assert run(new_parser(ours, [WEATHER], "required"),
+               [required, 'get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'])[1] == [
+        ("get_weather", '{"city": "Paris"}')]
     assert run(new_parser(ours, [WEATHER], choice), [prefix, '{"city": "Paris"}}\n</tool_call>']) == (
         "", [("get_weather", '{"city": "Paris"}')], ["ToolCallStart", "ToolCallArgs"])
