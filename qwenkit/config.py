@@ -67,6 +67,49 @@ class ModelConfig:
         """Longest sequence the model is meant to see (what generation checks prompts against)."""
         return self.max_position_embeddings
 
+    # ------------------------------------------------------------------ writing
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json in Hugging Face Qwen2 / Qwen3 form, which `from_dict` reads back to this config.
+
+        Qwen v1 is written as its Qwen2 equivalent (the weights are saved under canonical names, and
+        v1's block is Qwen2's with q/k/v biases), so transformers can load it too. Its long-context
+        settings (seq_length, use_dynamic_ntk, use_logn_attn) are kept as extra keys that our loader
+        reads and transformers ignores: past seq_length transformers will differ from qwenkit.
+        """
+        model_type = "qwen3" if self.arch == "qwen3" else "qwen2"
+        if model_type == "qwen2" and (not self.qkv_bias or self.o_bias or self.qk_norm):
+            raise ConfigError(f"a {self.arch} config with qkv_bias={self.qkv_bias}, o_bias={self.o_bias}, "
+                              f"qk_norm={self.qk_norm} has no Qwen2 config.json form (Qwen2 has q/k/v biases only)")
+        if model_type == "qwen3" and (self.qkv_bias != self.o_bias or not self.qk_norm):
+            raise ConfigError("a qwen3 config needs qk_norm and the same bias on q/k/v and o (attention_bias)")
+        d = {
+            "architectures": ["Qwen3ForCausalLM" if model_type == "qwen3" else "Qwen2ForCausalLM"],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if model_type == "qwen3":
+            d["attention_bias"] = self.qkv_bias
+        if self.rotary_dim != self.head_dim:
+            d["partial_rotary_factor"] = self.rotary_dim / self.head_dim
+        if self.arch == "qwen":
+            d.update(seq_length=self.seq_length, use_dynamic_ntk=self.use_dynamic_ntk, use_logn_attn=self.use_logn_attn)
+        return d
+
     # ------------------------------------------------------------------ sources
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -169,7 +212,12 @@ class ModelConfig:
             qkv_bias=True if model_type == "qwen2" else bool(attention_bias),
             o_bias=False if model_type == "qwen2" else bool(attention_bias),
             qk_norm=model_type == "qwen3",
+            rotary_dim=int(head_dim * d.get("partial_rotary_factor", 1.0)),
             rope_scaling=rope_scaling,
+            # Qwen v1 long context, when a v1 model was saved in Qwen2 form (see to_hf_dict).
+            seq_length=d.get("seq_length"),
+            use_dynamic_ntk=bool(d.get("use_dynamic_ntk", False)),
+            use_logn_attn=bool(d.get("use_logn_attn", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             extra=d,

@@ -19,3 +19,11 @@ class UnsupportedModelError(QwenkitError):
 
 class DownloadError(QwenkitError):
     """A hub id could not be downloaded."""
+
+
+class DataError(QwenkitError, ValueError):
+    """A training data file or one of its records is malformed; the message names the file and line."""
+
+
+class AdapterError(QwenkitError, ValueError):
+    """A LoRA setting is invalid, or an adapter directory is unreadable or does not fit the model."""

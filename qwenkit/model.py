@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -192,6 +193,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        # Training: recompute each block in the backward pass instead of keeping its activations.
+        self.gradient_checkpointing = False
+        # qwenkit.compile_decode sets a compiled `blocks` here for one-token steps with a cache.
+        self.compiled_decode_blocks = None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -214,9 +219,21 @@ class Transformer(nn.Module):
             # has kv_len == T and takes SDPA's faster causal path instead.)
             mask = torch.arange(kv_len, device=tokens.device) <= input_pos[:, None, :, None]
 
+        blocks = self.blocks
+        if T == 1 and cache is not None and self.compiled_decode_blocks is not None:
+            blocks = self.compiled_decode_blocks
+        return blocks(tokens, rope, mask, input_pos, cache, q_scale)
+
+    def blocks(self, tokens: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+               input_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
+        """The tensor work of a forward, once positions, RoPE and the mask are known (no host syncs)."""
         x = self.embed_tokens(tokens)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos, cache, q_scale)
+            if checkpointed:
+                x = checkpoint(layer, x, rope, mask, input_pos, cache, q_scale, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, input_pos, cache, q_scale)
         return self.norm(x)
 
     def _ntk_alphas(self, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
@@ -264,8 +281,7 @@ class Model(nn.Module):
         return self.lm_head(hidden)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        param = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len or self.config.context_length, param.dtype, param.device)
+        return KVCache(self.config, batch_size, max_len or self.config.context_length, self.dtype, self.device)
 
     # The Qwen-7B scripts' chat API, so their callers keep working (implemented in chat.py).
     def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **kwargs):
@@ -286,7 +302,8 @@ class Model(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        # The final norm's weight is always in the compute dtype; the embedding may be swapped for an int8 table.
+        return self.model.norm.weight.dtype
 
 
 def ntk_alpha(seq_len: int, train_len: int) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import itertools
 import json
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping
@@ -176,6 +177,7 @@ class Tokenizer:
         """``ranked`` maps token bytes to ids in BPE priority order; ``specials`` are the added tokens
         matched whole in text, of which ``control_ids`` are the ones decoding may skip."""
         self.kind = kind
+        self.pattern = pattern
         self.special_tokens = dict(specials)
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -348,6 +350,79 @@ class Tokenizer:
             f"no tokenizer files in {directory}: looked for qwen.tiktoken (Qwen v1), tokenizer.json, "
             "or vocab.json + merges.txt (Qwen2 and later)"
         )
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, directory: str | Path) -> list[Path]:
+        """Write the files ``from_pretrained`` reads back to this same tokenizer; returns their paths.
+
+        Qwen v1 writes ``qwen.tiktoken`` (its ranks are its ids). Byte-level BPE writes Hugging Face's
+        ``tokenizer.json`` + ``tokenizer_config.json`` (added tokens, eos/pad/bos, chat template), which
+        transformers reads too. GGUF sources carry no merge list of their own once loaded, so it is
+        rebuilt from the ranks: each token's merge is the last step of BPE on its bytes using only the
+        merges ranked before it. That reproduces the demo GGUF's 151,387 merges exactly.
+        """
+        directory = Path(directory)
+        if self.kind == "qwen":
+            path = directory / "qwen.tiktoken"
+            path.write_bytes(b"".join(base64.b64encode(piece) + b" %d\n" % rank for piece, rank in self._ranked.items()))
+            return [path]
+        char_of_byte = {byte: char for char, byte in _BYTE_OF_CHAR.items()}
+
+        def spell(piece: bytes) -> str:  # bytes -> the GPT-2 alphabet vocab files use
+            return "".join(map(char_of_byte.__getitem__, piece))
+
+        added = [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": i in self._control_ids}
+                 for text, i in sorted(self.special_tokens.items(), key=lambda item: item[1])]
+        byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+        spec = {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "NFC"} if self._nfc else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", **byte_level}]},
+            "post_processor": {"type": "ByteLevel", **byte_level},
+            "decoder": {"type": "ByteLevel", **byte_level},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      # Added tokens too, as transformers writes them: it numbers added tokens missing from
+                      # the vocab after its end, whatever ids the list gives.
+                      "vocab": {**{spell(piece): i for piece, i in [*self._ranked.items(), *self._unmergeable.items()]},
+                                **{entry["content"]: entry["id"] for entry in added}},
+                      "merges": [f"{spell(a)} {spell(b)}" for a, b in self._merges()]},
+        }
+        config = {
+            "tokenizer_class": "Qwen2Tokenizer", "errors": "replace", "clean_up_tokenization_spaces": False,
+            "split_special_tokens": False,
+            "added_tokens_decoder": {str(entry["id"]): {k: v for k, v in entry.items() if k != "id"} for entry in added},
+            "eos_token": self.special_text(self.eos_token_id), "pad_token": self.special_text(self.pad_token_id),
+            "bos_token": self.special_text(self.bos_token_id), "chat_template": self.chat_template,
+        }
+        paths = [directory / "tokenizer.json", directory / "tokenizer_config.json"]
+        for path, data in zip(paths, (spec, config)):
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+        return paths
+
+    def _merges(self) -> list[tuple[bytes, bytes]]:
+        """The merge list of the BPE ranks, in rank order (see save_pretrained)."""
+        ranks = {piece: rank for rank, piece in enumerate(self._ranked)}
+        merges = []
+        for rank, piece in enumerate(self._ranked):
+            if len(piece) == 1:
+                continue
+            parts = [piece[i:i + 1] for i in range(len(piece))]
+            while len(parts) > 2:
+                pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
+                best, i = min(pairs)
+                if best >= rank:
+                    break
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            if len(parts) != 2:
+                raise CheckpointError(f"token {piece!r} (rank {rank}) is not the merge of two earlier tokens; "
+                                      "this vocabulary cannot be written as a merge list")
+            merges.append((parts[0], parts[1]))
+        return merges
 
     # ------------------------------------------------------------------ use
 

@@ -50,8 +50,9 @@ def test_dequantize_matches_gguf_reference(qtype, monkeypatch):
 H, HEADS, FFN, VOCAB, LAYERS = 64, 4, 96, 128, 2
 
 
-def write_gguf(path, arch, meta, tensors, seed=0):
-    """Write a GGUF; tensors: GGUF name -> (shape, qtype). Returns GGUF name -> stored float32 values."""
+def write_gguf(path, arch, meta, tensors, seed=0, scale=1.0):
+    """Write a GGUF; tensors: GGUF name -> (shape, qtype), values `scale` x N(0, 1). Returns GGUF name ->
+    stored float32 values."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
@@ -67,7 +68,7 @@ def write_gguf(path, arch, meta, tensors, seed=0):
             writer.add_array(key, value)
     stored = {}
     for name, (shape, qtype) in tensors.items():
-        values = rng.standard_normal(shape).astype(np.float32)
+        values = (scale * rng.standard_normal(shape)).astype(np.float32)
         if qtype == Q.F32:
             writer.add_tensor(name, values)
             stored[name] = values

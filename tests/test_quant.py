@@ -180,7 +180,7 @@ def test_quantized_model_keeps_logits_and_saves_only_portable_tensors(bits, tol)
             assert {k: v.dtype for k, v in own.items()} == expected, name
     assert quantization_config(model) == {"quant_method": "qwenkit", "bits": bits,
                                           "group_size": 64 if bits == 4 else None, "lm_head_bits": 8,
-                                          "modules_not_converted": []}
+                                          "modules_not_converted": [], "act_order": False}
 
 
 @pytest.mark.parametrize("bits", [8, 4])

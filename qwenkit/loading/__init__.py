@@ -8,18 +8,23 @@ as it is read, so peak memory stays near the size of the final weights.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
 from ..model import Model
 from ..progress import progress
+from ..quant import autogptq
 from ..tokenizer import Tokenizer
 from . import hf, hub
+
+if TYPE_CHECKING:
+    from .gguf import StoredTensor
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -52,34 +57,58 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-QUANTIZE_BITS = {"int8": 8, "int4": 4}
-
-
 def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-         quantize: str | None = None) -> tuple[Model, Tokenizer]:
+         quantize: str | None = None, adapter: str | Path | None = None,
+         compile: bool = False) -> tuple[Model, Tokenizer]:
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
-    `quantize`: None, "int8" or "int4" — weight-only round-to-nearest quantization after loading
-    (see qwenkit.quant.quantize_model: the lm_head becomes int8 in both cases).
+    `quantize`: None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it is
+    read, so the float model never exists (qwenkit.quant.on_load has the table): "int8" and "int4"
+    round to nearest (int4 group 128, lm_head int8), except that a GGUF file's 4-bit blocks become
+    int4 exactly; "gguf" keeps a GGUF file's own precision mix (4-bit blocks int4 exactly, wider
+    blocks int8, float tensors float).
+
+    `adapter`: a peft LoRA adapter directory (qwenkit finetune's, or peft's). It is folded into the
+    float linears, as `qwenkit merge` does; over quantized linears it stays a separate update.
+
+    `compile`: torch.compile the one-token decode step now (qwenkit.compile_decode: a one-off
+    warm-up; see qwenkit/compiled.py for when it pays).
     """
-    if quantize is not None and quantize not in QUANTIZE_BITS:
-        raise ValueError(f"quantize={quantize!r}: use None, 'int8' or 'int4'")
+    from ..quant.on_load import QUANTIZE_MODES
+
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r}: use None, {', '.join(map(repr, QUANTIZE_MODES))}")
+    if adapter is not None:
+        from ..train.lora import read_adapter_config
+        read_adapter_config(adapter)  # a bad adapter directory fails before the model loads
     path = resolve_source(model)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if path.is_file():
-        net, tokenizer = _load_gguf(path, dtype, device)
+        net, tokenizer = _load_gguf(path, dtype, device, quantize)
     else:
+        if quantize == "gguf":
+            raise ValueError(f"quantize='gguf' keeps a GGUF file's own block formats, but {path} is a "
+                             "checkpoint directory: use quantize='int8' or 'int4'")
         config = ModelConfig.from_file(path / "config.json")
         files = hf.weight_files(path)
+        gptq = autogptq.gptq_config(path, config)  # None unless an AutoGPTQ / GPTQModel checkpoint
+        prepare = _quantized_layers(gptq or config.extra.get("quantization_config"), quantize, files)
         tokenizer = Tokenizer.from_pretrained(path)
         total = sum(f.stat().st_size for f in files)
-        net = build_model(config, hf.canonical_tensors(files, config), dtype, device,
-                          description=f"loading {path.name}", total_bytes=total)
+        tensors = hf.checkpoint_tensors(files)
+        if gptq is not None:
+            tensors = autogptq.repacked(tensors, gptq, dtype)
+        net = build_model(config, hf.canonical_names(tensors, config), dtype, device,
+                          description=f"loading {path.name}", total_bytes=total, prepare=prepare,
+                          quantize=quantize)
         net.generation_config = _read_json(path / "generation_config.json")
-    if quantize is not None:
-        from ..quant import quantize_model
-        quantize_model(net, bits=QUANTIZE_BITS[quantize])
+    if adapter is not None:
+        from ..train.lora import load_adapter, merge_lora
+        merge_lora(load_adapter(net, adapter), quantized=False)
+    if compile:
+        from ..compiled import compile_decode
+        compile_decode(net)
     return net, tokenizer
 
 
@@ -108,14 +137,15 @@ def resolve_source(model: str | Path) -> Path:
                           "a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or demo")
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Model, Tokenizer]:
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device,
+               quantize: str | None = None) -> tuple[Model, Tokenizer]:
     from .gguf import GGUFFile
 
     gguf = GGUFFile(path)
     config = gguf.config()
     tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields())
-    net = build_model(config, gguf.tensors(dtype), dtype, device, description=f"loading {path.name}",
-                      total_bytes=path.stat().st_size)
+    net = build_model(config, gguf.stored_tensors(), dtype, device, description=f"loading {path.name}",
+                      total_bytes=path.stat().st_size, quantize=quantize)
     net.generation_config = dict(GGUF_GENERATION_DEFAULTS[config.arch], eos_token_id=tokenizer.eos_token_id)
     return net, tokenizer
 
@@ -129,38 +159,114 @@ GGUF_GENERATION_DEFAULTS = {
 }
 
 
-def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                device: torch.device, description: str = "loading", total_bytes: int = 0) -> Model:
-    """Build on the meta device, then assign each (canonical name, tensor) as it arrives."""
+def _quantized_layers(qconfig: dict | None, quantize: str | None, files: list[Path],
+                      ) -> Callable[[Model], object] | None:
+    """What turns the meta-built model's linears into the empty quantized layers a checkpoint's
+    quantization_config describes, before its tensors are assigned; None for a float checkpoint."""
+    if qconfig is None:
+        return None
+    from ..quant import apply_quantization_config
+    from ..quant.convert import QUANT_METHOD
+
+    method = qconfig.get("quant_method")
+    if quantize is not None:
+        raise ValueError(f"this checkpoint is already quantized ({method}, {qconfig.get('bits')} bits); "
+                         f"load it without quantize={quantize!r}")
+    if method == QUANT_METHOD:
+        return lambda net: apply_quantization_config(net, qconfig)
+    if method == autogptq.QUANT_METHOD:  # the layers the checkpoint has a qweight for
+        names = hf.tensor_names(files)
+        return lambda net: autogptq.swap_in_layers(net, qconfig, names)
+    raise UnsupportedModelError(f"quantization_config.quant_method {method!r} is not supported; qwenkit loads "
+                                f"{QUANT_METHOD!r} checkpoints (written by qwenkit quantize) and "
+                                f"{autogptq.QUANT_METHOD!r} ones (AutoGPTQ / GPTQModel, 4 or 8 bits)")
+
+
+def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor | StoredTensor]],
+                dtype: torch.dtype, device: torch.device, description: str = "loading", total_bytes: int = 0,
+                prepare: Callable[[Model], object] | None = None, quantize: str | None = None) -> Model:
+    """Build on the meta device, then assign each (canonical name, tensor) as it arrives.
+
+    `prepare(model)` runs on the meta-built model first, e.g. to swap in empty quantized linears.
+    Float tensors are cast to `dtype`; integer ones (quantized weights) keep theirs; GGUF
+    StoredTensors are dequantized to `dtype`. `quantize` (see qwenkit.quant.on_load) turns each
+    linear into its quantized layer the moment its weight arrives; a tied head gets its own copy.
+    """
     with torch.device("meta"):
         net = Model(config)
+    if prepare is not None:
+        prepare(net)
     expected = dict(net.named_parameters())
-    if config.tie_word_embeddings:
+    tied = config.tie_word_embeddings
+    if tied:
         expected.pop("lm_head.weight", None)
     unexpected = []
     with progress(description, total_bytes, bytes_=True, show=total_bytes > 256 << 20) as advance:
         for name, tensor in tensors:
-            advance(tensor.numel() * tensor.element_size())
-            if name == "lm_head.weight" and config.tie_word_embeddings:
+            advance(tensor.nbytes)
+            if name == "lm_head.weight" and tied:
                 continue  # some tied checkpoints store the head too; it equals the embedding
             if name not in expected:
-                unexpected.append(name)
+                # AutoGPTQ writes a zero bias for each bias-free linear it quantizes.
+                if not (name.endswith(".bias") and isinstance(tensor, torch.Tensor) and not tensor.any()):
+                    unexpected.append(name)
                 continue
             param = expected[name]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)} but the config implies "
                                       f"{tuple(param.shape)}: config.json and the weights do not match")
-            _assign(net, name, tensor.to(device=device, dtype=dtype))
+            if quantize is not None:
+                swap = _quantize_embedding if name == "model.embed_tokens.weight" else _quantize_linear
+                if swap(net, name, tensor, quantize, dtype, device):
+                    continue
+            if not isinstance(tensor, torch.Tensor):  # a GGUF StoredTensor
+                tensor = tensor.dequantize(dtype)
+            _assign(net, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
     if unexpected:
         raise CheckpointError(f"the checkpoint has {len(unexpected)} tensors this architecture does not use, "
                               f"e.g. {', '.join(unexpected[:5])}: is config.json for these weights?")
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and type(net.lm_head) is nn.Linear:
         net.lm_head.weight = net.model.embed_tokens.weight
     missing = [n for n, p in net.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}: "
                               "the download may be incomplete")
     return net.eval()
+
+
+def _quantize_linear(net: Model, name: str, weight: torch.Tensor | StoredTensor, mode: str,
+                     dtype: torch.dtype, device: torch.device) -> bool:
+    """Swap the nn.Linear whose weight `name` is for its quantized form; False where it stays as it is."""
+    from ..quant.on_load import quantized_linear
+
+    module_name, _, attr = name.rpartition(".")
+    linear = net.get_submodule(module_name)
+    if attr != "weight" or type(linear) is not nn.Linear:
+        return False
+    layer = quantized_linear(name, weight, mode, dtype)
+    if layer is None:
+        return False
+    layer = layer.to(device)
+    layer.bias = linear.bias  # the bias read already, or its meta placeholder
+    parent, _, child = module_name.rpartition(".")
+    setattr(net.get_submodule(parent), child, layer)
+    return True
+
+
+def _quantize_embedding(net: Model, name: str, weight: torch.Tensor | StoredTensor, mode: str,
+                        dtype: torch.dtype, device: torch.device) -> bool:
+    """A tied head becomes its own quantized layer, from the embedding's weight; the embedding becomes
+    an int8 table where qwenkit.quant.on_load says so (False where it stays float)."""
+    from ..quant.on_load import quantized_embedding
+
+    tied = net.config.tie_word_embeddings
+    head_quantized = tied and _quantize_linear(net, "lm_head.weight", weight, mode, dtype, device)
+    embedding = quantized_embedding(weight, mode, dtype, net.lm_head if head_quantized else None)
+    if embedding is not None:
+        net.model.embed_tokens = embedding.to(device)
+    if head_quantized and not (embedding is not None and embedding.weight is net.lm_head.weight):
+        net.config.tie_word_embeddings = False  # the head has a quantized copy of its own
+    return embedding is not None
 
 
 def _assign(net: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -153,14 +153,31 @@ def _bits_le32(qh: torch.Tensor) -> torch.Tensor:
     return ((qh.unsqueeze(-1) >> _BIT_SHIFTS) & 1).reshape(len(qh), 32)
 
 
-def _q4_0(b):
+# The 4-bit formats hold, per group of 32 values, a code q in 0..15 and w = scale·q − offset.
+# Their decoders return (q uint8 [n, block], scale and offset float32 [n, block / 32]) so that
+# qwenkit.quant.on_load can keep them as int4 exactly; dequantizing is the same arithmetic.
+def _q4_0_groups(b):
     d, qs = b.split([2, 16], 1)
-    return (_nibbles(qs).reshape(len(b), 32).to(torch.int8) - 8).float() * _f16(d)
+    d = _f16(d)
+    return _nibbles(qs).reshape(len(b), 32), d, 8 * d
 
 
-def _q4_1(b):
+def _q4_1_groups(b):
     d, m, qs = b.split([2, 2, 16], 1)
-    return _f16(d) * _nibbles(qs).reshape(len(b), 32).float() + _f16(m)
+    return _nibbles(qs).reshape(len(b), 32), _f16(d), -_f16(m)
+
+
+def _q4_k_groups(b):
+    scale, offset = _k_scales(b)
+    return _nibbles(b[:, 16:].reshape(-1, 4, 32)).reshape(len(b), 256), scale[..., 0], offset[..., 0]
+
+
+def _affine(groups):
+    def dequantize(b):
+        q, scale, offset = groups(b)
+        q = q.view(len(b), scale.shape[1], 32).float()
+        return (scale[..., None] * q - offset[..., None]).reshape(len(b), -1)
+    return dequantize
 
 
 def _q5(qh, qs):
@@ -191,12 +208,6 @@ def _k_scales(b):
     return (d * sc.float()).unsqueeze(-1), (dmin * mn.float()).unsqueeze(-1)
 
 
-def _q4_k(b):
-    scale, offset = _k_scales(b)
-    q = _nibbles(b[:, 16:].reshape(-1, 4, 32)).reshape(-1, 8, 32).float()
-    return (scale * q - offset).reshape(-1, 256)
-
-
 def _q5_k(b):
     scale, offset = _k_scales(b)
     ql = _nibbles(b[:, 48:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
@@ -213,9 +224,11 @@ def _q6_k(b):
 
 
 _FLOATS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-_BLOCKS = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q8_0: _q8_0,
-           Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
-SUPPORTED_TYPES = frozenset(_FLOATS) | frozenset(_BLOCKS)
+FOUR_BIT_GROUPS = {Q.Q4_0: _q4_0_groups, Q.Q4_1: _q4_1_groups, Q.Q4_K: _q4_k_groups}
+_BLOCKS = {Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q8_0: _q8_0, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k,
+           **{qtype: _affine(groups) for qtype, groups in FOUR_BIT_GROUPS.items()}}
+FLOAT_TYPES = frozenset(_FLOATS)
+SUPPORTED_TYPES = FLOAT_TYPES | frozenset(_BLOCKS)
 
 # Values dequantized per step: bounds the float32 temporaries (4 MiB each) whatever the tensor size.
 # Smaller steps page-fault less but run more (OpenMP-parallel) torch ops, which stall badly when
@@ -357,19 +370,16 @@ class GGUFFile:
         """The stored bytes (uint8), ggml type and torch-order shape of one tensor."""
         info = self.tensor_info(gguf_name)
         with open(self.path, "rb") as f:
-            return self._read(f, gguf_name, info), info.qtype, info.shape
-
-    def _read(self, f, name: str, info: TensorInfo) -> torch.Tensor:
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        f.seek(info.offset)
-        if f.readinto(raw.numpy()) != info.nbytes:
-            raise CheckpointError(f"{self.path} ended inside tensor {name}; it changed while being read "
-                                  "or is truncated: re-download it")
-        return raw
+            return StoredTensor(self.path, f, gguf_name, info).raw(), info.qtype, info.shape
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """(canonical name, tensor) in file order, dequantized to `dtype`. Each tensor is read and
         dequantized as it is requested, and its raw bytes are freed before the next one is read."""
+        for name, stored in self.stored_tensors():
+            yield name, stored.dequantize(dtype)
+
+    def stored_tensors(self) -> Iterator[tuple[str, StoredTensor]]:
+        """(canonical name, StoredTensor) in file order: each read only when asked, while iterating."""
         config = self.config()
         unsupported = [f"{n} ({i.qtype.name})" for n, i in self._tensors.items() if i.qtype not in SUPPORTED_TYPES]
         if unsupported:
@@ -378,17 +388,76 @@ class GGUFFile:
                 f"supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}")
         with open(self.path, "rb") as f:
             for name, info in self._tensors.items():
-                tensor = dequantize(self._read(f, name, info), info.qtype, info.shape, dtype)
+                stored = StoredTensor(self.path, f, name, info)
                 if name.endswith((".attn_qkv.weight", ".attn_qkv.bias")):
-                    yield from self._split_qkv(name, tensor, config)
+                    yield from self._split_qkv(name, stored, config)
                 else:
-                    yield canonical_name(name), tensor
+                    yield canonical_name(name), stored
 
-    def _split_qkv(self, name: str, tensor: torch.Tensor, config: ModelConfig):
+    def _split_qkv(self, name: str, stored: StoredTensor, config: ModelConfig):
         """Qwen v1's fused c_attn: q, k and v stacked by rows."""
         layer, kind = name.split(".")[1], name.rsplit(".", 1)[1]
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        if tensor.shape[0] != q + 2 * kv:
-            raise CheckpointError(f"{self.path}: {name} has {tensor.shape[0]} rows, expected {q + 2 * kv} (q, k, v)")
-        for proj, part in zip("qkv", tensor.split([q, kv, kv])):
+        if stored.shape[0] != q + 2 * kv:
+            raise CheckpointError(f"{self.path}: {name} has {stored.shape[0]} rows, expected {q + 2 * kv} (q, k, v)")
+        for proj, part in zip("qkv", stored.split_rows([q, kv, kv])):
             yield f"model.layers.{layer}.self_attn.{proj}_proj.{kind}", part
+
+
+class StoredTensor:
+    """One tensor as the file stores it, read on demand (whole, or a range of rows) while `f` is open.
+
+    Reading rows a chunk at a time lets a quantizer convert a vocabulary-sized matrix without holding
+    its raw bytes and a float copy at once.
+    """
+
+    def __init__(self, path: Path, f, name: str, info: TensorInfo):
+        self.path, self.f, self.name, self.info = path, f, name, info
+
+    @property
+    def qtype(self) -> Q:
+        return self.info.qtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def _row_bytes(self) -> int:
+        row_bytes, rest = divmod(self.info.nbytes, self.shape[0])
+        if rest:  # a 1-D block-quantized tensor: its blocks span several "rows"
+            raise CheckpointError(f"{self.path}: tensor {self.name} ({self.qtype.name}, shape {self.shape}) "
+                                  "cannot be read by rows")
+        return row_bytes
+
+    def raw(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The stored bytes (uint8, 1-D) of the given rows (dimension 0, torch order)."""
+        start, stop, _ = rows.indices(self.shape[0])
+        if (start, stop) == (0, self.shape[0]):
+            offset, nbytes = self.info.offset, self.info.nbytes
+        else:
+            row_bytes = self._row_bytes()
+            offset, nbytes = self.info.offset + start * row_bytes, (stop - start) * row_bytes
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        self.f.seek(offset)
+        if self.f.readinto(raw.numpy()) != nbytes:
+            raise CheckpointError(f"{self.path} ended inside tensor {self.name}; it changed while being read "
+                                  "or is truncated: re-download it")
+        return raw
+
+    def dequantize(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        return dequantize(self.raw(rows), self.qtype, (stop - start, *self.shape[1:]), dtype)
+
+    def split_rows(self, sizes: list[int]) -> list[StoredTensor]:
+        """Consecutive row ranges of this tensor, each a StoredTensor of its own."""
+        row_bytes, parts, start = self._row_bytes(), [], 0
+        for size in sizes:
+            info = self.info._replace(shape=(size, *self.shape[1:]), offset=self.info.offset + start * row_bytes,
+                                      nbytes=size * row_bytes)
+            parts.append(StoredTensor(self.path, self.f, self.name, info))
+            start += size
+        return parts

@@ -6,7 +6,8 @@
     save_file(model.state_dict(), ...)         # only the portable tensors, see linear.py
 
 Loading such a checkpoint: build the model on the meta device, `apply_quantization_config(model,
-config["quantization_config"])`, then assign the saved tensors by name.
+config["quantization_config"])`, then assign the saved tensors by name. AutoGPTQ / GPTQModel
+checkpoints load into the same layers (autogptq.py; `qwenkit.load` reads them).
 """
 
 from .convert import apply_quantization_config, quantization_config, quantize_model

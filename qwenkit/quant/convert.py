@@ -51,9 +51,11 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 128, lm_he
 
 def quantization_config(model: nn.Module) -> dict:
     """What to store under config.json's "quantization_config" for a model quantize_model made."""
-    head, blocks, not_converted = None, set(), []
+    head, blocks, not_converted, act_order = None, set(), [], set()
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
+            if isinstance(module, Int4Linear):
+                act_order.add(module.perm is not None)
             kind = (module.bits, module.group_size)
             if name == "lm_head":
                 head = kind
@@ -66,9 +68,13 @@ def quantization_config(model: nn.Module) -> dict:
     if len(blocks) != 1 or len(group_sizes) > 1:
         raise ValueError(f"the model's block linears are quantized as {sorted(blocks, key=str) or 'nothing'}: "
                          "a quantization_config describes one bits/group_size for all of them")
+    if len(act_order) > 1:
+        raise ValueError("some int4 linears have an input permutation (act_order) and some do not: "
+                         "a quantization_config describes one act_order for all of them")
     (bits, _), = blocks
     return {"quant_method": QUANT_METHOD, "bits": bits, "group_size": next(iter(group_sizes), None),
-            "lm_head_bits": head[0] if head else None, "modules_not_converted": not_converted}
+            "lm_head_bits": head[0] if head else None, "modules_not_converted": not_converted,
+            "act_order": act_order == {True}}
 
 
 def apply_quantization_config(model: nn.Module, qconfig: dict) -> nn.Module:
@@ -84,9 +90,11 @@ def apply_quantization_config(model: nn.Module, qconfig: dict) -> nn.Module:
     group_size = qconfig.get("group_size") or 128  # unused when nothing is int4
     _check(bits, group_size, lm_head_bits)
     keep_float = set(qconfig.get("modules_not_converted", ()))
+    act_order = {"act_order": True} if qconfig.get("act_order") else {}  # int4 layers hold a `perm`
     _swap_linears(model, bits, group_size, lm_head_bits, lambda name: name in keep_float,
                   lambda cls, linear, kw: cls(linear.in_features, linear.out_features, linear.bias is not None,
-                                              dtype=linear.weight.dtype, device=linear.weight.device, **kw))
+                                              dtype=linear.weight.dtype, device=linear.weight.device,
+                                              **kw, **(act_order if cls is Int4Linear else {})))
     return model
 
 

@@ -52,8 +52,10 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """`t` contiguous and 64-byte aligned: the CPU int8 kernel's bf16 path uses aligned vector loads
-    (a safetensors mmap or a sliced activation can start anywhere; misaligned input crashes it)."""
-    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+    (a safetensors mmap or a sliced activation can start anywhere; misaligned input crashes it).
+    Under torch.compile the address cannot be traced, so the tensor is always copied (one row of
+    activations per decode step: negligible)."""
+    if not torch.compiler.is_compiling() and t.is_contiguous() and t.data_ptr() % 64 == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
@@ -90,7 +92,12 @@ class QuantizedLinear(nn.Module):
         run = None
         if x2d.shape[0] < self.gemm_min_rows and not (x.requires_grad and torch.is_grad_enabled()):
             run = self._kernel_for(x)
-        y = run(x2d) if run is not None else self._dequantized_linear(x2d)
+        if run is not None:
+            y = run(x2d)
+        elif x.requires_grad and torch.is_grad_enabled():  # training through a frozen layer (Q-LoRA)
+            y = _FrozenWeightLinear.apply(x2d, self)
+        else:
+            y = self._dequantized_linear(x2d)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +139,28 @@ class QuantizedLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.group_size else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}{group}")
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b for a quantized layer's frozen W, with a backward that dequantizes W again.
+
+    Plain autograd would keep every layer's dequantized float weight alive from forward to backward
+    (it is what dx = dy·W needs), which is the memory Q-LoRA exists to save; recomputing it costs one
+    more dequantization per layer. Gradients flow to x only: W and b are frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return layer._dequantized_linear(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layer = ctx.layer
+        step = max(1, layer.dequant_chunk // layer.in_features)
+        grad_x = sum(grad[:, r:r + step] @ layer.dequantize(grad.dtype, slice(r, r + step))
+                     for r in range(0, layer.out_features, step))
+        return grad_x.to(ctx.x_dtype), None
 
 
 class Int8Linear(QuantizedLinear):
@@ -183,13 +212,17 @@ class Int4Linear(QuantizedLinear):
     Asymmetric int4 per group of `group_size` inputs, q in 0..15. State dict: `qweight` uint8
     [N, K/2] (two values per byte along K, the even k in the low nibble), `scales` and `zeros`
     [N, K/group_size] (float dtype; zeros in q units), `bias` [N] if any.
+
+    act_order: the groups are sets of inputs scattered over K (GPTQ with desc_act quantizes the
+    columns in activation order). `perm` int32 [K] lists the inputs group by group; the stored
+    tensors are the weight's columns in that order, W[:, perm], and the kernel takes x[..., perm].
     """
 
     bits = 4
     gemm_min_rows = 128
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, act_order: bool = False):
         if group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group_size {group_size} is not one of {INT4_GROUP_SIZES}")
         if in_features % group_size:
@@ -200,6 +233,10 @@ class Int4Linear(QuantizedLinear):
         self.qweight = _frozen(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.scales = _frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
         self.zeros = _frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
+        if act_order:
+            self.perm = _frozen(torch.empty(in_features, dtype=torch.int32, device=device))
+        else:
+            self.register_parameter("perm", None)
 
     @classmethod
     @torch.no_grad()
@@ -218,7 +255,10 @@ class Int4Linear(QuantizedLinear):
         q = unpack_int4(self.qweight[rows])
         n, k, g = q.shape[0], self.in_features, self.group_size
         scales, zeros = self.scales[rows].to(dtype)[..., None], self.zeros[rows].to(dtype)[..., None]
-        return ((q.view(n, k // g, g).to(dtype) - zeros) * scales).reshape(n, k)
+        weight = ((q.view(n, k // g, g).to(dtype) - zeros) * scales).reshape(n, k)
+        if self.perm is not None:  # stored column j is input perm[j]
+            weight = torch.empty_like(weight).index_copy_(1, self.perm.long(), weight)
+        return weight
 
     def _build_kernel(self, device, dtype):
         n, k = self.out_features, self.in_features
@@ -241,11 +281,16 @@ class Int4Linear(QuantizedLinear):
         scale_and_offset = torch.stack((scales, (8 - zeros) * scales), dim=-1).transpose(0, 1)
         scale_and_offset = scale_and_offset.to(dtype).contiguous()
         group_size, bias = self.group_size, self._bias_in(dtype)
+        perm = None if self.perm is None else self.perm.long()
 
         def run(x):
-            y = mm(x.contiguous(), packed, group_size, scale_and_offset)
+            x = x.contiguous() if perm is None else x.index_select(-1, perm)
+            y = mm(x, packed, group_size, scale_and_offset)
             return y if bias is None else y.add_(bias)
         return run
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", act_order=True" if self.perm is not None else "")
 
 
 @functools.cache

@@ -1,0 +1,60 @@
+"""qwenkit's decode paths next to its peers on the demo model, one run, each engine in its own process.
+
+    python benchmarks/peers.py [--prompt-tokens 512] [--new-tokens 128] [--compile]
+
+Rows: qwenkit bf16, int8 and int4 (with --compile also int8/int4 with the compiled decode step:
+on our 2-core CPU it was slower than eager and took minutes to compile), transformers bf16, and llama.cpp on the GGUF file as it is (Q4_K_M) through llama-cpp-python when
+that is installed. Each row: prefill tok/s (512-token prompt, best of 3), time to first token,
+decode tok/s (128 greedy tokens, eos ignored), achieved GB/s, peak RSS; qwenkit rows add their
+decode and prefill ratios to each peer, compiled rows the compile warm-up. Goals (issue 5): int4
+decode >= 1.5x llama.cpp, int8 decode >= 1x llama.cpp, prefill >= 1.5x transformers bf16.
+Results go to benchmarks/results/peers-DATE.json.
+"""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engines import measure, report  # noqa: E402
+
+LLAMA_CPP_MISSING = ("llama.cpp: skipped, llama-cpp-python is not installed. `pip install llama-cpp-python` "
+                     "builds llama.cpp from source (a few minutes; CMAKE_ARGS=-DGGML_NATIVE=ON for this CPU).")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="add int8/int4 rows with the compiled decode step")
+    args = parser.parse_args()
+    n = (args.prompt_tokens, args.new_tokens)
+
+    ours = [("qwenkit bf16", None, False), ("qwenkit int8", "int8", False), ("qwenkit int4", "int4", False)]
+    if args.compile:
+        ours += [("qwenkit int8 compiled", "int8", True), ("qwenkit int4 compiled", "int4", True)]
+    rows = [{"name": name, **measure("qwenkit", "bfloat16", *n, quantize=q, compile=c)} for name, q, c in ours]
+    peers = [{"name": "transformers bf16", **measure("transformers", "bfloat16", *n)}]
+    if importlib.util.find_spec("llama_cpp") is None:
+        print(LLAMA_CPP_MISSING)
+    else:
+        peers.append({"name": "llama.cpp Q4_K_M", **measure("llama.cpp", "gguf", *n)})
+
+    columns = [("prefill_tok_s", "prefill tok/s", ".1f"), ("ttft_s", "TTFT s", ".3f"),
+               ("decode_tok_s", "decode tok/s", ".2f"), ("gb_per_s", "GB/s", ".1f"),
+               ("peak_rss_mib", "peak RSS MiB", ".0f"), ("compile_s", "compile s", ".1f")]
+    for peer, short in zip(peers, ("hf", "llama")):
+        if "error" in peer:
+            continue
+        for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+            column = f"{what}_vs_{short}"
+            columns.append((column, f"{what} /{short}", ".2f"))
+            for row in rows:
+                if "error" not in row:
+                    row[column] = row[key] / peer[key]
+    report("peers", rows + peers, columns, {}, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()
