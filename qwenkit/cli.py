@@ -18,6 +18,7 @@ EPILOG = """examples:
   qwenkit chat -m Qwen/Qwen2.5-7B-Instruct --adapter out/    chat with a LoRA adapter (peft format)
   qwenkit merge -m Qwen/Qwen2.5-7B-Instruct --adapter out/ --out merged/
   qwenkit quantize -m demo --bits 4 --method gptq --out demo-int4
+  qwenkit finetune -m demo --data conv.json --method lora --out out/
 
 -m/--model takes a local checkpoint directory, a .gguf file, a Hugging Face id, a ModelScope id
 (modelscope:owner/name) or demo."""
