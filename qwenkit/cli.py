@@ -24,12 +24,17 @@ EPILOG = """examples:
 (modelscope:owner/name) or demo."""
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", "-c", "--checkpoint-path", dest="model", default=None,
-                   help="checkpoint directory, .gguf file, hub id or 'demo' (default: demo when installed)")
+def add_model_args(p: argparse.ArgumentParser, quantize: bool = True,
+                   model_help: str = "checkpoint directory, .gguf file, hub id or 'demo' (default: demo when installed)",
+                   dtype_help: str = "float32, bfloat16, float16 or auto: the fastest accurate one for the device "
+                                     "(default)") -> None:
+    """-m, --device, --dtype and (unless the verb decides the quantization itself) --quantize."""
+    p.add_argument("-m", "--model", "-c", "--checkpoint-path", dest="model", default=None, help=model_help)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
-    p.add_argument("--dtype", default="auto",
-                   help="float32, bfloat16, float16 or auto: the fastest accurate one for the device (default)")
+    p.add_argument("--dtype", default="auto", help=dtype_help)
+    if not quantize:
+        p.set_defaults(quantize=None)
+        return
     p.add_argument("--quantize", choices=("int8", "int4", "gguf"), default=None,
                    help="weight-only quantization of each linear as it loads: int8; int4 (group 128, a GGUF's "
                         "4-bit blocks exactly) with an int8 lm_head; gguf: keep a .gguf file's own mix (4-bit "
@@ -233,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "source (available offline) unless --calib gives a file: plain text, or .json/"
                                 ".jsonl conversations in the fine-tuning formats, rendered with the chat "
                                 "template. Perplexity uses held-out standard-library files, never calibration text.")
-    p.add_argument("-m", "--model", "-c", "--checkpoint-path", dest="model", default=None,
-                   help="checkpoint directory, .gguf file, hub id or 'demo' (default: demo)")
+    add_model_args(p, quantize=False, dtype_help="float dtype of the unquantized tensors and activations "
+                                                 "(default auto: bfloat16 on CPUs with bf16 math)")
     p.add_argument("--out", required=True, help="directory to write (refused if it exists and is not empty)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="4: int4 per group; 8: int8 per channel")
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq",
@@ -247,9 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--lm-head-bits", choices=("8", "4", "float"), default="8",
                    help="the output head, rounded to nearest (default 8: the logits are where precision shows)")
-    p.add_argument("--dtype", default="auto", help="float dtype of the unquantized tensors and activations "
-                                                   "(default auto: bfloat16 on CPUs with bf16 math)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-eval", action="store_true", help="only quantize and save; skip the comparison table")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity (default 8192)")
@@ -260,15 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load -m MODEL, fold the LoRA adapter (peft format) into its weights and write "
                                      "a full checkpoint that -m OUT loads like any other. Adapted layers of a "
                                      "quantized base (a GPTQ checkpoint) are dequantized: they come out float.")
-    p.add_argument("-m", "--model", "-c", "--checkpoint-path", dest="model", default=None,
-                   help="the base model the adapter was trained on (default: demo)")
+    add_model_args(p, quantize=False, model_help="the base model the adapter was trained on (default: demo)",
+                   dtype_help="float32, bfloat16, float16 or auto (bfloat16 on CPUs with bf16 math): the dtype "
+                              "of the merged weights")
     p.add_argument("--adapter", metavar="DIR", required=True, help="the LoRA adapter directory")
     p.add_argument("--out", required=True, help="directory to write (refused if it exists and is not empty)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16 on CPUs "
-                                                   "with bf16 math): the dtype of the merged weights")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... or auto")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_merge, quantize=None)
+    p.set_defaults(func=cmd_merge)
 
     from .finetune import add_arguments as add_finetune_args, run as cmd_finetune
     p = verbs.add_parser("finetune", help="full, LoRA or Q-LoRA fine-tuning on conversations",

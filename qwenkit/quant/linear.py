@@ -89,12 +89,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        run = None
-        if x2d.shape[0] < self.gemm_min_rows and not (x.requires_grad and torch.is_grad_enabled()):
-            run = self._kernel_for(x)
+        training = x.requires_grad and torch.is_grad_enabled()  # through a frozen layer (Q-LoRA)
+        run = self._kernel_for(x) if x2d.shape[0] < self.gemm_min_rows and not training else None
         if run is not None:
             y = run(x2d)
-        elif x.requires_grad and torch.is_grad_enabled():  # training through a frozen layer (Q-LoRA)
+        elif training:
             y = _FrozenWeightLinear.apply(x2d, self)
         else:
             y = self._dequantized_linear(x2d)
