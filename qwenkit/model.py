@@ -79,25 +79,31 @@ class RotaryEmbedding(nn.Module):
         return self._inv_freq[key]
 
     def forward(self, positions: torch.Tensor, alphas: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, dim] in fp32; alphas [B] or None (all 1)."""
+        """positions [B, T] -> cos, sin [B, 1, T, dim] in fp32; alphas [B] or None (all 1).
+
+        `sin` carries rotate-half's signs (its first half negated), so that apply_rotary needs
+        one roll of x instead of slicing, negating and concatenating its halves.
+        """
         device = positions.device
         if alphas is None or bool((alphas == alphas[0]).all()):
             inv = self.inv_freq(1.0 if alphas is None else float(alphas[0]), device)[None]
         else:
             inv = torch.stack([self.inv_freq(float(a), device) for a in alphas.tolist()])
-        freqs = positions.float()[:, :, None] * inv[:, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos(), emb.sin()
+        freqs = (positions.float()[:, :, None] * inv[:, None, :])[:, None]
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, head_dim]; rotates the first cos.shape[-1] dims in fp32, passes the rest through."""
+    """x [B, H, T, head_dim]; rotates the first cos.shape[-1] dims in fp32, passes the rest through.
+
+    x·cos + rotate_half(x)·sin, with rotate_half(x)·sin written as roll(x)·sin_signed (RotaryEmbedding).
+    """
     rot_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
-    half = rot_dim // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = (x_rot * cos + rotated * sin).to(x.dtype)
-    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+    if rot_dim < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :rot_dim], cos, sin), x[..., rot_dim:]), dim=-1)
+    x32 = x.float()
+    return (x32 * cos + x32.roll(rot_dim // 2, -1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -130,9 +136,13 @@ class Attention(nn.Module):
 
         if cache is not None:
             k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            rows = torch.arange(B, device=x.device)[:, None]
-            k_cache[rows, :, input_pos] = k.transpose(1, 2)
-            v_cache[rows, :, input_pos] = v.transpose(1, 2)
+            if input_pos.dim() == 1:  # every row writes the same positions
+                k_cache.index_copy_(2, input_pos, k)
+                v_cache.index_copy_(2, input_pos, v)
+            else:
+                rows = torch.arange(B, device=x.device)[:, None]
+                k_cache[rows, :, input_pos] = k.transpose(1, 2)
+                v_cache[rows, :, input_pos] = v.transpose(1, 2)
             kv_len = T if mask is None else mask.shape[-1]
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
 
@@ -145,18 +155,22 @@ class Attention(nn.Module):
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row against its keys, as grouped matmuls with the softmax in fp32.
+    """One query per row against its keys, as grouped matmuls, all in fp32.
 
-    For a single query SDPA's CPU kernel costs ~0.3 ms a layer; this is ~6x faster. Matmuls stay in
-    the model dtype, as in SDPA, so bf16 greedy text matches transformers and llama.cpp.
+    For a single query SDPA's CPU kernel costs ~0.3 ms a layer in bf16; this is ~6x faster. fp32
+    because small bf16 matmuls are slower than converting the keys and values and multiplying in
+    fp32 (20 vs 50 us a layer at 100 positions); SDPA also accumulates bf16 products in fp32.
     q [B, H, 1, D], k/v [B, G, L, D] with H a multiple of G (query head h reads kv head h // (H/G)).
     """
     B, H, _, D = q.shape
     G = k.shape[1]
-    scores = (q.reshape(B, G, H // G, D) @ k.transpose(-1, -2)) * D ** -0.5
+    scores = q.float().reshape(B, G, H // G, D) @ k.float().transpose(-1, -2)
     if mask is not None:  # [B, 1, 1, L] broadcasts over the groups
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.float().softmax(-1).to(v.dtype) @ v).reshape(B, H, 1, D)
+    # The probabilities are rounded to the model dtype before meeting v, as SDPA's CPU kernel does:
+    # bf16 greedy text then matches transformers and llama.cpp (20/20 Fibonacci tokens, not 12).
+    probs = (scores * D ** -0.5).softmax(-1).to(q.dtype).float()
+    return (probs @ v.float()).to(q.dtype).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):
@@ -205,6 +219,8 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("a forward with a KVCache needs input_pos (the positions to write)")
             input_pos = torch.arange(T, device=tokens.device)
+        # Rows that share their positions (batch 1, prefill) write the cache with one index_copy_.
+        write_pos = input_pos if input_pos.dim() == 1 else input_pos[0] if B == 1 else input_pos
         input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
         if cache is not None and int(input_pos.max()) >= cache.max_len:
             raise ValueError(f"position {int(input_pos.max())} is past the KV cache length {cache.max_len}")
@@ -222,11 +238,12 @@ class Transformer(nn.Module):
         blocks = self.blocks
         if T == 1 and cache is not None and self.compiled_decode_blocks is not None:
             blocks = self.compiled_decode_blocks
-        return blocks(tokens, rope, mask, input_pos, cache, q_scale)
+        return blocks(tokens, rope, mask, write_pos, cache, q_scale)
 
     def blocks(self, tokens: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                input_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
-        """The tensor work of a forward, once positions, RoPE and the mask are known (no host syncs)."""
+        """The tensor work of a forward, once positions, RoPE and the mask are known (no host syncs).
+        `input_pos` is [T] when every row writes the same cache positions, else [B, T]."""
         x = self.embed_tokens(tokens)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
