@@ -28,10 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before scaling, as every Qwen generation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in fp32 and cast back before scaling, as every Qwen generation does
+        # (F.rms_norm computes x * rsqrt(mean(x²) + eps), the same arithmetic in one call).
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class KVCache:
@@ -124,9 +123,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 input_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = shared_input_linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -166,7 +166,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     G = k.shape[1]
     scores = q.float().reshape(B, G, H // G, D) @ k.float().transpose(-1, -2)
     if mask is not None:  # [B, 1, 1, L] broadcasts over the groups
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.where(mask, float("-inf"))
     # The probabilities are rounded to the model dtype before meeting v, as SDPA's CPU kernel does:
     # bf16 greedy text then matches transformers and llama.cpp (20/20 Fibonacci tokens, not 12).
     probs = (scores * D ** -0.5).softmax(-1).to(q.dtype).float()
@@ -181,7 +181,22 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def shared_input_linears(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+    """[linear(x) for each linear], for sibling projections of one input (q/k/v, gate/up).
+
+    Layers that offer `fused_with` (the quantized linears) may run all of them as one kernel:
+    at batch-1 decode one matrix-vector pass over the concatenated weights beats several.
+    """
+    fused = getattr(linears[0], "fused_with", None)
+    run = fused(linears[1:], x.reshape(-1, x.shape[-1])) if fused is not None else None
+    if run is None:
+        return [linear(x) for linear in linears]
+    y = run(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+    return list(y.split([linear.out_features for linear in linears], dim=-1))
 
 
 class Block(nn.Module):

@@ -1,6 +1,10 @@
 """Weight-only int8/int4: packing, the quantizers, the kernels against their dequantized reference,
 whole-model accuracy, the portable state dict and its round trip, load(quantize=...)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +139,43 @@ def test_new_weights_replace_the_prepared_kernel():
         assert rel_err(layer(x), reference(other, x)) < 1e-5
         layer.qweight = nn.Parameter(pack_int4(torch.zeros(64, 256, dtype=torch.uint8)), requires_grad=False)
         assert rel_err(layer(x), reference(layer, x)) < 1e-5
+
+
+
+def test_siblings_sharing_an_input_run_as_one_fused_kernel():
+    """q/k/v and gate/up as one int4 kernel: the same outputs as the layers run one by one, remade
+    when a layer's tensors change, and no fusing across layer kinds, group sizes or for many rows."""
+    from qwenkit.model import shared_input_linears
+
+    q, k, v = (Int4Linear.from_float(float_linear(n_out=n, seed=s), group_size=64)
+               for s, n in ((0, 64), (1, 32), (2, 32)))
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        alone = [layer(x) for layer in (q, k, v)]
+        fused = shared_input_linears(x, q, k, v)
+        assert q._fused is not None and q._fused[1] is not None  # the fused kernel ran
+        for a, b in zip(fused, alone):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+        k.load_state_dict(Int4Linear.from_float(float_linear(n_out=32, seed=7), group_size=64).state_dict())
+        assert torch.allclose(shared_input_linears(x, q, k, v)[1], k(x), atol=1e-5)
+
+        other_group = Int4Linear.from_float(float_linear(n_out=32, seed=2), group_size=32)
+        int8 = Int8Linear.from_float(float_linear(n_out=32, seed=2))
+        for sibling in (other_group, int8, float_linear(n_out=32, seed=2)):
+            outs = shared_input_linears(x, q, k, sibling)
+            assert q._fused[1] is None and torch.allclose(outs[2], sibling(x), atol=1e-6)
+        many_rows = torch.randn(1, q.gemm_min_rows, 256)
+        assert q.fused_with((k, v), many_rows.reshape(-1, 256)) is None  # the float GEMM path instead
+        assert torch.allclose(shared_input_linears(many_rows, q, k, v)[0], q(many_rows), atol=1e-5)
+
+
+def test_cpu_loads_keep_freed_memory_unless_turned_off():
+    code = "from qwenkit.allocator import keep_freed_memory as k; print(k(), k())"
+    for env, expected in (({}, "True True"), ({"QWENKIT_MALLOC_TUNING": "0"}, "False False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout.split("\n")[0]
+        assert out == expected
 
 
 VOCAB = 512

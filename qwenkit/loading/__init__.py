@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..allocator import keep_freed_memory
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..model import Model
@@ -84,6 +85,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     path = resolve_source(model)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # from here on: see qwenkit/allocator.py (prefill 1.3x on our CPU)
     if path.is_file():
         net, tokenizer = _load_gguf(path, dtype, device, quantize)
     else:

@@ -18,6 +18,7 @@ naive one-thread-per-output loop, slower than dequantizing, so int8 on CUDA save
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class QuantizedLinear(nn.Module):
 
     bits: int
     group_size: int | None = None
+    fusable = True  # whether siblings sharing an input may run as one kernel (fused_with)
     gemm_min_rows: int  # from this many rows of x on, dequantize + float GEMM beats the kernel
     # Weights dequantized at a time on the float path: a vocabulary-sized head (152k x 3584 in
     # Qwen2.5-7B) would otherwise need a transient float copy of gigabytes.
@@ -78,6 +80,8 @@ class QuantizedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._kernel: tuple[torch.dtype, Callable | None] | None = None  # activation dtype, fast kernel
+        self._generation = 0  # counts changes of the stored tensors; a fused kernel records them
+        self._fused: tuple[tuple, Callable | None] | None = None  # (what it was made from, kernel)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """The float weight [N, K] (or the given output rows of it) that the stored tensors stand for."""
@@ -89,8 +93,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
+        run = self._kernel_for(x) if self._wants_kernel(x2d) else None
         training = x.requires_grad and torch.is_grad_enabled()  # through a frozen layer (Q-LoRA)
-        run = self._kernel_for(x) if x2d.shape[0] < self.gemm_min_rows and not training else None
         if run is not None:
             y = run(x2d)
         elif training:
@@ -106,6 +110,38 @@ class QuantizedLinear(nn.Module):
                  for r in range(0, self.out_features, step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
+    def _wants_kernel(self, x2d: torch.Tensor) -> bool:
+        return x2d.shape[0] < self.gemm_min_rows and not (x2d.requires_grad and torch.is_grad_enabled())
+
+    def fused_with(self, others: tuple[nn.Module, ...], x: torch.Tensor) -> Callable | None:
+        """One kernel `x [M, K] -> [M, N + the others' N]` for this layer and `others`, siblings that
+        read the same input (q/k/v, gate/up): one matrix-vector pass instead of several. None when
+        they cannot fuse (another layer kind, group size, input order or bias presence) or when the
+        rows of x take the float path. Made from the stored tensors; remade when any of them change.
+        """
+        if not self.fusable or not self._wants_kernel(x):
+            return None
+        layers = (self, *others)
+        key = (x.dtype, x.device, layers, tuple(getattr(layer, "_generation", None) for layer in layers))
+        if self._fused is None or self._fused[0] != key:
+            merged = self._concatenated(layers)
+            self._fused = (key, None if merged is None else merged._kernel_for(x))
+        return self._fused[1]
+
+    def _concatenated(self, layers: tuple[nn.Module, ...]) -> QuantizedLinear | None:
+        """A layer computing all of `layers`' outputs in order, or None when they differ in kind."""
+        if any(type(layer) is not type(self) or layer.in_features != self.in_features
+               or layer.group_size != self.group_size or getattr(layer, "perm", None) is not None
+               or (layer.bias is None) != (self.bias is None) for layer in layers):
+            return None
+        merged = copy.copy(self)
+        merged._parameters = {name: None if value is None else
+                              _frozen(torch.cat([layer._parameters[name] for layer in layers]))
+                              for name, value in self._parameters.items()}
+        merged.out_features = sum(layer.out_features for layer in layers)
+        merged._kernel = merged._fused = None
+        return merged
+
     def _kernel_for(self, x: torch.Tensor) -> Callable | None:
         # Checked on every call, so kept to one attribute read and one comparison: the prepared
         # kernel is dropped instead whenever the tensors it was derived from change (below).
@@ -120,16 +156,21 @@ class QuantizedLinear(nn.Module):
     # load_state_dict, converted or moved by .to()/.half()/.cuda().
     def __setattr__(self, name, value):
         if isinstance(value, torch.Tensor):
-            self.__dict__["_kernel"] = None
+            self._changed()
         super().__setattr__(name, value)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel = None
+        self._changed()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._kernel = None
+        self._changed()
         return super()._apply(fn, recurse)
+
+    def _changed(self) -> None:
+        """Drop what was derived from the stored tensors (this layer's kernel, fused kernels)."""
+        self.__dict__["_kernel"] = self.__dict__["_fused"] = None
+        self.__dict__["_generation"] = self.__dict__.get("_generation", 0) + 1
 
     def _bias_in(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
@@ -170,6 +211,9 @@ class Int8Linear(QuantizedLinear):
 
     bits = 8
     gemm_min_rows = 48
+    # Its kernel reads the stored int8 weight itself: a fused kernel would hold a second copy of
+    # the weights for ~2% of a decode step.
+    fusable = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device=None):
