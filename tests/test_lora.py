@@ -258,3 +258,17 @@ def test_cli_merge_and_adapter(base, tmp_path, capsys):
     assert main(["generate", *args, "--prompt", "0", "--max-new-tokens", "2", "--temperature", "0"]) == 0
     assert main(["generate", "-m", str(path), "--adapter", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_lora_dropout_drops_at_its_rate_and_keeps_the_mean():
+    from qwenkit.train.lora import LoRADropout
+
+    dropout = LoRADropout(0.05)
+    x = torch.ones(400, 1000)
+    torch.manual_seed(0)
+    y = dropout(x)
+    assert abs(float((y == 0).float().mean()) - 0.05) < 0.002
+    assert abs(float(y.mean()) - 1) < 0.01 and float(y.max()) == pytest.approx(1 / (1 - 1638 / 32768))
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # the global seed reproduces it
+    assert dropout.eval()(x) is x
