@@ -305,11 +305,16 @@ class Model(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """`last_only` computes logits for the final position only (prefill needs no more)."""
+                cache: KVCache | None = None, *, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """`last_only` computes logits for the final position only (prefill needs no more).
+        `logits_at`, a boolean [B, T], computes them only where it is true, as [n, vocab]: training
+        needs the positions that predict a label, and the head is a quarter of a small model's work."""
         hidden = self.model(tokens, input_pos, cache)
         if last_only:  # 2-D input: a [B, 1, D] slice of a longer sequence makes matmul copy the head
             return self.lm_head(hidden[:, -1]).unsqueeze(1)
+        if logits_at is not None:
+            return self.lm_head(hidden[logits_at])
         return self.lm_head(hidden)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:

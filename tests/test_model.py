@@ -158,12 +158,14 @@ def test_cache_rows_at_different_positions(tmp_path):
         assert_close(step[1, -1], ours(b)[0, -1])
 
 
-def test_last_only_and_cache_overflow(tmp_path):
+def test_last_only_logits_at_and_cache_overflow(tmp_path):
     ref = hf_qwen2(tie=True)
     ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
     x = tokens(n=10)
     with torch.no_grad():
         assert_close(ours(x, last_only=True)[:, 0], ours(x)[:, -1])
+        at = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+        assert_close(ours(x, logits_at=at), ours(x)[at])
         with pytest.raises(ValueError, match="past the KV cache length 8"):
             ours(x, torch.arange(10), ours.new_cache(batch_size=2, max_len=8))
 

@@ -127,6 +127,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+def predicting_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, T] of the positions whose next token is a label, those labels [n]): lm_loss over
+    logits computed only there (Model's `logits_at`) is `F.cross_entropy(logits.float(), targets)`."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return F.pad(mask, (0, 1)), targets[mask]
+
+
 # ----------------------------------------------------------------------------- reading files
 
 _SPACE = re.compile(r"[ \t\r\n]*")

@@ -87,8 +87,8 @@ class SingleProcess:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+    def forward(self, input_ids: torch.Tensor, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, logits_at=logits_at)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         loss.backward()
@@ -260,8 +260,8 @@ class DeepSpeed(SingleProcess):
             lr_scheduler=scheduler, config=self.config)
         self.model = self.engine.module
 
-    def forward(self, input_ids):
-        return self.engine(input_ids)
+    def forward(self, input_ids, logits_at=None):
+        return self.engine(input_ids, logits_at=logits_at)
 
     def backward(self, loss, last_micro_batch):
         # The trainer already divides the loss over the step's tokens; DeepSpeed must not divide again.

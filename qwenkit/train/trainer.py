@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QwenkitError
@@ -45,7 +46,7 @@ from .checkpoint import (
     set_rng_state,
     write_atomically,
 )
-from .data import IGNORE_INDEX, Example, collate, lm_loss
+from .data import IGNORE_INDEX, Example, collate, predicting_positions
 from .distributed import SingleProcess
 
 HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s")
@@ -171,9 +172,11 @@ class Trainer:
         world, loss_sum = self.backend.world_size, torch.zeros((), dtype=torch.float64)
         for i, (batch, count) in enumerate(zip(batches, counts)):
             ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            at, targets = predicting_positions(labels)
             with self.autocast():
-                logits = self.backend.forward(ids)
-            mean = lm_loss(logits, labels) if count else logits.sum() * 0  # a batch with no labels adds nothing
+                logits = self.backend.forward(ids, at)
+            # A batch with no labels adds nothing (but still runs, for FSDP's collectives).
+            mean = F.cross_entropy(logits.float(), targets) if count else logits.sum() * 0
             # Gradients are averaged over processes, hence * world: the sum over every token / all tokens.
             self.backend.backward(mean * (count * world / max(label_tokens, 1)), i == len(batches) - 1)
             loss_sum += float(mean.detach()) * count
@@ -195,11 +198,12 @@ class Trainer:
             chunk = mine[j:j + bs]
             batch = collate(chunk or self.eval_examples[:1], self.pad_id)
             ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            at, targets = predicting_positions(labels)
             with self.autocast():
-                logits = self.backend.forward(ids)
-            count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            if chunk and count:
-                sums += torch.tensor([float(lm_loss(logits, labels)) * count, count], dtype=torch.float64)
+                logits = self.backend.forward(ids, at)
+            if chunk and len(targets):
+                loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+                sums += torch.tensor([float(loss), len(targets)], dtype=torch.float64)
         self.model.train()
         total, count = self.backend.all_reduce(sums).tolist()
         return total / count if count else None
