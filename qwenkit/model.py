@@ -123,14 +123,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 input_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = shared_input_linears(x, self.q_proj, self.k_proj, self.v_proj)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        H, G = self.num_heads, self.num_kv_heads
+        qkv = shared_input_linears(x, self.q_proj, self.k_proj, self.v_proj, concatenated=True)
+        qkv = qkv.view(B, T, H + 2 * G, self.head_dim).transpose(1, 2)  # [B, heads, T, head_dim]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk = torch.cat((self.q_norm(qkv[:, :H]), self.k_norm(qkv[:, H:H + G])), dim=1)
+        else:
+            qk = qkv[:, :H + G]
+        q, k = apply_rotary(qk, *rope).split((H, G), dim=1)  # one rotation for the queries and keys
+        v = qkv[:, H + G:]
         if q_scale is not None:  # Qwen v1 LogN: queries past the training length are sharpened
             q = q * q_scale.to(q.dtype)
 
@@ -185,18 +186,21 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def shared_input_linears(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
-    """[linear(x) for each linear], for sibling projections of one input (q/k/v, gate/up).
+def shared_input_linears(x: torch.Tensor, *linears: nn.Module, concatenated: bool = False):
+    """[linear(x) for each linear], for sibling projections of one input (q/k/v, gate/up); with
+    `concatenated`, those outputs as one tensor along the last dimension.
 
     Layers that offer `fused_with` (the quantized linears) may run all of them as one kernel:
-    at batch-1 decode one matrix-vector pass over the concatenated weights beats several.
+    at batch-1 decode one matrix-vector pass over the concatenated weights beats several, and
+    its output is the concatenated tensor already.
     """
     fused = getattr(linears[0], "fused_with", None)
     run = fused(linears[1:], x.reshape(-1, x.shape[-1])) if fused is not None else None
     if run is None:
-        return [linear(x) for linear in linears]
+        outputs = [linear(x) for linear in linears]
+        return torch.cat(outputs, dim=-1) if concatenated else outputs
     y = run(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
-    return list(y.split([linear.out_features for linear in linears], dim=-1))
+    return y if concatenated else list(y.split([linear.out_features for linear in linears], dim=-1))
 
 
 class Block(nn.Module):
