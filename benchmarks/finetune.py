@@ -5,7 +5,7 @@ next to transformers + peft on the same tokens and settings, each run in its own
 
 Settings shared by both engines: the same examples (conversations rendered and masked by
 qwenkit.train.load_dataset, every one truncated to --seq-len tokens), batch --batch-size, no
-gradient accumulation or checkpointing, AdamW (β2 0.95, weight decay 0.1, the method's lr), clipping
+gradient accumulation or checkpointing, fused AdamW (β2 0.95, weight decay 0.1, the method's lr), clipping
 at 1.0, bf16 autocast; LoRA r 64, alpha 16, dropout 0.05 on every linear (peft's all-linear).
 Frozen bases are bf16 (LoRA), 4-bit (Q-LoRA: qwenkit int4 group 128 with an int8 head; transformers
 bitsandbytes NF4, the seed's recipe on GPUs, when bitsandbytes is installed), trained weights float32.
@@ -124,7 +124,8 @@ def run_transformers(method: str, steps: int, batch_size: int, seq_len: int) -> 
     decay = [p for p in params if p.ndim >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=LR[method], betas=(0.9, 0.95), eps=1e-8)
+                                  lr=LR[method], betas=(0.9, 0.95), eps=1e-8,
+                                  fused=True)  # the Trainer's default (adamw_torch_fused) with torch >= 2.8
     losses, times = [], []
     for step in range(steps + 1):
         begin = time.perf_counter()
