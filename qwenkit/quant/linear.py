@@ -14,6 +14,11 @@ The kernels are matrix-vector loops whose cost grows linearly with the rows of x
 do the work: 2x faster at 512 rows on our CPU. The same dequantize-and-matmul path covers devices
 and shapes without a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a
 naive one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
+
+Siblings that read the same input (q/k/v, gate/up) can run as one int4 kernel over their
+concatenated weights (`fused_with`, called by the model's `shared_input_linears`): at batch-1
+decode that is one matrix-vector pass instead of three, and the fused packed copy replaces the
+per-layer ones rather than adding to them.
 """
 
 from __future__ import annotations
