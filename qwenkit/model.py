@@ -54,9 +54,15 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows [start, stop): writes through it land in this cache."""
+        return self._view(self.k[:, start:stop], self.v[:, start:stop], self.ntk_alpha[start:stop])
+
+    def prefix(self, length: int) -> "KVCache":
+        """A view of the first `length` positions of every row: what a forward attends to."""
+        return self._view(self.k[:, :, :, :length], self.v[:, :, :, :length], self.ntk_alpha)
+
+    def _view(self, k: torch.Tensor, v: torch.Tensor, ntk_alpha: torch.Tensor) -> "KVCache":
         view = object.__new__(KVCache)
-        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        view.ntk_alpha, view.max_len = self.ntk_alpha[start:stop], self.max_len
+        view.k, view.v, view.ntk_alpha, view.max_len = k, v, ntk_alpha, self.max_len
         return view
 
 
@@ -144,8 +150,7 @@ class Attention(nn.Module):
                 rows = torch.arange(B, device=x.device)[:, None]
                 k_cache[rows, :, input_pos] = k.transpose(1, 2)
                 v_cache[rows, :, input_pos] = v.transpose(1, 2)
-            kv_len = T if mask is None else mask.shape[-1]
-            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            k, v = k_cache, v_cache  # the forward passes the cache's prefix that it attends to
 
         if T == 1:
             y = decode_attention(q, k, v, mask)
@@ -248,11 +253,13 @@ class Transformer(nn.Module):
         rope = self.rotary(input_pos, alphas)
         q_scale = self._logn_scale(input_pos)
         mask = None
-        kv_len = int(input_pos.max()) + 1
-        if cache is not None and kv_len > T:
-            # Each query sees the cached keys at positions <= its own. (A prefill from position 0
-            # has kv_len == T and takes SDPA's faster causal path instead.)
-            mask = torch.arange(kv_len, device=tokens.device) <= input_pos[:, None, :, None]
+        if cache is not None:
+            kv_len = int(input_pos.max()) + 1
+            cache = cache.prefix(kv_len)
+            if kv_len > T and (B > 1 or T > 1):
+                # Each query sees the cached keys at positions <= its own. (A prefill from position
+                # 0 has kv_len == T and takes SDPA's causal path; one row's one query sees them all.)
+                mask = torch.arange(kv_len, device=tokens.device) <= input_pos[:, None, :, None]
 
         blocks = self.blocks
         if T == 1 and cache is not None and self.compiled_decode_blocks is not None:
