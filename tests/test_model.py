@@ -228,3 +228,25 @@ def test_ntk_alpha_fixed_at_prefill(v1_short):
         # Per-row alpha: rows prefilled with different lengths keep their own alpha.
         model(x[:1, :10], torch.arange(10), cache.rows(0, 1))
         assert cache.ntk_alpha.tolist() == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("rotary_dim", [32, 16])
+def test_rotary_matches_the_rotate_half_formula(rotary_dim):
+    """x·cos + rotate_half(x)·sin on the first rotary_dim dims of each head (Qwen v1 may rotate a
+    prefix), the rest passed through; computed in fp32 and returned in x's dtype."""
+    from qwenkit.config import ModelConfig
+    from qwenkit.model import RotaryEmbedding, apply_rotary
+
+    config = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=2, head_dim=32, rotary_dim=rotary_dim)
+    positions = torch.tensor([[0, 5, 300], [7, 8, 9]])
+    x = torch.randn(2, 3, 3, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ours = apply_rotary(x, *RotaryEmbedding(config)(positions, None))
+
+    inv = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    angles = torch.cat([positions.float()[..., None] * inv] * 2, dim=-1)[:, None]  # [B, 1, T, rot]
+    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotate_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    expected = torch.cat(((rot * angles.cos() + rotate_half * angles.sin()).to(x.dtype), rest), dim=-1)
+    assert ours.dtype == x.dtype and torch.equal(ours, expected)
