@@ -160,23 +160,31 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row against its keys, as grouped matmuls, all in fp32.
+# Cached keys and values (per row) up to which CPU decode attention multiplies in fp32; see below.
+FP32_DECODE_ATTENTION_MAX = 1 << 21
 
-    For a single query SDPA's CPU kernel costs ~0.3 ms a layer in bf16; this is ~6x faster. fp32
-    because small bf16 matmuls are slower than converting the keys and values and multiplying in
-    fp32 (20 vs 50 us a layer at 100 positions); SDPA also accumulates bf16 products in fp32.
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row against its keys, as grouped matmuls with the softmax in fp32.
+
+    For a single query SDPA's CPU kernel costs ~0.3 ms a layer in bf16; this is ~6x faster. On the
+    CPU, small bf16 matmuls cost more than converting k and v and multiplying in fp32 (20 vs 50 us a
+    layer of the demo at 100 positions), until the conversion's memory traffic dominates (a Qwen-7B
+    layer at 4096 positions: 44 vs 29 ms): fp32 up to FP32_DECODE_ATTENTION_MAX cached values.
+    GPUs multiply in the model dtype. Either way the probabilities are rounded to the model dtype
+    before meeting v, as SDPA's CPU kernel does: bf16 greedy text then matches transformers and
+    llama.cpp (20/20 Fibonacci tokens; 12 without that rounding).
     q [B, H, 1, D], k/v [B, G, L, D] with H a multiple of G (query head h reads kv head h // (H/G)).
     """
     B, H, _, D = q.shape
     G = k.shape[1]
-    scores = q.float().reshape(B, G, H // G, D) @ k.float().transpose(-1, -2)
+    small = q.device.type == "cpu" and k[0].numel() <= FP32_DECODE_ATTENTION_MAX
+    compute = torch.float32 if small else q.dtype
+    scores = (q.to(compute).reshape(B, G, H // G, D) @ k.to(compute).transpose(-1, -2)).float()
     if mask is not None:  # [B, 1, 1, L] broadcasts over the groups
         scores = scores.where(mask, float("-inf"))
-    # The probabilities are rounded to the model dtype before meeting v, as SDPA's CPU kernel does:
-    # bf16 greedy text then matches transformers and llama.cpp (20/20 Fibonacci tokens, not 12).
-    probs = (scores * D ** -0.5).softmax(-1).to(q.dtype).float()
-    return (probs @ v.float()).to(q.dtype).reshape(B, H, 1, D)
+    probs = (scores * D ** -0.5).softmax(-1).to(q.dtype)
+    return (probs.to(compute) @ v.to(compute)).to(q.dtype).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):

@@ -250,3 +250,19 @@ def test_rotary_matches_the_rotate_half_formula(rotary_dim):
     rotate_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
     expected = torch.cat(((rot * angles.cos() + rotate_half * angles.sin()).to(x.dtype), rest), dim=-1)
     assert ours.dtype == x.dtype and torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("fp32_max", [1 << 21, 0])  # the CPU's fp32 matmuls, and the model-dtype ones
+def test_decode_attention_matches_sdpa(monkeypatch, fp32_max):
+    import torch.nn.functional as F
+
+    import qwenkit.model as M
+
+    monkeypatch.setattr(M, "FP32_DECODE_ATTENTION_MAX", fp32_max)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 1, 16, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, 40, 16, generator=gen).bfloat16() for _ in range(2))
+    mask = torch.arange(40) <= torch.tensor([39, 25])[:, None, None, None]  # row 1 sees 26 positions
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    out = M.decode_attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.02
