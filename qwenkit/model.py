@@ -178,7 +178,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     B, H, _, D = q.shape
     G = k.shape[1]
-    small = q.device.type == "cpu" and k[0].numel() <= FP32_DECODE_ATTENTION_MAX
+    small = q.device.type == "cpu" and G * k.shape[2] * D <= FP32_DECODE_ATTENTION_MAX
     compute = torch.float32 if small else q.dtype
     scores = (q.to(compute).reshape(B, G, H // G, D) @ k.to(compute).transpose(-1, -2)).float()
     if mask is not None:  # [B, 1, 1, L] broadcasts over the groups
