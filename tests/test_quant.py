@@ -141,7 +141,6 @@ def test_new_weights_replace_the_prepared_kernel():
         assert rel_err(layer(x), reference(layer, x)) < 1e-5
 
 
-
 def test_siblings_sharing_an_input_run_as_one_fused_kernel():
     """q/k/v and gate/up as one int4 kernel: the same outputs as the layers run one by one, remade
     when a layer's tensors change, and no fusing across layer kinds, group sizes or for many rows."""
@@ -170,7 +169,7 @@ def test_siblings_sharing_an_input_run_as_one_fused_kernel():
         assert torch.allclose(shared_input_linears(many_rows, q, k, v)[0], q(many_rows), atol=1e-5)
 
 
-def test_cpu_loads_keep_freed_memory_unless_turned_off():
+def test_glibc_keeps_freed_memory_unless_turned_off():
     code = "from qwenkit.allocator import keep_freed_memory as k; print(k(), k())"
     for env, expected in (({}, "True True"), ({"QWENKIT_MALLOC_TUNING": "0"}, "False False")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
