@@ -208,11 +208,12 @@ def shared_input_linears(x: torch.Tensor, *linears: nn.Module, concatenated: boo
     its output is the concatenated tensor already.
     """
     fused = getattr(linears[0], "fused_with", None)
-    run = fused(linears[1:], x.reshape(-1, x.shape[-1])) if fused is not None else None
+    x2d = x.reshape(-1, x.shape[-1])
+    run = fused(linears[1:], x2d) if fused is not None else None
     if run is None:
         outputs = [linear(x) for linear in linears]
         return torch.cat(outputs, dim=-1) if concatenated else outputs
-    y = run(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+    y = run(x2d).view(*x.shape[:-1], -1)
     return y if concatenated else list(y.split([linear.out_features for linear in linears], dim=-1))
 
 

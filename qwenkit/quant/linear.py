@@ -99,10 +99,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         run = self._kernel_for(x) if self._wants_kernel(x2d) else None
-        training = x.requires_grad and torch.is_grad_enabled()  # through a frozen layer (Q-LoRA)
         if run is not None:
             y = run(x2d)
-        elif training:
+        elif x.requires_grad and torch.is_grad_enabled():  # through a frozen layer (Q-LoRA)
             y = _FrozenWeightLinear.apply(x2d, self)
         else:
             y = self._dequantized_linear(x2d)

@@ -46,7 +46,7 @@ from .checkpoint import (
     set_rng_state,
     write_atomically,
 )
-from .data import IGNORE_INDEX, Example, collate, predicting_positions
+from .data import Example, collate, predicting_positions
 from .distributed import SingleProcess
 
 HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s")
@@ -165,14 +165,14 @@ class Trainer:
     def train_step(self, micro_batches: list[list[Example]]) -> tuple[float, int]:
         """One optimizer step; returns (mean loss over its label tokens, input tokens), over all processes."""
         batches = [collate(mb, self.pad_id) for mb in micro_batches]
-        counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        predicted = [predicting_positions(b["labels"]) for b in batches]  # (positions, their labels)
+        counts = [len(targets) for _, targets in predicted]
         totals = torch.tensor([sum(counts), sum(len(e.input_ids) for mb in micro_batches for e in mb)],
                               dtype=torch.float64)
         label_tokens, tokens = self.backend.all_reduce(totals).tolist()
         world, loss_sum = self.backend.world_size, torch.zeros((), dtype=torch.float64)
-        for i, (batch, count) in enumerate(zip(batches, counts)):
-            ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-            at, targets = predicting_positions(labels)
+        for i, (batch, (at, targets), count) in enumerate(zip(batches, predicted, counts)):
+            ids, at, targets = batch["input_ids"].to(self.device), at.to(self.device), targets.to(self.device)
             with self.autocast():
                 logits = self.backend.forward(ids, at)
             # A batch with no labels adds nothing (but still runs, for FSDP's collectives).
