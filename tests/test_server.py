@@ -560,6 +560,14 @@ def test_cli_flags_and_environment(monkeypatch, capsys):
                  "QWENKIT_MAX_QUEUE", "QWENKIT_CTX", "QWENKIT_CORS_ORIGINS", "QWENKIT_SERVED_MODEL_NAME",
                  "QWENKIT_MODEL", "QWENKIT_DEVICE", "QWENKIT_DTYPE"):
         assert name in text.replace("\n", " ").replace("  ", "")
+    # A flag's variable reads as on/off, not as a non-empty (always true) string.
+    for value, expected in (("1", True), ("true", True), ("0", False), ("off", False)):
+        monkeypatch.setenv("QWENKIT_NO_CUDA_GRAPHS", value)
+        assert build_parser().parse_args(["serve"]).no_cuda_graphs is expected
+    monkeypatch.setenv("QWENKIT_COMPILE", "maybe")
+    with pytest.raises(SystemExit):
+        build_parser()
+    assert "QWENKIT_COMPILE='maybe'" in capsys.readouterr().err
     assert [served_name(m) for m in (None, "demo", "Qwen/Qwen2.5-7B-Instruct", "x/model.gguf", "ckpt/")] == [
         "qwenkit", "demo", "Qwen2.5-7B-Instruct", "model", "ckpt"]
 
