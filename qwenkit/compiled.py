@@ -12,8 +12,9 @@ by one eager step first and then called from the compiled code as they are (exte
 greedy text is the same as eager's.
 
 Measure before relying on it: on our 2-core CPU (shared, loaded) the compile took 7 minutes and the
-compiled int4 step was slower than eager (11 vs 15 tok/s, one thread, same process), so it stays
-opt-in. Sizes that change between steps (cached positions, batch rows, each Decoder's cache length)
+compiled int4 step was slower than eager (11 vs 15 tok/s, one thread, same process); on an H100
+(with CUDA graphs of it) it took 70-90 s and ran at 85 tok/s against 120 for graphs of the eager
+step, its code copying the KV-cache views it writes. So it stays opt-in. Sizes that change between steps (cached positions, batch rows, each Decoder's cache length)
 are compiled as symbols, so one warm-up covers them: batch 1, plus a batch of several rows for a
 server.
 """
@@ -29,14 +30,17 @@ from torch.fx.experimental import _config as fx_config
 from .model import Model
 
 
-def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper: bool = True) -> float:
+def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper: bool | None = None) -> float:
     """Compile `model`'s one-token decode step and warm it up for each batch size; returns the seconds
-    it took. Idempotent: a model already compiled returns 0."""
+    it took. Idempotent: a model already compiled returns 0. `cpp_wrapper` (default: on the CPU) calls
+    the compiled kernels from C++ rather than Python; on a GPU the CUDA graphs replay them anyway."""
     net = model.model
     if net.compiled_decode_blocks is not None:
         return 0.0
     start = time.perf_counter()
     _warm_up(model, 1)  # eager: quantized linears prepare their kernels outside the trace
+    if cpp_wrapper is None:
+        cpp_wrapper = model.device.type == "cpu"
     compiled = torch.compile(net.blocks, dynamic=True, options={"cpp_wrapper": cpp_wrapper})
 
     def blocks(*args):
@@ -56,6 +60,8 @@ def _warm_up(model: Model, batch: int) -> None:
     on a cache made and viewed as Decoder makes and views its own (guards check how tensors were made)."""
     cache = model.new_cache(batch, 37)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+    # With CUDA graphs on, these steps go through them: the compiled step is then traced as the
+    # graphs call it (a mask over the attended length), and later lengths need no recompile.
     with torch.inference_mode():
         for pos in (21, 22):
             model(tokens, torch.full((batch, 1), pos, device=model.device), cache.rows(0, batch))

@@ -47,6 +47,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
         self.max_len = max_len
+        # What a decode runner keeps for this cache's memory (CUDA graphs that read and write it);
+        # shared by its views, gone with the cache.
+        self.captured: dict = {}
 
     @property
     def batch_size(self) -> int:
@@ -62,7 +65,7 @@ class KVCache:
 
     def _view(self, k: torch.Tensor, v: torch.Tensor, ntk_alpha: torch.Tensor) -> "KVCache":
         view = object.__new__(KVCache)
-        view.k, view.v, view.ntk_alpha, view.max_len = k, v, ntk_alpha, self.max_len
+        view.k, view.v, view.ntk_alpha, view.max_len, view.captured = k, v, ntk_alpha, self.max_len, self.captured
         return view
 
 
@@ -165,20 +168,25 @@ FP32_DECODE_ATTENTION_MAX = 1 << 21
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row against its keys, as grouped matmuls with the softmax in fp32.
+    """One query per row against its keys: on the CPU as grouped matmuls with the softmax in fp32.
 
     For a single query SDPA's CPU kernel costs ~0.3 ms a layer in bf16; this is ~6x faster. On the
     CPU, small bf16 matmuls cost more than converting k and v and multiplying in fp32 (20 vs 50 us a
     layer of the demo at 100 positions), until the conversion's memory traffic dominates (a Qwen-7B
     layer at 4096 positions: 44 vs 29 ms): fp32 up to FP32_DECODE_ATTENTION_MAX cached values.
-    GPUs multiply in the model dtype. Either way the probabilities are rounded to the model dtype
-    before meeting v, as SDPA's CPU kernel does: bf16 greedy text then matches transformers and
-    llama.cpp (20/20 Fibonacci tokens; 12 without that rounding).
+    The probabilities are rounded to the model dtype before meeting v, as SDPA's CPU kernel does:
+    bf16 greedy text then matches transformers and llama.cpp (20/20 Fibonacci tokens; 12 without
+    that rounding). GPUs call SDPA (below), whose fused kernels round them so too.
     q [B, H, 1, D], k/v [B, G, L, D] with H a multiple of G (query head h reads kv head h // (H/G)).
     """
     B, H, _, D = q.shape
     G = k.shape[1]
-    small = q.device.type == "cpu" and G * k.shape[2] * D <= FP32_DECODE_ATTENTION_MAX
+    if q.device.type != "cpu":
+        # GPUs: each kv head's H/G queries as one SDPA call's query rows, so grouped-query models
+        # need no expanded k/v; one fused kernel instead of the eight below.
+        y = F.scaled_dot_product_attention(q.reshape(B, G, H // G, D), k, v, attn_mask=mask)
+        return y.reshape(B, H, 1, D)
+    small = G * k.shape[2] * D <= FP32_DECODE_ATTENTION_MAX
     compute = torch.float32 if small else q.dtype
     scores = (q.to(compute).reshape(B, G, H // G, D) @ k.to(compute).transpose(-1, -2)).float()
     if mask is not None:  # [B, 1, 1, L] broadcasts over the groups
@@ -244,6 +252,9 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         # qwenkit.compile_decode sets a compiled `blocks` here for one-token steps with a cache.
         self.compiled_decode_blocks = None
+        # qwenkit.cuda_graphs sets a runner here that replays one-token steps with a cache as CUDA
+        # graphs; it returns None for a step it does not take, which then runs as below.
+        self.decode_runner = None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -255,15 +266,20 @@ class Transformer(nn.Module):
         # Rows that share their positions (batch 1, prefill) write the cache with one index_copy_.
         write_pos = input_pos if input_pos.dim() == 1 else input_pos[0] if B == 1 else input_pos
         input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
-        if cache is not None and int(input_pos.max()) >= cache.max_len:
-            raise ValueError(f"position {int(input_pos.max())} is past the KV cache length {cache.max_len}")
+        if cache is not None:
+            kv_len = int(input_pos.max()) + 1  # the cached positions this forward attends to
+            if kv_len > cache.max_len:
+                raise ValueError(f"position {kv_len - 1} is past the KV cache length {cache.max_len}")
 
         alphas = self._ntk_alphas(input_pos, cache)
         rope = self.rotary(input_pos, alphas)
         q_scale = self._logn_scale(input_pos)
         mask = None
         if cache is not None:
-            kv_len = int(input_pos.max()) + 1
+            if T == 1 and self.decode_runner is not None:
+                hidden = self.decode_runner(tokens, rope, input_pos, write_pos, cache, kv_len, q_scale)
+                if hidden is not None:
+                    return hidden
             cache = cache.prefix(kv_len)
             if kv_len > T and (B > 1 or T > 1):
                 # Each query sees the cached keys at positions <= its own. (A prefill from position

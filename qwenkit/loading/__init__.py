@@ -60,7 +60,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
          quantize: str | None = None, adapter: str | Path | None = None,
-         compile: bool = False) -> tuple[Model, Tokenizer]:
+         compile: bool = False, cuda_graphs: bool = True) -> tuple[Model, Tokenizer]:
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
     `quantize`: None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it is
@@ -74,6 +74,9 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
 
     `compile`: torch.compile the one-token decode step now (qwenkit.compile_decode: a one-off
     warm-up; see qwenkit/compiled.py for when it pays).
+
+    `cuda_graphs`: on a CUDA device, replay one-token decode steps as CUDA graphs (qwenkit/cuda_graphs.py):
+    several times faster at batch 1 than launching each step's kernels from Python.
     """
     from ..quant.on_load import QUANTIZE_MODES
 
@@ -109,6 +112,9 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     if adapter is not None:
         from ..train.lora import load_adapter, merge_lora
         merge_lora(load_adapter(net, adapter), quantized=False)
+    if device.type == "cuda" and cuda_graphs:
+        from ..cuda_graphs import use_cuda_graphs
+        use_cuda_graphs(net)
     if compile:
         from ..compiled import compile_decode
         compile_decode(net)

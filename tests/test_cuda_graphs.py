@@ -1,0 +1,93 @@
+"""CUDA graphs of the decode step: the replayed steps compute what the eager steps do, for batch 1
+and batched rows at different positions, across attended-length steps, with the int4 kernel inside.
+
+The graph tests need a GPU (CI has none; they ran on an H100 with benchmarks/gpu.py's session);
+on the CPU the runner must step aside and change nothing."""
+
+import pytest
+import torch
+
+import qwenkit
+from qwenkit.config import ModelConfig
+from qwenkit.cuda_graphs import LENGTH_STEP, use_cuda_graphs
+from qwenkit.model import Model
+from qwenkit.quant import quantize_model
+from qwenkit.tokenizer import Tokenizer
+
+from .conftest import qwen_tiktoken_path, randomize
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_model(device, dtype=torch.float32, int4=False) -> Model:
+    config = ModelConfig(arch="qwen2", vocab_size=151936, hidden_size=128, intermediate_size=256, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=1024)
+    model = randomize(Model(config), seed=5, scale=0.3).eval()
+    model.generation_config = {}
+    if int4:  # int4 blocks (group 32), int8 head: the quantized kernels run inside the graph
+        quantize_model(model, bits=4, group_size=32)
+    return model.to(device=device, dtype=dtype)
+
+
+def decode_logits(model, lengths, steps):
+    """Prefill rows of the given lengths, then `steps` one-token steps of all rows together, each
+    fed random tokens (not its argmax: a bf16 near-tie could flip and send the runs apart)."""
+    gen = torch.Generator().manual_seed(len(lengths))
+    cache = model.new_cache(len(lengths), max(lengths) + steps + 1)
+    out = []
+    with torch.inference_mode():
+        for row, n in enumerate(lengths):
+            ids = torch.randint(0, 5000, (1, n), generator=gen).to(model.device)
+            model(ids, torch.arange(n, device=model.device), cache.rows(row, row + 1))
+        pos = torch.tensor(lengths, device=model.device)[:, None]
+        for _ in range(steps):
+            tokens = torch.randint(0, 5000, (len(lengths), 1), generator=gen).to(model.device)
+            out.append(model(tokens, pos if len(lengths) > 1 else pos[0], cache).float())
+            pos = pos + 1
+    return torch.cat(out, dim=1), cache
+
+
+def eager_and_graphed(model, fn):
+    use_cuda_graphs(model, False)
+    eager = fn()
+    use_cuda_graphs(model)
+    try:
+        return eager, fn()
+    finally:
+        use_cuda_graphs(model, False)
+
+
+def test_runner_steps_aside_on_the_cpu():
+    model = tiny_model("cpu")
+    (eager, _), (graphed, cache) = eager_and_graphed(model, lambda: decode_logits(model, [7], 4))
+    assert torch.equal(graphed, eager) and not cache.captured
+
+
+@cuda
+@pytest.mark.parametrize("dtype,int4", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("lengths", [[5], [LENGTH_STEP - 3], [5, 40, 17]])
+def test_replayed_steps_match_eager(dtype, int4, lengths):
+    model = tiny_model("cuda", dtype, int4)
+    steps = 8
+    (eager, _), (graphed, cache) = eager_and_graphed(model, lambda: decode_logits(model, lengths, steps))
+    # The graph attends to a whole LENGTH_STEP of positions, the later ones masked: the same sums
+    # in another order, so equal to rounding.
+    tolerance = (1e-4 if dtype == torch.float32 else 2e-2) * eager.abs().max()
+    assert torch.allclose(graphed, eager, atol=tolerance, rtol=0)
+    if dtype == torch.float32:  # the CUDA path itself (SDPA prefill and decode) against the CPU's
+        reference, _ = decode_logits(tiny_model("cpu"), lengths, steps)
+        assert torch.allclose(eager.cpu(), reference, atol=1e-3 * reference.abs().max(), rtol=0)
+    crossed = max(lengths) + steps > LENGTH_STEP
+    assert len([k for k in cache.captured if k != "pool"]) == 1 + crossed
+
+
+@cuda
+def test_generate_through_graphs_after_a_cache_is_gone():
+    tok = Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
+    model = tiny_model("cuda")  # float32: greedy text free of bf16 near-ties
+    prompts = [tok.encode("def fib(n):"), tok.encode("hello there, how are you")]
+
+    def run():
+        return [r.token_ids for r in qwenkit.generate_batch(model, tok, prompts, temperature=0, max_new_tokens=12)]
+    eager, graphed = eager_and_graphed(model, lambda: (run(), run()))  # the second call: a new cache
+    assert graphed == eager
