@@ -1,20 +1,25 @@
 """bf16 and int4 decode of a Qwen-7B-shaped model with random weights, batch 1, on one GPU.
 
     python benchmarks/gpu.py [--shape qwen-7b] [--modes bf16,int4] [--prompt-tokens 512]
-                             [--new-tokens 128] [--compile] [--device cuda]
+                             [--new-tokens 128] [--compile] [--profile] [--device cuda] [--deadline S]
+                             [--out FILE]
 
 One prepared script for a machine with a GPU (issue 5): it needs no checkpoint, tokenizer or
 network. The model is the seed's Qwen-7B shape (32 layers, hidden 4096, 32 heads, SwiGLU 11008,
 vocabulary 151936, q/k/v biases) with N(0, 0.02) weights, built on the device in bf16; `int4`
 is qwenkit's round-to-nearest int4 (group 128) of the same weights with the head left in bf16,
 as in the seed's Int4 checkpoint. Each mode: a prefill of --prompt-tokens random tokens into the
-KV cache, then --new-tokens greedy steps (argmax on the device, no host sync per token), timed
-after a warm-up run; with --compile, also the same steps through qwenkit.compile_decode (its
-warm-up time reported). Prints and writes benchmarks/results/gpu-DATE.json: tokens/s, ms per
-token, the weight bandwidth that implies, peak device memory. Goals: bf16 >= 150 tok/s, int4 >=
-200 tok/s on an H100 (the seed's table: 30 / 44 on an A100).
+KV cache, then --new-tokens greedy steps (argmax on the device), timed after a warm-up run on the
+same cache, three ways: `eager` (each kernel launched from Python), `graphs` (qwenkit's default on
+a GPU: steps replayed as CUDA graphs; `first_step_ms` is the step that captured its graph) and,
+with --compile, `compiled` (qwenkit.compile_decode, then graphs of the compiled step; its warm-up
+time reported). Modes past --deadline seconds are skipped. Prints and writes
+benchmarks/results/gpu-SHAPE-DATE.json (and --out): tokens/s, ms per token, the weight bandwidth
+that implies, peak device memory. Goals: bf16 >= 150 tok/s, int4 >= 200 tok/s on an H100 (the
+seed's table: 30 / 44 on an A100).
 
-`--shape tiny --device cpu` runs the same code on a small model, to check the script anywhere.
+`--shape tiny --device cpu` runs the same code on a small model, to check the script anywhere
+(graphs need CUDA: on the CPU that row is the eager step again).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 import qwenkit
 from qwenkit.config import ModelConfig
+from qwenkit.cuda_graphs import use_cuda_graphs
 from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
@@ -67,16 +73,28 @@ def weight_bytes(model: Model) -> int:
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith(skip))
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of a large device-to-device copy, bytes read plus written: the ceiling for a decode step."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync(device)
+    return round(2 * 10 * src.numel() / (time.perf_counter() - start) / 1e9, 1)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
-def timed_decode(model: Model, prompt_tokens: int, new_tokens: int) -> dict:
-    """Prefill a random prompt, then `new_tokens` greedy steps; seconds of each part."""
+def timed_decode(model: Model, cache, prompt_tokens: int, new_tokens: int) -> dict:
+    """Prefill a random prompt into `cache`, then `new_tokens` greedy steps; seconds of each part."""
     device = model.device
-    cache = model.new_cache(1, prompt_tokens + new_tokens)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=device)
     sync(device)
     start = time.perf_counter()
@@ -84,28 +102,60 @@ def timed_decode(model: Model, prompt_tokens: int, new_tokens: int) -> dict:
     sync(device)
     prefill = time.perf_counter() - start
     positions = torch.arange(prompt_tokens, prompt_tokens + new_tokens, device=device)
-    start = time.perf_counter()
+    steps = []
     for i in range(new_tokens):
+        start = time.perf_counter()
         token = model(token, positions[i:i + 1], cache).argmax(-1)
+        if i == 0:  # the step that captures a graph, timed alone
+            sync(device)
+        steps.append(time.perf_counter() - start)
     sync(device)
-    return {"prefill_s": prefill, "decode_s": time.perf_counter() - start}
+    steps[-1] = time.perf_counter() - start
+    return {"prefill_s": prefill, "first_step_s": steps[0], "decode_s": sum(steps[1:])}
 
 
-def measure(model: Model, args, compiled: bool = False) -> dict:
+@torch.inference_mode()
+def kernel_profile(model: Model, cache, args, steps: int = 8) -> dict:
+    """The kernels `steps` decode steps run (inside graphs too): how many, and the top ones by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    token = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    positions = torch.arange(args.prompt_tokens, args.prompt_tokens + steps, device=model.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            token = model(token, positions[i:i + 1], cache).argmax(-1)
+        sync(model.device)
+    kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    return {"kernels_per_step": round(sum(e.count for e in kernels) / steps),
+            "kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / steps / 1e3, 3),
+            "top": [[e.key[:80], round(e.count / steps, 1), round(e.self_device_time_total / steps)]
+                    for e in kernels[:10]]}
+
+
+def measure(model: Model, args, way: str) -> dict:
     row = {}
-    if compiled:
+    use_cuda_graphs(model, way != "eager")
+    if way == "compiled":
         row["compile_s"] = round(qwenkit.compile_decode(model), 1)
-    timed_decode(model, args.prompt_tokens, min(8, args.new_tokens))  # warm-up: kernels, allocator
-    run = timed_decode(model, args.prompt_tokens, args.new_tokens)
-    per_token = run["decode_s"] / args.new_tokens
+    cache = model.new_cache(1, args.prompt_tokens + args.new_tokens)
+    first = timed_decode(model, cache, args.prompt_tokens, args.new_tokens)  # warm-up: kernels, allocator, graph
+    run = timed_decode(model, cache, args.prompt_tokens, args.new_tokens)
+    per_token = run["decode_s"] / (args.new_tokens - 1)
     row.update({
         "prefill_tok_s": round(args.prompt_tokens / run["prefill_s"], 1),
         "decode_tok_s": round(1 / per_token, 2),
         "ms_per_token": round(per_token * 1e3, 3),
+        "first_step_ms": round(first["first_step_s"] * 1e3, 1),
         "weight_gb_per_s": round(weight_bytes(model) / per_token / 1e9, 1),
     })
     if model.device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(model.device) / 2**30, 2)
+    if args.profile:
+        try:
+            row["profile"] = kernel_profile(model, cache, args)
+        except Exception as e:  # the profiler is a guest here: its failure costs no figures
+            row["profile"] = f"{type(e).__name__}: {e}"[:500]
     return row
 
 
@@ -115,8 +165,13 @@ def main() -> None:
     p.add_argument("--modes", default="bf16,int4", help="comma-separated: bf16, int4 (default both)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--compile", action="store_true", help="also measure the compiled decode step")
+    p.add_argument("--compile", action="store_true", help="also measure the compiled decode step (with graphs)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after which the modes not yet started are skipped (a lease's end)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="also record each way's kernels per step and the ten that take longest (torch.profiler)")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -127,33 +182,52 @@ def main() -> None:
     if unknown:
         p.error(f"unknown mode(s) {', '.join(sorted(unknown))}: use bf16, int4")
 
-    rows = []
-    for mode in modes:
-        model = random_model(args.shape, device).eval()
-        if mode == "int4":
-            quantize_model(model, bits=4, group_size=128, lm_head_bits=None)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        rows.append({"mode": mode, **measure(model, args)})
-        print(json.dumps(rows[-1]), flush=True)
-        if args.compile:
-            rows.append({"mode": f"{mode} compiled", **measure(model, args, compiled=True)})
-            print(json.dumps(rows[-1]), flush=True)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
+    ways = ["eager", "graphs"] + (["compiled"] if args.compile else [])
     machine = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "device": str(device),
-               "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    print(f"\n{machine['name']}, {args.shape}, batch 1, {args.prompt_tokens}-token prompt, "
-          f"{args.new_tokens} new tokens")
-    print(f"{'mode':<16}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/token':>10}{'weights GB/s':>14}")
+               "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "copy_gb_per_s": copy_bandwidth(device)}
+    outputs = [Path(__file__).parent / "results" / f"gpu-{args.shape}-{time.strftime('%Y-%m-%d')}.json"]
+    outputs += [Path(args.out)] if args.out else []
+    rows, started = [], time.perf_counter()
+    # Every mode eager and with graphs first, the compiles (minutes) last: a deadline cuts those.
+    for compiled in (False, True):
+        for mode in modes:
+            mode_ways = [w for w in ways if (w == "compiled") == compiled]
+            if not mode_ways:
+                continue
+            if args.deadline is not None and time.perf_counter() - started > args.deadline:
+                rows.append({"mode": mode, "way": ", ".join(mode_ways), "skipped": f"past --deadline {args.deadline} s"})
+                continue
+            model = random_model(args.shape, device).eval()
+            if mode == "int4":
+                quantize_model(model, bits=4, group_size=128, lm_head_bits=None)
+            for way in mode_ways:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    rows.append({"mode": mode, "way": way, **measure(model, args, way)})
+                except Exception as e:  # one broken way must not cost the others' figures
+                    rows.append({"mode": mode, "way": way, "error": f"{type(e).__name__}: {e}"[:2000]})
+                print(json.dumps(rows[-1]), flush=True)
+                for out in outputs:
+                    out.write_text(json.dumps({"machine": machine, "settings": vars(args), "results": rows},
+                                              indent=2) + "\n")
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    print(f"\n{machine['name']} (copies {machine['copy_gb_per_s']} GB/s), torch {machine['torch']}, {args.shape}, "
+          f"batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens")
+    print(f"{'mode':<16}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/token':>10}{'weights GB/s':>14}"
+          f"{'1st step ms':>13}")
     for r in rows:
-        print(f"{r['mode']:<16}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}{r['ms_per_token']:>10.3f}"
-              f"{r['weight_gb_per_s']:>14.1f}")
-    out = Path(__file__).parent / "results" / f"gpu-{args.shape}-{time.strftime('%Y-%m-%d')}.json"
-    out.write_text(json.dumps({"machine": machine, "settings": vars(args), "results": rows}, indent=2) + "\n")
-    print(f"written to {out}")
+        name = f"{r['mode']} {r['way']}"
+        if "decode_tok_s" not in r:
+            print(f"{name:<16}  {r.get('error') or r.get('skipped')}")
+            continue
+        print(f"{name:<16}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}{r['ms_per_token']:>10.3f}"
+              f"{r['weight_gb_per_s']:>14.1f}{r['first_step_ms']:>13.1f}")
+    print("written to " + ", ".join(map(str, outputs)))
 
 
 if __name__ == "__main__":
