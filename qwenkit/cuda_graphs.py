@@ -13,8 +13,9 @@ A graph holds fixed addresses and shapes, so one is captured per KV cache (it li
 up to a multiple of `LENGTH_STEP` positions: the graph attends to that many cached positions and
 masks those past each row's own. The first step into a new length runs eagerly (it also prepares
 the quantized kernels) and captures; later ones replay. Prefill, training and CPU models never
-come here. Weights changed while a cache is in use are not seen by its graphs: make a new cache
-(each `generate` call and each `Decoder` makes its own).
+come here. Float weights changed in place are seen; weights swapped for new tensors, or quantized
+layers changed at all, while a cache is in use are not (its graphs keep what they captured): make a
+new cache (each `generate` call and each `Decoder` makes its own).
 
 With `qwenkit.compile_decode` too, the graphs capture the compiled step.
 """
@@ -82,6 +83,10 @@ class _CapturedStep:
             self.first_output = step()
         torch.cuda.current_stream().wait_stream(side)
         self.first_output.record_stream(torch.cuda.current_stream())
+        # The weights it reads too (and the quantized layers' kernels, made by the step above): swapped
+        # for new tensors later, they leave this graph stale rather than reading freed memory.
+        self.weights = list(net.parameters()) + [getattr(m, name) for m in net.modules()
+                                                 for name in ("_kernel", "_fused") if getattr(m, name, None)]
         self.graph = torch.cuda.CUDAGraph()
         # Graphs of one cache share a memory pool: they never run at once, and each replay's output
         # is copied out before another graph can overwrite it.
