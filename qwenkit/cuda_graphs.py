@@ -45,7 +45,7 @@ class GraphedDecode:
         if tokens.device.type != "cuda" or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
             return None  # training, CPU, or a capture of our caller's own: the eager step
         length = min(cache.max_len, -(-kv_len // LENGTH_STEP) * LENGTH_STEP)
-        key = (cache.k.data_ptr(), tuple(cache.k.shape), length, write_pos.dim(), q_scale is None,
+        key = (cache.k[0].data_ptr(), tuple(cache.k[0].shape), length, write_pos.dim(), q_scale is None,
                torch.is_inference_mode_enabled())
         inputs = (tokens, *rope, input_pos, write_pos) + (() if q_scale is None else (q_scale,))
         graph = cache.captured.get(key)
@@ -65,7 +65,7 @@ class _CapturedStep:
         # A graph holds addresses, not tensors: whatever it reads that was made outside it (its
         # inputs, the positions, the cache view) is kept here, or its memory would be reused.
         self.inputs = [t.clone() for t in inputs]
-        self.positions = torch.arange(cache.k.shape[3], device=inputs[0].device)
+        self.positions = torch.arange(cache.length, device=inputs[0].device)
         self.cache = cache
         blocks = net.compiled_decode_blocks or net.blocks
 

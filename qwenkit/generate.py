@@ -147,8 +147,8 @@ class Decoder:
         """Exchange two cache rows (keys, values, NTK alpha, and the record of what they hold)."""
         n = max(len(self.slot_tokens[a]), len(self.slot_tokens[b]),
                 *(r.pos for r in (self.rows[i] for i in (a, b) if i < len(self.rows))))
-        for t in (self.cache.k, self.cache.v):
-            t[:, [a, b], :, :n] = t[:, [b, a], :, :n]
+        for t in self.cache.k + self.cache.v:
+            t[[a, b], :, :n] = t[[b, a], :, :n]
         self.cache.ntk_alpha[[a, b]] = self.cache.ntk_alpha[[b, a]]
         self.slot_tokens[a], self.slot_tokens[b] = self.slot_tokens[b], self.slot_tokens[a]
 

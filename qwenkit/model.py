@@ -34,38 +34,45 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, written by position.
+    """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] tensor per layer, written
+    by position; a forward attends to the first `length` positions.
 
-    Layout [layers, batch, kv_heads, max_len, head_dim]. `ntk_alpha` holds each row's dynamic-NTK
-    alpha, fixed when that row is prefilled and reused by its decode steps (Qwen v1 semantics).
+    One tensor per layer rather than a slice of a shared one: torch.compile writes a whole tensor
+    it is passed in place, but copies the whole of one that a write reaches through a view.
+    `ntk_alpha` holds each row's dynamic-NTK alpha, fixed when that row is prefilled and reused by
+    its decode steps (Qwen v1 semantics).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
-        self.max_len = max_len
+        self.max_len = self.length = max_len
         # What a decode runner keeps for this cache's memory (CUDA graphs that read and write it);
         # shared by its views, gone with the cache.
         self.captured: dict = {}
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows [start, stop): writes through it land in this cache."""
-        return self._view(self.k[:, start:stop], self.v[:, start:stop], self.ntk_alpha[start:stop])
+        if (start, stop) == (0, self.batch_size):
+            return self
+        return self._view([t[start:stop] for t in self.k], [t[start:stop] for t in self.v],
+                          self.ntk_alpha[start:stop], self.length)
 
     def prefix(self, length: int) -> "KVCache":
-        """A view of the first `length` positions of every row: what a forward attends to."""
-        return self._view(self.k[:, :, :, :length], self.v[:, :, :, :length], self.ntk_alpha)
+        """The same rows, attending to their first `length` positions."""
+        return self._view(self.k, self.v, self.ntk_alpha, length)
 
-    def _view(self, k: torch.Tensor, v: torch.Tensor, ntk_alpha: torch.Tensor) -> "KVCache":
+    def _view(self, k: list[torch.Tensor], v: list[torch.Tensor], ntk_alpha: torch.Tensor, length: int) -> "KVCache":
         view = object.__new__(KVCache)
-        view.k, view.v, view.ntk_alpha, view.max_len, view.captured = k, v, ntk_alpha, self.max_len, self.captured
+        view.k, view.v, view.ntk_alpha, view.length = k, v, ntk_alpha, length
+        view.max_len, view.captured = self.max_len, self.captured
         return view
 
 
@@ -153,7 +160,7 @@ class Attention(nn.Module):
                 rows = torch.arange(B, device=x.device)[:, None]
                 k_cache[rows, :, input_pos] = k.transpose(1, 2)
                 v_cache[rows, :, input_pos] = v.transpose(1, 2)
-            k, v = k_cache, v_cache  # the forward passes the cache's prefix that it attends to
+            k, v = k_cache[:, :, :cache.length], v_cache[:, :, :cache.length]
 
         if T == 1:
             y = decode_attention(q, k, v, mask)

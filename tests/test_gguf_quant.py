@@ -172,7 +172,7 @@ def test_mixed_file_in_each_mode(tmp_path):
     assert [type(layer(model, n)).__name__ for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj")] == [
         "Int8Linear", "Linear", "Int4Linear"]
     assert type(model.lm_head) is Int8Linear and type(model.model.embed_tokens) is Int8Embedding
-    assert model.dtype == torch.float32 and model.new_cache(1, 8).k.dtype == torch.float32
+    assert model.dtype == torch.float32 and model.new_cache(1, 8).k[0].dtype == torch.float32
     assert rel_err(logits, ref) < 0.05  # int8 over 5..8-bit blocks (random K-quant blocks are a worst case)
 
     model, logits = logits_of(path, quantize="int4")
