@@ -83,10 +83,11 @@ class _CapturedStep:
             self.first_output = step()
         torch.cuda.current_stream().wait_stream(side)
         self.first_output.record_stream(torch.cuda.current_stream())
-        # The weights it reads too (and the quantized layers' kernels, made by the step above): swapped
-        # for new tensors later, they leave this graph stale rather than reading freed memory.
-        self.weights = list(net.parameters()) + [getattr(m, name) for m in net.modules()
-                                                 for name in ("_kernel", "_fused") if getattr(m, name, None)]
+        # The weights it reads too (the quantized layers' kernels, made by the step above, and the
+        # joint q/k/v and gate/up tensors of qwenkit.fused): swapped for new tensors later, they leave
+        # this graph stale rather than reading freed memory.
+        self.weights = list(net.parameters()) + [getattr(m, name) for m in net.modules() for name in
+                                                 ("_kernel", "_fused", "fused_with") if getattr(m, name, None)]
         self.graph = torch.cuda.CUDAGraph()
         # Graphs of one cache share a memory pool: they never run at once, and each replay's output
         # is copied out before another graph can overwrite it.

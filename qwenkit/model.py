@@ -218,9 +218,10 @@ def shared_input_linears(x: torch.Tensor, *linears: nn.Module, concatenated: boo
     """[linear(x) for each linear], for sibling projections of one input (q/k/v, gate/up); with
     `concatenated`, those outputs as one tensor along the last dimension.
 
-    Layers that offer `fused_with` (the quantized linears) may run all of them as one kernel:
-    at batch-1 decode one matrix-vector pass over the concatenated weights beats several, and
-    its output is the concatenated tensor already.
+    Layers that offer `fused_with` (the quantized linears, and float ones laid out as one joint
+    tensor by qwenkit.fused) may run all of them as one kernel: at batch-1 decode one
+    matrix-vector pass over the concatenated weights beats several, and its output is the
+    concatenated tensor already.
     """
     fused = getattr(linears[0], "fused_with", None)
     x2d = x.reshape(-1, x.shape[-1])

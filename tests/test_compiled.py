@@ -12,6 +12,7 @@ import torch
 
 import qwenkit
 from qwenkit.config import ModelConfig
+from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
 from qwenkit.tokenizer import Tokenizer
@@ -22,21 +23,22 @@ pytestmark = pytest.mark.skipif(not os.environ.get("QWENKIT_TEST_COMPILE"),
                                 reason="minutes of torch.compile: set QWENKIT_TEST_COMPILE=1 to run")
 
 
-def tiny_model() -> Model:
+def tiny_model(kind: str) -> Model:
+    """Built as load() builds it: float q/k/v and gate/up as joint tensors (qwenkit.fused), or, for
+    "int4", int4 blocks (group 32) and an int8 head, both kernels running inside the compiled step."""
     config = ModelConfig(arch="qwen2", vocab_size=151936, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = randomize(Model(config), seed=5, scale=0.3).eval()
+    state = randomize(Model(config), seed=5, scale=0.3).state_dict()
+    model = build_model(config, state.items(), torch.float32, torch.device("cpu"))
     model.generation_config = {}
-    # int4 blocks (group 32), int8 head: both kernels run inside the compiled step.
-    return quantize_model(model, bits=4, group_size=32)
+    return quantize_model(model, bits=4, group_size=32) if kind == "int4" else model
 
 
 # float32 activations, so eager and compiled agree to rounding (in bf16, inductor's fused fp32
 # arithmetic rounds less often than eager's op-by-op bf16, and logits differ by ~1 %).
-@pytest.fixture(scope="module")
-def compiled():
-    model = tiny_model()
+@pytest.fixture(scope="module", params=["int4", "float"])
+def compiled(request):
+    model = tiny_model(request.param)
     seconds = qwenkit.compile_decode(model, batch_sizes=(1, 3))
     assert seconds > 0 and qwenkit.compile_decode(model) == 0  # idempotent
     return model

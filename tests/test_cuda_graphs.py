@@ -4,12 +4,15 @@ and batched rows at different positions, across attended-length steps, with the 
 The graph tests need a GPU (CI has none; they ran on an H100 with benchmarks/gpu.py's session);
 on the CPU the runner must step aside and change nothing."""
 
+import os
+
 import pytest
 import torch
 
 import qwenkit
 from qwenkit.config import ModelConfig
 from qwenkit.cuda_graphs import LENGTH_STEP, use_cuda_graphs
+from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
 from qwenkit.tokenizer import Tokenizer
@@ -20,13 +23,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def tiny_model(device, dtype=torch.float32, int4=False) -> Model:
+    """Built as load() builds it: float q/k/v and gate/up as joint tensors (qwenkit.fused), or, with
+    `int4`, int4 blocks (group 32) and an int8 head, whose kernels then run inside the graph."""
     config = ModelConfig(arch="qwen2", vocab_size=151936, hidden_size=128, intermediate_size=256, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=1024)
-    model = randomize(Model(config), seed=5, scale=0.3).eval()
+    state = randomize(Model(config), seed=5, scale=0.3).state_dict()
+    if int4:
+        model = build_model(config, state.items(), torch.float32, torch.device("cpu"))
+        quantize_model(model, bits=4, group_size=32).to(device=device, dtype=dtype)
+    else:
+        model = build_model(config, state.items(), dtype, torch.device(device))
     model.generation_config = {}
-    if int4:  # int4 blocks (group 32), int8 head: the quantized kernels run inside the graph
-        quantize_model(model, bits=4, group_size=32)
-    return model.to(device=device, dtype=dtype)
+    return model
 
 
 def decode_logits(model, lengths, steps):
@@ -91,3 +99,18 @@ def test_generate_through_graphs_after_a_cache_is_gone():
         return [r.token_ids for r in qwenkit.generate_batch(model, tok, prompts, temperature=0, max_new_tokens=12)]
     eager, graphed = eager_and_graphed(model, lambda: (run(), run()))  # the second call: a new cache
     assert graphed == eager
+
+
+@cuda
+@pytest.mark.skipif(not os.environ.get("QWENKIT_TEST_COMPILE"),
+                    reason="a minute of torch.compile: set QWENKIT_TEST_COMPILE=1 to run")
+@pytest.mark.parametrize("lengths", [[5], [5, 40, 17]])
+def test_graphs_of_the_compiled_step_match_eager(lengths):
+    model = tiny_model("cuda")
+    use_cuda_graphs(model, False)
+    eager, _ = decode_logits(model, lengths, 8)
+    use_cuda_graphs(model)
+    qwenkit.compile_decode(model, batch_sizes=(1, 3))
+    fast, cache = decode_logits(model, lengths, 8)
+    assert torch.allclose(fast, eager, atol=1e-4 * eager.abs().max(), rtol=0)
+    assert len([k for k in cache.captured if k != "pool"]) == 1  # the compiled step was captured, once

@@ -200,11 +200,18 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     Float tensors are cast to `dtype`; integer ones (quantized weights) keep theirs; GGUF
     StoredTensors are dequantized to `dtype`. `quantize` (see qwenkit.quant.on_load) turns each
     linear into its quantized layer the moment its weight arrives; a tied head gets its own copy.
+    Float q/k/v and gate/up weights are copied into one tensor per layer and group (qwenkit.fused).
     """
+    from ..fused import lay_out_siblings
+
     with torch.device("meta"):
         net = Model(config)
     if prepare is not None:
         prepare(net)
+    # Laid out before the tensors arrive (nothing to fuse when they become quantized layers); these
+    # parameters are filled in place, so the meta check below cannot see which are missing.
+    laid_out = lay_out_siblings(net, dtype, device) if quantize is None else set()
+    unfilled = set(laid_out)
     expected = dict(net.named_parameters())
     tied = config.tie_word_embeddings
     if tied:
@@ -230,13 +237,18 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
                     continue
             if not isinstance(tensor, torch.Tensor):  # a GGUF StoredTensor
                 tensor = tensor.dequantize(dtype)
-            _assign(net, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+            tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+            if name in laid_out:
+                param.data.copy_(tensor)
+                unfilled.discard(name)
+            else:
+                _assign(net, name, tensor)
     if unexpected:
         raise CheckpointError(f"the checkpoint has {len(unexpected)} tensors this architecture does not use, "
                               f"e.g. {', '.join(unexpected[:5])}: is config.json for these weights?")
     if config.tie_word_embeddings and type(net.lm_head) is nn.Linear:
         net.lm_head.weight = net.model.embed_tokens.weight
-    missing = [n for n, p in net.named_parameters() if p.is_meta]
+    missing = sorted(unfilled) + [n for n, p in net.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}: "
                               "the download may be incomplete")

@@ -93,14 +93,18 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing base + update. A quantized base is dequantized: the result is
-        a float linear in the dtype of its scales (quantize the merged model again if wanted)."""
+        """A plain nn.Linear computing base + update. A float base is that linear, updated in place (its
+        weight may be a block of a joint q/k/v or gate/up tensor, qwenkit.fused, which stays whole). A
+        quantized base is dequantized: the result is a float linear in the dtype of its scales
+        (quantize the merged model again if wanted)."""
         base = self.base_layer
-        if isinstance(base, QuantizedLinear):
-            weight, dtype = base.dequantize(torch.float32), base.scales.dtype
-        else:
-            weight, dtype = base.weight.float(), base.weight.dtype
-        weight = weight + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        update = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        if not isinstance(base, QuantizedLinear):
+            with torch.no_grad():
+                base.weight.copy_(base.weight.float() + update)
+            return base
+        weight = base.dequantize(torch.float32) + update
+        dtype = base.scales.dtype
         linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
         linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         if base.bias is not None:
