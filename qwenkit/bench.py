@@ -7,17 +7,22 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 from .generate import Decoder, Request
 from .model import Model
+from .packed import PackedLinear
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 
 def decode_bytes_per_token(model: Model, context: int) -> int:
-    """Bytes a batch-1 decode step reads: every weight but the embedding table, plus the KV cache."""
+    """Bytes a batch-1 decode step reads: every weight but the embedding table (unless the head reads
+    it), packed ones included, plus the KV cache."""
+    head_reads_embedding = type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                  if n != "model.embed_tokens.weight" or model.config.tie_word_embeddings)
+                  if n != "model.embed_tokens.weight" or head_reads_embedding)
+    weights += sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
     c = model.config
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize * context
     return weights + kv

@@ -30,6 +30,7 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from .model import Model
+from .packed import unpack_linears
 
 
 def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper: bool | None = None) -> float:
@@ -40,6 +41,7 @@ def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper:
     if net.compiled_decode_blocks is not None:
         return 0.0
     start = time.perf_counter()
+    unpack_linears(model)  # oneDNN's packed weights are opaque to the tracer
     _warm_up(model, 1)  # eager: quantized linears prepare their kernels outside the trace
     if cpp_wrapper is None:
         cpp_wrapper = model.device.type == "cpu"

@@ -281,7 +281,7 @@ def prepare_model(model_name: str, method: str, dtype: str | torch.dtype = "auto
     compute = resolve_dtype(dtype, device)
     base_dtype = torch.float32 if method == "full" or fsdp else compute
     quantize = "int4" if method == "qlora" and not _already_quantized(model_name) else None
-    model, tokenizer = load(model_name, dtype=base_dtype, device=device, quantize=quantize)
+    model, tokenizer = load(model_name, dtype=base_dtype, device=device, quantize=quantize, pack=False)
     seed_everything(seed)  # the same LoRA initialisation in every process and every run
     if method == "full":
         model.requires_grad_(True)

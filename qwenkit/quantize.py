@@ -54,7 +54,7 @@ def quantize(model: str, out: str | Path, bits: int = 4, method: str = "gptq", g
     check_out_dir(out, force)
 
     source = resolve_source(model)
-    net, tokenizer = load(source, dtype=dtype, device=device)
+    net, tokenizer = load(source, dtype=dtype, device=device, pack=False)
     recipe = {"method": method}
     start = time.perf_counter()
     if method == "gptq":

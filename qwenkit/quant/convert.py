@@ -19,6 +19,7 @@ from fnmatch import fnmatch
 
 from torch import nn
 
+from ..packed import unpack_linears
 from .linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear, QuantizedLinear
 
 QUANT_METHOD = "qwenkit"
@@ -39,6 +40,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 128, lm_he
     form exists, so memory stays near the float model plus one layer's scratch.
     """
     _check(bits, group_size, lm_head_bits)
+    unpack_linears(model)  # quantizers read and replace plain nn.Linear (a CPU load packs them)
     skip = tuple(skip)
     untie = lm_head_bits is not None and getattr(model.config, "tie_word_embeddings", False)
     _swap_linears(model, bits, group_size, lm_head_bits,

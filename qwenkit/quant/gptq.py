@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import QwenkitError
 from ..model import Model
+from ..packed import unpack_linears
 from ..progress import progress
 from .convert import _check, quantize_model
 from .linear import Int4Linear, Int8Linear, pack_int4
@@ -58,6 +59,7 @@ def gptq_quantize_model(model: Model, calibration: torch.Tensor, bits: int = 4, 
     batch_size: calibration sequences per forward pass.
     """
     _check(bits, group_size, lm_head_bits)
+    unpack_linears(model)  # GPTQ reads and replaces plain nn.Linear (a CPU load packs them)
     if calibration.dim() != 2 or calibration.numel() == 0:
         raise QwenkitError("calibration ids must be a non-empty [sequences, tokens] tensor, "
                            f"not {tuple(calibration.shape)}")

@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import AdapterError, CheckpointError
 from ..loading.hf import canonical_modules
 from ..model import Model
+from ..packed import unpack_linears
 from ..quant import QuantizedLinear
 
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -164,6 +165,7 @@ def apply_lora(model: Model, targets: str | Sequence[str] = "all-linear", r: int
     if lora_layers(model):
         raise AdapterError("the model already has LoRA layers: merge_lora() them first, or load_adapter() "
                            "into them, or start from a freshly loaded model")
+    unpack_linears(model)  # LoRA wraps plain nn.Linear (a CPU load packs them)
     names = resolve_targets(model, targets)
     model.requires_grad_(False)
     for name in names:

@@ -1,0 +1,99 @@
+"""bf16 CPU linears packed for oneDNN as they load (qwenkit.packed): bit-identical to plain nn.Linear,
+checkpoints unchanged, and quantizers, LoRA and moves see plain layers or a clear error."""
+
+import pytest
+import torch
+from torch import nn
+
+import qwenkit
+from qwenkit.bench import decode_bytes_per_token
+from qwenkit.errors import QwenkitError
+from qwenkit.loading.save import save_checkpoint
+from qwenkit.packed import PackedLinear, packing_works, unpack_linears
+from qwenkit.quant import quantize_model
+from qwenkit.train import apply_lora
+
+from .conftest import write_checkpoint
+from .test_model import hf_config, hf_qwen2, hf_state, tokens
+
+pytestmark = pytest.mark.skipif(not packing_works(), reason="this CPU has no bit-identical packed bf16 kernel")
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def checkpoint(tmp_path, request):
+    ref = hf_qwen2(tie=request.param)
+    return write_checkpoint(tmp_path / "ckpt", hf_config(ref), hf_state(ref))
+
+
+def load(path, pack=True):
+    return qwenkit.load(path, dtype="bfloat16", device="cpu", pack=pack)
+
+
+def logits_and_step(model):
+    """Full-sequence logits, and a prefill + one-token step through the cache."""
+    x = tokens()
+    cache = model.new_cache(2, 32)
+    with torch.inference_mode():
+        full = model(x)
+        model(x[:, :-1], torch.arange(23), cache)
+        return full, model(x[:, -1:], torch.tensor([23]), cache)
+
+
+def test_packed_layers_compute_what_plain_ones_do(checkpoint):
+    packed, _ = load(checkpoint)
+    plain, _ = load(checkpoint, pack=False)
+    linears = [name for name, m in plain.named_modules() if type(m) is nn.Linear]
+    assert len(linears) == 2 * 7 + 1  # every block linear and the head
+    assert all(isinstance(packed.get_submodule(name), PackedLinear) for name in linears)
+    assert type(packed.model.embed_tokens) is nn.Embedding  # a tied head got its own packed copy
+    for ours, ref in zip(logits_and_step(packed), logits_and_step(plain)):
+        assert torch.equal(ours, ref)
+    assert decode_bytes_per_token(packed, 10) == decode_bytes_per_token(plain, 10)
+
+
+def test_checkpoint_of_a_packed_model_is_unchanged(checkpoint, tmp_path):
+    from safetensors import safe_open
+
+    packed, tok = load(checkpoint)
+    plain, _ = load(checkpoint, pack=False)
+    out = save_checkpoint(packed, tok, tmp_path / "saved")
+    expected = {k: v for k, v in plain.state_dict().items()
+                if not (k == "lm_head.weight" and plain.config.tie_word_embeddings)}
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(f.get_tensor(name), tensor), name
+    assert torch.equal(logits_and_step(load(out)[0])[0], logits_and_step(packed)[0])
+
+
+def test_quantizers_and_lora_unpack_first(checkpoint):
+    packed, _ = load(checkpoint)
+    plain, _ = load(checkpoint, pack=False)
+    quantize_model(packed, bits=8)
+    quantize_model(plain, bits=8)
+    for ours, ref in zip(logits_and_step(packed), logits_and_step(plain)):
+        assert torch.equal(ours, ref)
+
+    model, _ = load(checkpoint)
+    apply_lora(model, targets="all-linear", r=4, dropout=0.0)
+    assert not any(isinstance(m, PackedLinear) for m in model.model.modules())
+    model.train()
+    model(tokens()).float().logsumexp(-1).mean().backward()
+    assert model.model.layers[0].self_attn.q_proj.lora_A.grad is not None
+
+
+def test_moving_a_packed_model_names_the_fix(checkpoint):
+    model, _ = load(checkpoint)
+    with pytest.raises(QwenkitError, match=r"unpack_linears\(model\) first"):
+        model.to(torch.float32)
+    model.to("cpu")  # staying a bf16 CPU model is fine
+    unpack_linears(model).to(torch.float32)
+    assert model.dtype == torch.float32 and type(model.lm_head) is nn.Linear
+
+
+def test_gradients_reach_inputs_through_a_packed_layer():
+    weight = torch.randn(8, 16).bfloat16()
+    layer = PackedLinear(weight, None)
+    x = torch.randn(3, 16).bfloat16().requires_grad_()
+    layer(x).float().sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 8).bfloat16() @ weight)
