@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .allocator import return_freed_memory
 from .errors import QwenkitError
 
 
@@ -39,6 +40,7 @@ def pack_linears(model: nn.Module) -> int:
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
             _replace(model, name, PackedLinear(module.weight.detach(), module.bias))
             swapped += 1
+    return_freed_memory()  # the dense weights just freed
     return swapped
 
 

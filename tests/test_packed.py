@@ -97,3 +97,20 @@ def test_gradients_reach_inputs_through_a_packed_layer():
     x = torch.randn(3, 16).bfloat16().requires_grad_()
     layer(x).float().sum().backward()
     assert torch.equal(x.grad, torch.ones(3, 8).bfloat16() @ weight)
+
+
+def test_an_adapter_is_folded_in_before_packing(checkpoint, tmp_path):
+    from qwenkit.train import save_adapter
+
+    model, _ = load(checkpoint, pack=False)
+    apply_lora(model, targets=["q_proj", "down_proj"], r=4, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    packed, _ = qwenkit.load(checkpoint, dtype="bfloat16", device="cpu", adapter=adapter)
+    plain, _ = qwenkit.load(checkpoint, dtype="bfloat16", device="cpu", adapter=adapter, pack=False)
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
+    for ours, ref in zip(logits_and_step(packed), logits_and_step(plain)):
+        assert torch.equal(ours, ref)

@@ -224,9 +224,9 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
         net = Model(config)
     if prepare is not None:
         prepare(net)
-    # Laid out before the tensors arrive (nothing to fuse when they become quantized layers); these
-    # parameters are filled in place, so the meta check below cannot see which are missing.
     pack = pack and dtype == torch.bfloat16 and device.type == "cpu" and packing_works()
+    # Laid out before the tensors arrive (nothing to fuse when they become quantized or packed layers);
+    # these parameters are filled in place, so the meta check below cannot see which are missing.
     laid_out = lay_out_siblings(net, dtype, device) if quantize is None and not pack else set()
     unfilled = set(laid_out)
     expected = dict(net.named_parameters())
