@@ -16,9 +16,11 @@ while the layers were slices of one tensor, its code copied every layer's cache 
 Measured: on an H100 (with CUDA graphs of the compiled step) a Qwen-7B-shaped model decodes at 141-143
 tok/s in bf16 against 118 for graphs of the eager step, and int4 at 250 against 207, after a 45-160 s
 compile; on our 2-core CPU the compiled int4 step of the demo model runs as fast as eager (54-55 vs
-52-57 tok/s) after a 30-110 s compile. So it stays opt-in. Sizes that change between steps (cached
-positions, batch rows, each Decoder's cache length) are compiled as symbols, so one warm-up covers
-them: batch 1, plus a batch of several rows for a server.
+52-57 tok/s) after a 30-110 s compile, and the bf16 one slower (22.6 vs ~29 tok/s), because it runs
+on plain weights where eager uses oneDNN-packed ones (qwenkit/packed.py). So it stays opt-in.
+
+Sizes that change between steps (cached positions, batch rows, each Decoder's cache length) are
+compiled as symbols, so one warm-up covers them: batch 1, plus a batch of several rows for a server.
 """
 
 from __future__ import annotations
