@@ -35,14 +35,15 @@ class JointWeights:
         self.addresses = tuple(p.data_ptr() for p in self.params)
 
     def __call__(self, others: tuple[nn.Module, ...], x: torch.Tensor):
-        if others != self.linears[1:] or (x.requires_grad and torch.is_grad_enabled()) \
-                or any(m._forward_pre_hooks or m._forward_hooks for m in self.linears):
-            # Other layers now (LoRA, quantized); training (autograd needs the separate products); or
-            # hooks that expect each sibling's own call (GPTQ's calibration, activation probes).
+        if others != self.linears[1:] or any(m._forward_pre_hooks or m._forward_hooks for m in self.linears):
+            # Other layers now (LoRA, quantized), or hooks that expect each sibling's own call (GPTQ's
+            # calibration, activation probes).
             return None
         current = tuple(p for m in self.linears for p in (m.weight, m.bias) if p is not None)
         if len(current) != len(self.params) or any(a is not b for a, b in zip(current, self.params)):
             return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in current)):
+            return None  # training: autograd reaches the parameters only through their own products
         # Replaced data (.to(), .data =, sharding) leaves the Parameter objects in place; their
         # addresses tell. Traced code cannot read addresses, and keeps what it traced.
         if not torch.compiler.is_compiling() and tuple(p.data_ptr() for p in current) != self.addresses:

@@ -11,11 +11,12 @@ It is the same kernel, so results are bit-identical to F.linear (checked once pe
 they are not, or the CPU lacks what the packed kernel needs, nothing is packed). float32 models keep
 F.linear, whose MKL kernels the packed path does not reproduce bit for bit.
 
-A PackedLinear keeps only the packed weight: the loader packs each weight as it arrives and frees the
-dense one (a tied head gets its own packed copy; the embedding keeps the dense table). Its state dict and its `weight` give back the dense
-matrix (a copy), so checkpoints are unchanged. It does not train (inputs that need gradients get
-them through a dense copy, the weight gets none) and it stays a bf16 CPU layer: moving a model
-with packed layers elsewhere is refused with a message, after unpack_linears it moves as usual.
+A PackedLinear keeps only the packed weight: the loader packs each weight as it arrives and frees
+the dense one (a tied head gets its own packed copy; the embedding keeps the dense table). Its state
+dict and its `weight` give back the dense matrix (a copy), so checkpoints are unchanged. It does not
+train: a forward in training mode with gradients on is refused (in eval mode, inputs that need
+gradients get them through a dense copy). It stays a bf16 CPU layer: moving a model with packed
+layers elsewhere is refused with a message; after unpack_linears it moves as usual.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class PackedLinear(nn.Module):
         return self.in_features * self.out_features * 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():  # the weight is no parameter: it would never learn
+            raise QwenkitError("this model's linears are packed for inference (qwenkit.packed) and cannot train: "
+                               "call qwenkit.packed.unpack_linears(model) first, or load it with pack=False")
         if x.dtype != torch.bfloat16 or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

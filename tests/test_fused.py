@@ -119,14 +119,20 @@ def test_merged_lora_keeps_the_joint_tensor(ref_and_path, joint_calls):
     assert len(joint_calls) == 2 * LAYERS
 
 
-def test_training_reaches_each_sibling(ref_and_path, joint_calls):
+@pytest.mark.parametrize("everything", [True, False])  # or the siblings alone: layer 0's input needs no grad
+def test_training_reaches_each_sibling(ref_and_path, joint_calls, everything):
     _, path = ref_and_path
     model, _ = load(path)
-    model.train().requires_grad_(True)
+    model.train().requires_grad_(everything)
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj):
+            linear.requires_grad_(True)
     model(tokens()).float().square().mean().backward()
     assert not joint_calls  # autograd goes through the separate products
-    for name in ("q_proj", "k_proj", "v_proj"):
-        assert getattr(model.model.layers[1].self_attn, name).weight.grad.abs().sum() > 0
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.up_proj):
+            assert linear.weight.grad.abs().sum() > 0
 
 
 def test_hooked_siblings_see_their_own_calls(ref_and_path, joint_calls):

@@ -91,12 +91,16 @@ def test_moving_a_packed_model_names_the_fix(checkpoint):
     assert model.dtype == torch.float32 and type(model.lm_head) is nn.Linear
 
 
-def test_gradients_reach_inputs_through_a_packed_layer():
+def test_gradients_reach_inputs_and_training_is_refused():
     weight = torch.randn(8, 16).bfloat16()
-    layer = PackedLinear(weight, None)
+    layer = PackedLinear(weight, None).eval()
     x = torch.randn(3, 16).bfloat16().requires_grad_()
-    layer(x).float().sum().backward()
+    layer(x).float().sum().backward()  # e.g. saliency through an inference model
     assert torch.equal(x.grad, torch.ones(3, 8).bfloat16() @ weight)
+    with pytest.raises(QwenkitError, match="cannot train"):
+        layer.train()(x)
+    with torch.no_grad():
+        layer(x)  # train mode without gradients is still inference
 
 
 def test_an_adapter_is_folded_in_before_packing(checkpoint, tmp_path):
