@@ -252,7 +252,12 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Initialised here, and not at all on the meta device where loading builds the model: there
+        # nn.Embedding's normal_ would import torch._dynamo (a second and ~75 MiB, for nothing).
+        table = torch.empty(config.vocab_size, config.hidden_size)
+        if not table.is_meta:
+            nn.init.normal_(table)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)

@@ -251,6 +251,8 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
             if quantize is not None:
                 swap = _quantize_embedding if name == "model.embed_tokens.weight" else _quantize_linear
                 if swap(net, name, tensor, quantize, dtype, device):
+                    del tensor
+                    return_freed_memory()  # the float copy quantizing made and dropped
                     continue
             if not isinstance(tensor, torch.Tensor):  # a GGUF StoredTensor
                 tensor = tensor.dequantize(dtype)
@@ -260,7 +262,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
                 unfilled.discard(name)
             elif pack and _pack_linear(net, name, tensor):
                 del tensor
-                return_freed_memory()
+                return_freed_memory()  # the dense copy packing dropped
             else:
                 _assign(net, name, tensor)
     if unexpected:
