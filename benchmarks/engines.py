@@ -28,13 +28,17 @@ def rss_mib() -> float:
 
 
 def weight_bytes(model, exclude_embedding: bool) -> int:
+    """Bytes of the model's weights: its parameters, and qwenkit's packed bf16 linears (whose weights
+    are held outside the parameters; a tied head's packed copy counts too)."""
+    from qwenkit.packed import PackedLinear
+
     seen, total = set(), 0
     for name, p in model.named_parameters():
         if id(p) in seen or (exclude_embedding and "embed_tokens" in name):
             continue
         seen.add(id(p))
         total += p.numel() * p.element_size()
-    return total
+    return total + sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def prompt_ids(n: int) -> list[int]:
