@@ -100,6 +100,14 @@ class PackedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    # oneDNN's packed tensors cannot be copied or pickled: deepcopy and torch.save carry the dense weight.
+    def __getstate__(self):
+        return {**self.__dict__, "packed": self.weight}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.packed = _pack(self.packed)
+
     def _apply(self, fn, recurse=True):
         probe = fn(torch.empty(0, dtype=torch.bfloat16))
         if probe.device.type != "cpu" or probe.dtype != torch.bfloat16:

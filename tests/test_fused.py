@@ -145,3 +145,16 @@ def test_hooked_siblings_see_their_own_calls(ref_and_path, joint_calls):
     handle.remove()
     assert len(seen) == 1 and seen[0].shape == (2, 24, 64)  # GPTQ's calibration hooks rely on this
     assert len(joint_calls) == 2 * LAYERS - 1
+
+
+def test_a_deep_copy_computes_the_same(ref_and_path):
+    import copy
+
+    _, path = ref_and_path
+    model, _ = load(path)
+    twin = copy.deepcopy(model)
+    x = tokens()
+    assert torch.equal(logits(twin, x), logits(model, x))
+    with torch.no_grad():  # the copy's weights are its own
+        twin.model.layers[0].self_attn.k_proj.weight.zero_()
+    assert not torch.equal(logits(twin, x), logits(model, x))

@@ -118,3 +118,19 @@ def test_an_adapter_is_folded_in_before_packing(checkpoint, tmp_path):
     assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
     for ours, ref in zip(logits_and_step(packed), logits_and_step(plain)):
         assert torch.equal(ours, ref)
+
+
+def test_a_packed_model_deep_copies_and_pickles(checkpoint):
+    import copy
+    import io
+
+    model, _ = load(checkpoint)
+    twin = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    for other in (twin, unpickled):
+        assert isinstance(other.lm_head, PackedLinear)
+        for ours, ref in zip(logits_and_step(other), logits_and_step(model)):
+            assert torch.equal(ours, ref)
