@@ -39,17 +39,22 @@ def pack_linears(model: nn.Module) -> int:
     swapped = 0
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
-            _replace(model, name, PackedLinear(module.weight.detach(), module.bias))
+            model.set_submodule(name, PackedLinear(module.weight.detach(), module.bias))
             swapped += 1
     return_freed_memory()  # the dense weights just freed
     return swapped
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s packed weights, which its parameters do not hold."""
+    return sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def unpack_linears(model: nn.Module) -> nn.Module:
     """Swap every PackedLinear of `model` back for an nn.Linear with its dense weight; returns the model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, PackedLinear):
-            _replace(model, name, module.unpacked())
+            model.set_submodule(name, module.unpacked())
     return model
 
 
@@ -143,7 +148,3 @@ def packing_works() -> bool:
     except (RuntimeError, AttributeError):  # a torch built without oneDNN, or a CPU without bf16 support
         return False
 
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)

@@ -92,9 +92,9 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     path = resolve_source(model)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    # Packed as the weights arrive, unless an adapter must be folded into plain weights first, or the
-    # decode step will be compiled (the tracer cannot read oneDNN's packed tensors).
-    pack_now = pack and adapter is None and not compile
+    pack = pack and not compile  # the tracer cannot read oneDNN's packed tensors
+    # Packed as the weights arrive, unless an adapter must be folded into plain weights first.
+    pack_now = pack and adapter is None
     if path.is_file():
         net, tokenizer = _load_gguf(path, dtype, device, quantize, pack_now)
     else:
@@ -117,7 +117,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     if adapter is not None:
         from ..train.lora import load_adapter, merge_lora
         merge_lora(load_adapter(net, adapter), quantized=False)
-        if pack and not compile and device.type == "cpu":
+        if pack:
             from ..packed import pack_linears
             pack_linears(net)
     if device.type == "cpu":
@@ -284,17 +284,15 @@ def _quantize_linear(net: Model, name: str, weight: torch.Tensor | StoredTensor,
     """Swap the nn.Linear whose weight `name` is for its quantized form; False where it stays as it is."""
     from ..quant.on_load import quantized_linear
 
-    module_name, _, attr = name.rpartition(".")
-    linear = net.get_submodule(module_name)
-    if attr != "weight" or type(linear) is not nn.Linear:
+    module_name, linear = _linear_of(net, name)
+    if linear is None:
         return False
     layer = quantized_linear(name, weight, mode, dtype)
     if layer is None:
         return False
     layer = layer.to(device)
     layer.bias = linear.bias  # the bias read already, or its meta placeholder
-    parent, _, child = module_name.rpartition(".")
-    setattr(net.get_submodule(parent), child, layer)
+    net.set_submodule(module_name, layer)
     return True
 
 
@@ -302,13 +300,18 @@ def _pack_linear(net: Model, name: str, weight: torch.Tensor) -> bool:
     """Swap the nn.Linear whose weight `name` is for a PackedLinear of it; False where it stays as it is."""
     from ..packed import PackedLinear
 
+    module_name, linear = _linear_of(net, name)
+    if linear is None or weight.dtype != torch.bfloat16:
+        return False
+    net.set_submodule(module_name, PackedLinear(weight, linear.bias))  # the bias read already, or meta
+    return True
+
+
+def _linear_of(net: Model, name: str) -> tuple[str, nn.Linear | None]:
+    """(module name, the plain nn.Linear) whose weight `name` is; the linear is None for other tensors."""
     module_name, _, attr = name.rpartition(".")
     linear = net.get_submodule(module_name)
-    if attr != "weight" or type(linear) is not nn.Linear or weight.dtype != torch.bfloat16:
-        return False
-    parent, _, child = module_name.rpartition(".")
-    setattr(net.get_submodule(parent), child, PackedLinear(weight, linear.bias))  # the bias read already, or meta
-    return True
+    return module_name, linear if attr == "weight" and type(linear) is nn.Linear else None
 
 
 def _quantize_embedding(net: Model, name: str, weight: torch.Tensor | StoredTensor, mode: str,

@@ -112,7 +112,6 @@ def swap_in_layers(model: nn.Module, gptq: dict, tensor_names: Iterable[str]) ->
     modules = {canonical for name in tensor_names if name.endswith(".qweight")
                for canonical in canonical_modules(name.removesuffix(".qweight"), model.config)}
     for name in sorted(modules):
-        parent_name, _, attr = name.rpartition(".")
         try:
             linear = model.get_submodule(name)
         except AttributeError:
@@ -126,7 +125,7 @@ def swap_in_layers(model: nn.Module, gptq: dict, tensor_names: Iterable[str]) ->
                                dtype=linear.weight.dtype, device="meta", act_order=gptq["act_order"])
         else:
             layer = Int8Linear(*shape, dtype=linear.weight.dtype, device="meta")
-        setattr(model.get_submodule(parent_name), attr, layer)
+        model.set_submodule(name, layer)
     if "lm_head" in modules and model.config.tie_word_embeddings:
         model.config.tie_word_embeddings = False  # the head has its own (quantized) weights
     return model

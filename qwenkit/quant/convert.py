@@ -117,12 +117,10 @@ def _swap_linears(model: nn.Module, bits: int, group_size: int, lm_head_bits: in
         layer_bits = lm_head_bits if name == "lm_head" else bits
         if layer_bits is None:
             continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, attr)
+        linear = model.get_submodule(name)
         if layer_bits == 4 and linear.in_features % group_size:
             warnings.warn(f"{name} stays in float: its {linear.in_features} inputs are not a multiple of "
                           f"the int4 group size {group_size}", stacklevel=3)
             continue
         kwargs = {"group_size": group_size} if layer_bits == 4 else {}
-        setattr(parent, attr, make(LAYER_CLASSES[layer_bits], linear, kwargs))
+        model.set_submodule(name, make(LAYER_CLASSES[layer_bits], linear, kwargs))

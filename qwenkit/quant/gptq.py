@@ -79,9 +79,7 @@ def gptq_quantize_model(model: Model, calibration: torch.Tensor, bits: int = 4, 
                                   f"the int4 group size {group_size}", stacklevel=2)
                     continue
                 H = hessians[SHARED_INPUT.get(name, name)]
-                parent_name, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent_name), attr,
-                        gptq_linear(linear, H, bits, group_size, act_order, damp_percent))
+                block.set_submodule(name, gptq_linear(linear, H, bits, group_size, act_order, damp_percent))
             del hessians
             inputs = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(inputs, call_args)]
             advance()

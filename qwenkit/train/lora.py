@@ -101,8 +101,7 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         update = self.scaling * (self.lora_B.float() @ self.lora_A.float())
         if not isinstance(base, QuantizedLinear):
-            with torch.no_grad():
-                base.weight.copy_(base.weight.float() + update)
+            base.weight.copy_(base.weight.float() + update)
             return base
         weight = base.dequantize(torch.float32) + update
         dtype = base.scales.dtype
@@ -169,7 +168,7 @@ def apply_lora(model: Model, targets: str | Sequence[str] = "all-linear", r: int
     names = resolve_targets(model, targets)
     model.requires_grad_(False)
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora, dtype))
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora, dtype))
     _train_extras(model, train_embeddings, train_head)
     return model
 
@@ -182,11 +181,6 @@ def _train_extras(model: Model, embeddings: bool, head: bool) -> None:
         model.model.embed_tokens.weight.requires_grad_(True)
     if head:
         model.lm_head.weight.requires_grad_(True)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, module)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -204,7 +198,7 @@ def merge_lora(model: Model, quantized: bool = True) -> Model:
     leaves those unmerged instead, keeping their memory saving. Returns the model, all frozen."""
     for name, layer in lora_layers(model).items():
         if quantized or not isinstance(layer.base_layer, QuantizedLinear):
-            _replace(model, name, layer.merged())
+            model.set_submodule(name, layer.merged())
     return model.requires_grad_(False)
 
 
@@ -347,7 +341,7 @@ def load_adapter(model: Model, adapter_dir: str | Path) -> Model:
                                    "linear layers only")
             alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha_default)
             layer = LoRALinear(base, ab["A"].shape[0], alpha, 0.0, bool(config.get("use_rslora")))
-            _replace(model, name, layer)
+            model.set_submodule(name, layer)
         _copy(layer.lora_A, ab["A"], f"{name}.lora_A", adapter_dir)
         _copy(layer.lora_B, ab["B"], f"{name}.lora_B", adapter_dir)
     for name, tensor in replaced.items():
