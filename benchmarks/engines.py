@@ -30,7 +30,7 @@ def rss_mib() -> float:
 def weight_bytes(model, exclude_embedding: bool) -> int:
     """Bytes of the model's weights: its parameters, and qwenkit's packed bf16 linears (whose weights
     are held outside the parameters; a tied head's packed copy counts too)."""
-    from qwenkit.packed import PackedLinear
+    from qwenkit.packed import packed_bytes
 
     seen, total = set(), 0
     for name, p in model.named_parameters():
@@ -38,7 +38,7 @@ def weight_bytes(model, exclude_embedding: bool) -> int:
             continue
         seen.add(id(p))
         total += p.numel() * p.element_size()
-    return total + sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    return total + packed_bytes(model)
 
 
 def prompt_ids(n: int) -> list[int]:

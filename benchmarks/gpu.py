@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import qwenkit
+from qwenkit.bench import decode_bytes_per_token
 from qwenkit.config import ModelConfig
 from qwenkit.cuda_graphs import use_cuda_graphs
 from qwenkit.loading import build_model
@@ -64,13 +65,6 @@ def random_model(shape: str, device: torch.device, seed: int = 0) -> Model:
             else:
                 yield name, torch.randn(shape_, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
     return build_model(config, tensors(), torch.bfloat16, device, description=f"random {shape}")
-
-
-def weight_bytes(model: Model) -> int:
-    """Bytes a decode step reads: every parameter but the embedding table, which is only indexed
-    (unless the head is tied to it, when it is read whole)."""
-    skip = () if model.config.tie_word_embeddings else ("model.embed_tokens.",)
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith(skip))
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -147,7 +141,7 @@ def measure(model: Model, args, way: str) -> dict:
         "decode_tok_s": round(1 / per_token, 2),
         "ms_per_token": round(per_token * 1e3, 3),
         "first_step_ms": round(first["first_step_s"] * 1e3, 1),
-        "weight_gb_per_s": round(weight_bytes(model) / per_token / 1e9, 1),
+        "weight_gb_per_s": round(decode_bytes_per_token(model, 0) / per_token / 1e9, 1),
     })
     if model.device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(model.device) / 2**30, 2)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .generate import Decoder, Request
 from .model import Model
-from .packed import PackedLinear
+from .packed import packed_bytes
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -22,7 +22,7 @@ def decode_bytes_per_token(model: Model, context: int) -> int:
     head_reads_embedding = type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                   if n != "model.embed_tokens.weight" or head_reads_embedding)
-    weights += sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    weights += packed_bytes(model)
     c = model.config
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize * context
     return weights + kv
