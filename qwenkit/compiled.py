@@ -15,9 +15,12 @@ Inductor writes the KV cache in place because each layer's cache is a tensor of 
 while the layers were slices of one tensor, its code copied every layer's cache on every step.
 Measured: on an H100 (with CUDA graphs of the compiled step) a Qwen-7B-shaped model decodes at 141-143
 tok/s in bf16 against 118 for graphs of the eager step, and int4 at 250 against 207, after a 45-160 s
-compile; on our 2-core CPU the compiled int4 step of the demo model runs as fast as eager (54-55 vs
-52-57 tok/s) after a 30-110 s compile, and the bf16 one slower (22.6 vs ~29 tok/s), because it runs
-on plain weights where eager uses oneDNN-packed ones (qwenkit/packed.py). So it stays opt-in.
+compile; on our 2-core CPU the compiled step of the demo model takes 15.5 ms a token in int4 against
+16.9 eager, and 21.0 against 22.8 in int8, after a 20-120 s compile, while the bf16 one is slower
+(40-50 against 25 ms), because it runs on plain weights where eager uses oneDNN-packed ones
+(qwenkit/packed.py). So it stays opt-in. The quantized linears hand their kernels' tensors over as
+frozen Parameters, whose shapes dynamic=True keeps static (quant.linear._operands): as plain tensors
+their ~430 sizes were symbols, and the compiled int4 step was no faster than eager.
 
 Sizes that change between steps (cached positions, batch rows, each Decoder's cache length) are
 compiled as symbols, so one warm-up covers them: batch 1, plus a batch of several rows for a server.

@@ -31,7 +31,10 @@ class JointWeights:
     """
 
     def __init__(self, linears: tuple[nn.Linear, ...], weight: torch.Tensor, bias: torch.Tensor | None):
-        self.linears, self.weight, self.bias = linears, weight, bias
+        # Frozen Parameters because torch.compile(dynamic=True) keeps a Parameter's shape static (see
+        # quant.linear._operands); requires_grad=False as training never takes the joint product.
+        self.weight, self.bias = (None if t is None else nn.Parameter(t, requires_grad=False) for t in (weight, bias))
+        self.linears = linears
         self.params = tuple(p for m in linears for p in (m.weight, m.bias) if p is not None)
         self.addresses = tuple(p.data_ptr() for p in self.params)
 

@@ -35,7 +35,7 @@ from ..model import Model
 from ..packed import unpack_linears
 from ..progress import progress
 from .convert import _check, quantize_model
-from .linear import Int4Linear, Int8Linear, pack_int4
+from .linear import Int4Linear, Int8Linear, frozen, pack_int4
 from .rtn import quantize_int4, quantize_int8
 
 DAMP_PERCENT = 0.01
@@ -141,13 +141,13 @@ def gptq_linear(linear: nn.Linear, H: torch.Tensor, bits: int = 4, group_size: i
     dtype, device = linear.weight.dtype, linear.weight.device
     if bits == 4:
         layer = Int4Linear(k, n, linear.bias is not None, group_size, dtype, "meta")
-        layer.qweight, layer.zeros = _frozen(pack_int4(q)), _frozen(zeros)
+        layer.qweight, layer.zeros = frozen(pack_int4(q)), frozen(zeros)
     else:
         layer = Int8Linear(k, n, linear.bias is not None, dtype, "meta")
-        layer.weight = _frozen(q)
-    layer.scales = _frozen(scales)
+        layer.weight = frozen(q)
+    layer.scales = frozen(scales)
     if linear.bias is not None:
-        layer.bias = _frozen(linear.bias.detach())
+        layer.bias = frozen(linear.bias.detach())
     return layer.to(device)
 
 
@@ -226,7 +226,3 @@ def _inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> torch.Tenso
                            "use more (or more varied) calibration data")
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-
-
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=False)

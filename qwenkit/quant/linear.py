@@ -50,10 +50,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
-def _frozen(t: torch.Tensor) -> nn.Parameter:
+def frozen(t: torch.Tensor) -> nn.Parameter:
     # Parameters (not buffers) so loaders that assign by parameter name and byte counts over
     # named_parameters() see the quantized tensors like any other weight.
     return nn.Parameter(t, requires_grad=False)
+
+
+def _operands(*tensors: torch.Tensor | None) -> tuple:
+    """A kernel's prepared tensors as frozen Parameters. torch.compile(dynamic=True) keeps the shape of
+    a Parameter static; a plain tensor captured by the kernel would make each of its sizes a symbol
+    that every compiled step's guards check and its wrapper passes (~430 for the demo at int4: the
+    compiled step took 16.9 ms instead of 15.5, and longer to compile)."""
+    return tuple(t if t is None or isinstance(t, nn.Parameter) else frozen(t) for t in tensors)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +89,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         if bias:
-            self.bias = _frozen(torch.empty(out_features, dtype=dtype, device=device))
+            self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
         self._kernel: tuple[torch.dtype, Callable | None] | None = None  # activation dtype, fast kernel
@@ -140,7 +148,7 @@ class QuantizedLinear(nn.Module):
             return None
         merged = copy.copy(self)
         merged._parameters = {name: None if value is None else
-                              _frozen(torch.cat([layer._parameters[name] for layer in layers]))
+                              frozen(torch.cat([layer._parameters[name] for layer in layers]))
                               for name, value in self._parameters.items()}
         merged.out_features = sum(layer.out_features for layer in layers)
         merged._kernel = merged._fused = None
@@ -222,8 +230,8 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
-        self.weight = _frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.scales = _frozen(torch.empty(out_features, dtype=dtype, device=device))
+        self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.scales = frozen(torch.empty(out_features, dtype=dtype, device=device))
 
     @classmethod
     @torch.no_grad()
@@ -232,9 +240,9 @@ class Int8Linear(QuantizedLinear):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     scale_dtype or linear.weight.dtype, "meta")
         q, scales = quantize_int8(linear.weight, layer.scales.dtype)
-        layer.weight, layer.scales = _frozen(q), _frozen(scales)
+        layer.weight, layer.scales = frozen(q), frozen(scales)
         if linear.bias is not None:
-            layer.bias = _frozen(linear.bias.detach())
+            layer.bias = frozen(linear.bias.detach())
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
@@ -245,7 +253,7 @@ class Int8Linear(QuantizedLinear):
             return None
         if dtype == torch.bfloat16 and self.in_features % 16:
             return None  # the AVX-512 bf16 path reads K 16 at a time and returns garbage otherwise
-        weight, scales, bias = _aligned(self.weight), self.scales.to(dtype), self._bias_in(dtype)
+        weight, scales, bias = _operands(_aligned(self.weight), self.scales.to(dtype), self._bias_in(dtype))
 
         def run(x):
             y = aten._weight_int8pack_mm(_aligned(x), weight, scales)
@@ -277,11 +285,11 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, dtype, device)
         self.group_size = group_size
         groups = in_features // group_size
-        self.qweight = _frozen(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.scales = _frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
-        self.zeros = _frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.qweight = frozen(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.scales = frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.zeros = frozen(torch.empty(out_features, groups, dtype=dtype, device=device))
         if act_order:
-            self.perm = _frozen(torch.empty(in_features, dtype=torch.int32, device=device))
+            self.perm = frozen(torch.empty(in_features, dtype=torch.int32, device=device))
         else:
             self.register_parameter("perm", None)
 
@@ -293,9 +301,9 @@ class Int4Linear(QuantizedLinear):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
                     scale_dtype or linear.weight.dtype, "meta")
         q, scales, zeros = quantize_int4(linear.weight, group_size, layer.scales.dtype)
-        layer.qweight, layer.scales, layer.zeros = _frozen(pack_int4(q)), _frozen(scales), _frozen(zeros)
+        layer.qweight, layer.scales, layer.zeros = frozen(pack_int4(q)), frozen(scales), frozen(zeros)
         if linear.bias is not None:
-            layer.bias = _frozen(linear.bias.detach())
+            layer.bias = frozen(linear.bias.detach())
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
@@ -326,9 +334,10 @@ class Int4Linear(QuantizedLinear):
         # the activation dtype. Ours is (q − zero)·scale, so offset = (8 − zero)·scale.
         scales, zeros = self.scales.float(), self.zeros.float()
         scale_and_offset = torch.stack((scales, (8 - zeros) * scales), dim=-1).transpose(0, 1)
-        scale_and_offset = scale_and_offset.to(dtype).contiguous()
-        group_size, bias = self.group_size, self._bias_in(dtype)
-        perm = None if self.perm is None else self.perm.long()
+        packed, scale_and_offset, bias, perm = _operands(packed, scale_and_offset.to(dtype).contiguous(),
+                                                          self._bias_in(dtype),
+                                                          None if self.perm is None else self.perm.long())
+        group_size = self.group_size
 
         def run(x):
             x = x.contiguous() if perm is None else x.index_select(-1, perm)
