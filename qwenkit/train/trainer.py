@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..allocator import keep_all_freed_memory
 from ..errors import QwenkitError
 from ..progress import bars_enabled, progress
 from .checkpoint import (
@@ -48,6 +48,7 @@ from .checkpoint import (
 )
 from .data import Example, collate, predicting_positions
 from .distributed import SingleProcess
+from .loss import cross_entropy
 
 HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s")
 
@@ -129,6 +130,8 @@ class Trainer:
         warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(
             config.warmup_ratio * self.total_steps)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_all_freed_memory()
         seed_everything(config.seed + rank)
         model.model.gradient_checkpointing = config.gradient_checkpointing
         model.train()
@@ -176,7 +179,7 @@ class Trainer:
             with self.autocast():
                 logits = self.backend.forward(ids, at)
             # A batch with no labels adds nothing (but still runs, for FSDP's collectives).
-            mean = F.cross_entropy(logits.float(), targets) if count else logits.sum() * 0
+            mean = cross_entropy(logits, targets) if count else logits.sum() * 0
             # Gradients are averaged over processes, hence * world: the sum over every token / all tokens.
             self.backend.backward(mean * (count * world / max(label_tokens, 1)), i == len(batches) - 1)
             loss_sum += float(mean.detach()) * count
@@ -202,7 +205,7 @@ class Trainer:
             with self.autocast():
                 logits = self.backend.forward(ids, at)
             if chunk and len(targets):
-                loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+                loss = cross_entropy(logits, targets, reduction="sum")
                 sums += torch.tensor([float(loss), len(targets)], dtype=torch.float64)
         self.model.train()
         total, count = self.backend.all_reduce(sums).tolist()
