@@ -269,6 +269,9 @@ def test_lora_dropout_drops_at_its_rate_and_keeps_the_mean():
     y = dropout(x)
     assert abs(float((y == 0).float().mean()) - 0.05) < 0.002
     assert abs(float(y.mean()) - 1) < 0.01 and float(y.max()) == pytest.approx(1 / (1 - 1638 / 32768))
+    dropped = (y == 0).flatten().view(-1, 4).float().mean(0)  # each of a random word's four fields
+    assert (dropped - 0.05).abs().max() < 0.003, dropped
     torch.manual_seed(0)
     assert torch.equal(dropout(x), y)  # the global seed reproduces it
+    assert dropout(torch.ones(3, 7)).shape == (3, 7)  # a size that is no multiple of four
     assert dropout.eval()(x) is x
