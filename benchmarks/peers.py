@@ -3,7 +3,7 @@
     python benchmarks/peers.py [--prompt-tokens 512] [--new-tokens 128] [--rounds 3] [--compile]
 
 Rows: qwenkit bf16, int8 and int4 (with --compile also int8/int4 with the compiled decode step:
-on our 2-core CPU they tie with eager after a compile of a minute or two), transformers bf16, and
+on our 2-core CPU ~9 % faster than eager after a compile of 20 s to 2 minutes), transformers bf16, and
 llama.cpp on the GGUF file as it is (Q4_K_M) through llama-cpp-python when that is installed.
 Each row: prefill tok/s (512-token prompt, best of 3), time to first token, decode tok/s (128
 greedy tokens, eos ignored), achieved GB/s, peak RSS, each the best over --rounds runs of every
