@@ -29,13 +29,14 @@ compiled as symbols, so one warm-up covers them: batch 1, plus a batch of severa
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch.fx.experimental import _config as fx_config
 
 from .model import Model
-from .packed import unpack_linears
+from .packed import PackedLinear, unpack_linears
 
 
 def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper: bool | None = None) -> float:
@@ -46,6 +47,10 @@ def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper:
     if net.compiled_decode_blocks is not None:
         return 0.0
     start = time.perf_counter()
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        warnings.warn("the compiled step runs this model's bf16 weights unpacked, which on a CPU is slower than "
+                      "eager with the packed ones (the demo: 40-50 against 25 ms a token); drop --compile "
+                      "unless `qwenkit bench --compile` shows a gain here", stacklevel=2)
     unpack_linears(model)  # oneDNN's packed weights are opaque to the tracer
     _warm_up(model, 1)  # eager: quantized linears prepare their kernels outside the trace
     if cpp_wrapper is None:
