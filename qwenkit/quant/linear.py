@@ -246,7 +246,7 @@ class Int8Linear(QuantizedLinear):
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        return self.weight[rows].to(dtype) * self.scales[rows].to(dtype)[:, None]
+        return self.weight[rows].to(dtype).mul_(self.scales[rows].to(dtype)[:, None])
 
     def _build_kernel(self, device, dtype):
         if device.type != "cpu" or dtype not in FLOAT_DTYPES or not hasattr(aten, "_weight_int8pack_mm"):
@@ -310,7 +310,9 @@ class Int4Linear(QuantizedLinear):
         q = unpack_int4(self.qweight[rows])
         n, k, g = q.shape[0], self.in_features, self.group_size
         scales, zeros = self.scales[rows].to(dtype)[..., None], self.zeros[rows].to(dtype)[..., None]
-        weight = ((q.view(n, k // g, g).to(dtype) - zeros) * scales).reshape(n, k)
+        # In place on the one float copy: a prefill dequantizes every layer, and each temporary of
+        # a weight's size is memory traffic (2-4x slower for the same rounding).
+        weight = q.view(n, k // g, g).to(dtype).sub_(zeros).mul_(scales).reshape(n, k)
         if self.perm is not None:  # stored column j is input perm[j]
             weight = torch.empty_like(weight).index_copy_(1, self.perm.long(), weight)
         return weight
