@@ -1,7 +1,7 @@
 """One engine, one measurement, in a fresh process so peak RSS belongs to that engine alone.
 
     python benchmarks/engines.py ENGINE DTYPE [--prompt-tokens 512] [--new-tokens 128]
-                                 [--quantize int8|int4] [--compile]
+                                 [--model DIR] [--quantize int8|int4] [--compile]
 
 ENGINE is qwenkit, transformers or llama.cpp (llama-cpp-python, with DTYPE gguf: the file's own
 Q4_K_M blocks); prints one JSON object: load_s, prefill_tok_s (best of 3), ttft_s, decode_tok_s
@@ -45,7 +45,8 @@ def prompt_ids(n: int) -> list[int]:
     return torch.randint(1000, 20000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def run_qwenkit(dtype: str, n_prompt: int, n_new: int, quantize: str | None = None, compile: bool = False) -> dict:
+def run_qwenkit(dtype: str, n_prompt: int, n_new: int, quantize: str | None = None, compile: bool = False,
+                source: str = "demo") -> dict:
     import qwenkit
     from qwenkit.bench import run_bench
     from qwenkit.loading.demo import demo_gguf_path
@@ -53,7 +54,7 @@ def run_qwenkit(dtype: str, n_prompt: int, n_new: int, quantize: str | None = No
     demo_gguf_path()  # assemble outside the timed load
     rss_before = rss_mib()
     start = time.perf_counter()
-    model, tokenizer = qwenkit.load("demo", dtype=dtype, device="cpu", quantize=quantize)
+    model, tokenizer = qwenkit.load(source, dtype=dtype, device="cpu", quantize=quantize)
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mib()
     extra = {"compile_s": qwenkit.compile_decode(model)} if compile else {}
@@ -147,12 +148,13 @@ def _timed(fn) -> float:
 
 
 def measure(engine: str, dtype: str, n_prompt: int = 512, n_new: int = 128, quantize: str | None = None,
-            compile: bool = False) -> dict:
+            compile: bool = False, model: str | None = None) -> dict:
     """Run one engine in a child process and return its JSON result (with an `error` on failure)."""
     cmd = [sys.executable, __file__, engine, dtype, "--prompt-tokens", str(n_prompt), "--new-tokens", str(n_new)]
     cmd += (["--quantize", quantize] if quantize else []) + (["--compile"] if compile else [])
+    cmd += ["--model", model] if model else []
     meta = {"engine": engine, "dtype": dtype, **({"quantize": quantize} if quantize else {}),
-            **({"compile": True} if compile else {})}
+            **({"compile": True} if compile else {}), **({"model": model} if model else {})}
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         return {**meta, "error": out.stderr.strip().splitlines()[-1:]}
@@ -173,13 +175,14 @@ if __name__ == "__main__":
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--quantize", choices=["int8", "int4"], help="qwenkit only")
     parser.add_argument("--compile", action="store_true", help="qwenkit only: compile the decode step")
+    parser.add_argument("--model", default="demo", help="qwenkit only: what qwenkit.load takes (default demo)")
     a = parser.parse_args()
-    if (a.quantize or a.compile) and a.engine != "qwenkit":
-        parser.error("--quantize and --compile are qwenkit options")
+    if (a.quantize or a.compile or a.model != "demo") and a.engine != "qwenkit":
+        parser.error("--quantize, --compile and --model are qwenkit options")
     if (a.engine == "llama.cpp") != (a.dtype == "gguf"):
         parser.error("llama.cpp runs the GGUF file as it is (dtype gguf); the others take bfloat16 or float32")
     if a.engine == "qwenkit":
-        result = run_qwenkit(a.dtype, a.prompt_tokens, a.new_tokens, a.quantize, a.compile)
+        result = run_qwenkit(a.dtype, a.prompt_tokens, a.new_tokens, a.quantize, a.compile, a.model)
     else:
         run = run_transformers if a.engine == "transformers" else run_llama_cpp
         result = run(a.dtype, a.prompt_tokens, a.new_tokens)

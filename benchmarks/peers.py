@@ -1,10 +1,13 @@
 """qwenkit's decode paths next to its peers on the demo model, one run, each engine in its own process.
 
     python benchmarks/peers.py [--prompt-tokens 512] [--new-tokens 128] [--rounds 3] [--compile]
+                               [--checkpoint DIR ...]
 
 Rows: qwenkit bf16, int8 and int4 (with --compile also int8/int4 with the compiled decode step:
 on our 2-core CPU ~9 % faster than eager after a compile of 20 s to 2 minutes), transformers bf16, and
 llama.cpp on the GGUF file as it is (Q4_K_M) through llama-cpp-python when that is installed.
+--checkpoint adds a row for a checkpoint `qwenkit quantize` wrote (e.g. GPTQ group 32 with an int4
+head, the int4 recipe within the quality goal), compiled too with --compile.
 Each row: prefill tok/s (512-token prompt, best of 3), time to first token, decode tok/s (128
 greedy tokens, eos ignored), achieved GB/s, peak RSS, each the best over --rounds runs of every
 engine in turn (every run's decode and prefill stay in the JSON); qwenkit rows add their decode
@@ -29,17 +32,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--compile", action="store_true", help="add int8/int4 rows with the compiled decode step")
+    parser.add_argument("--compile", action="store_true", help="add a row with the compiled decode step for each quantized row")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                        help="also measure this quantized checkpoint of the demo model (repeatable)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="run every engine this many times, taking turns, and keep each one's best "
                              "figures: on a shared machine a slow minute then hurts no engine alone (default 3)")
     args = parser.parse_args()
     n = (args.prompt_tokens, args.new_tokens)
 
-    ours = [("qwenkit bf16", None, False), ("qwenkit int8", "int8", False), ("qwenkit int4", "int4", False)]
+    ours = [("qwenkit bf16", {}), ("qwenkit int8", {"quantize": "int8"}), ("qwenkit int4", {"quantize": "int4"})]
+    ours += [(f"qwenkit {Path(d).name}", {"model": d}) for d in args.checkpoint]
     if args.compile:
-        ours += [("qwenkit int8 compiled", "int8", True), ("qwenkit int4 compiled", "int4", True)]
-    engines = [(name, "qwenkit", "bfloat16", {"quantize": q, "compile": c}) for name, q, c in ours]
+        ours += [(f"{name} compiled", {**options, "compile": True}) for name, options in ours if options]
+    engines = [(name, "qwenkit", "bfloat16", options) for name, options in ours]
     engines.append(("transformers bf16", "transformers", "bfloat16", {}))
     if importlib.util.find_spec("llama_cpp") is None:
         print(LLAMA_CPP_MISSING)
