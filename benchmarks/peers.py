@@ -3,8 +3,8 @@
     python benchmarks/peers.py [--prompt-tokens 512] [--new-tokens 128] [--rounds 3] [--compile]
                                [--checkpoint DIR ...]
 
-Rows: qwenkit bf16, int8 and int4 (with --compile also int8/int4 with the compiled decode step:
-on our 2-core CPU ~9 % faster than eager after a compile of 20 s to 2 minutes), transformers bf16, and
+Rows: qwenkit bf16, int8 and int4 (with --compile also each quantized row with the compiled decode
+step: on our 2-core CPU 5-10 % faster than eager after a compile of 20 s to 2 minutes), transformers bf16, and
 llama.cpp on the GGUF file as it is (Q4_K_M) through llama-cpp-python when that is installed.
 --checkpoint adds a row for a checkpoint `qwenkit quantize` wrote (e.g. GPTQ group 32 with an int4
 head, the int4 recipe within the quality goal), compiled too with --compile.
@@ -32,7 +32,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--compile", action="store_true", help="add a row with the compiled decode step for each quantized row")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row with the compiled decode step for each quantized row")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
                         help="also measure this quantized checkpoint of the demo model (repeatable)")
     parser.add_argument("--rounds", type=int, default=3,
