@@ -14,14 +14,13 @@ that figure is under the bf16 ceiling. Results go to benchmarks/results/prefill-
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engines import measure, report  # noqa: E402
+from engines import _timed, measure, report  # noqa: E402
 
 
 def layer_shapes(cfg) -> list[tuple[int, int]]:
@@ -32,13 +31,8 @@ def layer_shapes(cfg) -> list[tuple[int, int]]:
 
 
 def best_seconds(fn, repeats: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    fn()  # warm-up: oneDNN picks and caches its kernel on the first call
+    return min(_timed(fn) for _ in range(repeats))
 
 
 def bf16_gemm(t: int, k: int, n: int) -> float:
