@@ -4,6 +4,11 @@
 prefilled into its own cache row, then every active row decodes together in one batched forward
 per step. Finished rows leave between steps and their slot is reused. `generate`,
 `stream_generate`, the chat API, the CLI, the server engine and the evaluations all drive it.
+
+On a GPU each step is queued one step ahead: the forward that consumes a token is launched
+before that token is read back to the host, so the host's work per step (reading tokens,
+detokenizing, stop strings, the caller's own) runs while the GPU computes the next one. A row
+that stops then has had one step computed for nothing.
 """
 
 from __future__ import annotations
@@ -63,16 +68,50 @@ class _Row:
         return (self.request.prompt_ids + self.output)[:self.pos - 1]
 
 
+@dataclass
+class _Sampled:
+    """One step's draws, for the rows that were active when it was launched."""
+    rows: list[_Row]
+    tokens: torch.Tensor
+    chosen: torch.Tensor | None = None  # the tokens' logprobs
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None  # on a GPU: when the copies to the host are done
+
+    def copy_to_host(self) -> None:
+        """Queue the draws' copies to the host right behind the step that made them. A read of
+        the GPU's tensors would be queued behind whatever step was launched since, and wait for it."""
+        if not self.tokens.is_cuda:
+            return
+        for name in ("tokens", "chosen", "top_values", "top_ids"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to("cpu", non_blocking=True))  # into pinned memory
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+    def lists(self) -> tuple[list | None, ...]:
+        """tokens, chosen, top_values, top_ids as lists (waiting for the copies)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return tuple(None if t is None else t.tolist() for t in (self.tokens, self.chosen, self.top_values, self.top_ids))
+
+
 class Decoder:
     """Continuous batching over the rows of one KV cache.
 
     Active sequences occupy rows [0, len(rows)). A finished sequence's row keeps its keys and
     values, and `add` starts a new request in the free row that shares the longest prefix with
     its prompt, so a conversation's next turn prefills only what is new.
+
+    `ahead` (default: on a GPU) queues each decode step before the previous one's tokens are read
+    (see the module's docstring); on the CPU a forward runs as it is called, so nothing overlaps.
     """
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 1, max_len: int | None = None):
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 1, max_len: int | None = None,
+                 ahead: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.ahead = model.device.type == "cuda" if ahead is None else ahead
+        self.queued: _Sampled | None = None  # the step launched ahead, its tokens not yet read
         self.max_len = min(max_len or model.config.context_length, model.config.context_length)
         self.cache = model.new_cache(max_batch, self.max_len)
         self.rows: list[_Row] = []
@@ -104,19 +143,26 @@ class Decoder:
         self.rows.append(row)
         self._reset_history(slot, request)
         ids = torch.tensor([request.prompt_ids[reuse:]], device=self.model.device)
-        logits = self.model(ids, torch.arange(reuse, len(request.prompt_ids), device=ids.device),
-                            self.cache.rows(slot, slot + 1), last_only=True)
-        return row, self._advance(slot, slot + 1, logits[:, -1])[0][1]
+        logits = self.model(ids, torch.arange(reuse, len(request.prompt_ids)), self.cache.rows(slot, slot + 1),
+                            last_only=True)
+        return row, self._emit(self._sample(slot, slot + 1, logits[:, -1]))[0][1]
 
     @torch.inference_mode()
     def step(self) -> list[tuple[_Row, Delta]]:
-        """One batched decode step for every active row; finished rows are removed afterwards."""
-        n = len(self.rows)
-        if not n:
+        """One batched decode step for every active row; finished rows are removed afterwards.
+
+        Ahead, the deltas returned are those of the step queued by the previous call (rows added
+        since then get theirs from the next call), and the next step is queued before they are read."""
+        if not self.rows:
             return []
-        pos = torch.tensor([[r.pos - 1] for r in self.rows], device=self.model.device)
-        logits = self.model(self.last_tokens[:n, None], pos, self.cache.rows(0, n))
-        return self._advance(0, n, logits[:, -1])
+        if not self.ahead:
+            return self._emit(self._decode())
+        active = {id(r) for r in self.rows}
+        current = self.queued
+        if current is None or not any(id(r) in active for r in current.rows):
+            current = self._decode()
+        self.queued = self._decode(unread=current) if self._continues(current) else None
+        return self._emit(current)
 
     def cancel(self, row: _Row) -> None:
         """Drop a sequence (e.g. its client went away); its slot is free for the next add."""
@@ -124,6 +170,24 @@ class Decoder:
             self._remove(self.rows.index(row))
 
     # ------------------------------------------------------------------ internals
+    def _decode(self, unread: _Sampled | None = None) -> _Sampled:
+        """Launch one batched decode step for every active row and sample it on the device.
+
+        A row's input is its newest token: at position pos - 1 once emitted, at pos while it is
+        still `unread` (sampled by a step whose tokens the host has not read yet)."""
+        ahead = {id(r) for r in unread.rows} if unread is not None else set()
+        pos = torch.tensor([[r.pos if id(r) in ahead else r.pos - 1] for r in self.rows])  # on the host: see model.py
+        n = len(self.rows)
+        logits = self.model(self.last_tokens[:n, None], pos, self.cache.rows(0, n))
+        return self._sample(0, n, logits[:, -1])
+
+    def _continues(self, current: _Sampled) -> bool:
+        """Whether a step is worth queueing after `current`: not when every active row's token in
+        it is that row's last by its length limits."""
+        last = {id(r) for r in current.rows
+                if len(r.output) + 1 >= r.request.max_new_tokens or r.pos + 1 >= self.max_len}
+        return any(id(r) not in last for r in self.rows)
+
     def _take_best_free_row(self, prompt: list[int]) -> int:
         """Move the free row sharing the longest prefix with `prompt` to the next active slot;
         return how many prompt tokens it already holds (at least one token is always recomputed)."""
@@ -144,7 +208,9 @@ class Decoder:
         return reuse
 
     def _swap(self, a: int, b: int) -> None:
-        """Exchange two cache rows (keys, values, NTK alpha, and the record of what they hold)."""
+        """Exchange two cache rows (keys, values, NTK alpha, and the record of what they hold).
+        An active row's cache is written below its `pos`, by a step queued ahead too; the copies are
+        queued after such a step, on the same stream, so they move what it writes."""
         n = max(len(self.slot_tokens[a]), len(self.slot_tokens[b]),
                 *(r.pos for r in (self.rows[i] for i in (a, b) if i < len(self.rows))))
         for t in self.cache.k + self.cache.v:
@@ -161,9 +227,9 @@ class Decoder:
         if self.history is not None:
             self.history.reset_row(slot, request.prompt_ids)
 
-    def _advance(self, start: int, stop: int, logits: torch.Tensor) -> list[tuple[_Row, Delta]]:
-        """Sample the next token of rows [start, stop) from their logits and emit their deltas."""
-        slots = range(start, stop)
+    def _sample(self, start: int, stop: int, logits: torch.Tensor) -> _Sampled:
+        """Sample the next token of rows [start, stop) from their logits, on the device: nothing
+        here waits for the forward to finish."""
         rows = self.rows[start:stop]
         params = [r.request.params for r in rows]
         history = None if self.history is None else self.history.rows(start, stop)
@@ -171,30 +237,41 @@ class Decoder:
         logits[:, self.tokenizer.vocab_size:] = float("-inf")  # the head's padding rows are not tokens
         logits = process_logits(logits, params, history)
         tokens = sample(logits, params, [r.generator for r in rows])
-        want_logprobs = any(r.request.logprobs for r in rows)
-        top_n = max(r.request.top_logprobs for r in rows)
-        chosen, top_vals, top_ids = logprobs_of(logits, tokens, top_n) if want_logprobs else (None, None, None)
+        sampled = _Sampled(rows, tokens)
+        if any(r.request.logprobs for r in rows):
+            top_n = max(r.request.top_logprobs for r in rows)
+            sampled.chosen, sampled.top_values, sampled.top_ids = logprobs_of(logits, tokens, top_n)
         if history is not None:
             history.add(tokens)
         self.last_tokens[start:stop] = tokens
+        sampled.copy_to_host()
+        return sampled
 
+    def _emit(self, sampled: _Sampled) -> list[tuple[_Row, Delta]]:
+        """Read a step's tokens on the host and emit each row's delta; finished rows leave.
+        Rows cancelled since the step was launched are skipped."""
+        tokens, chosen, top_values, top_ids = sampled.lists()
+        active = {id(r) for r in self.rows}
         events, finished = [], []
-        for i, (slot, row) in enumerate(zip(slots, rows)):
-            token = int(tokens[i])
-            delta = self._emit(row, token)
+        for i, row in enumerate(sampled.rows):
+            if id(row) not in active:
+                continue
+            delta = self._delta(row, tokens[i])
             if row.request.logprobs:
-                delta.logprob = float(chosen[i])
-                if row.request.top_logprobs:
-                    delta.top_logprobs = list(zip(top_ids[i, :row.request.top_logprobs].tolist(),
-                                                  top_vals[i, :row.request.top_logprobs].tolist()))
+                n = row.request.top_logprobs
+                delta.logprob = chosen[i]
+                if n:
+                    delta.top_logprobs = list(zip(top_ids[i][:n], top_values[i][:n]))
             events.append((row, delta))
             if delta.finish_reason:
-                finished.append(slot)
-        for slot in sorted(finished, reverse=True):
+                finished.append(row)
+        # Only once every row has advanced: a row's slot may then move, and a step queued ahead
+        # writes below each row's `pos` (see _swap).
+        for slot in sorted((self.rows.index(r) for r in finished), reverse=True):
             self._remove(slot)
         return events
 
-    def _emit(self, row: _Row, token: int) -> Delta:
+    def _delta(self, row: _Row, token: int) -> Delta:
         req = row.request
         row.pos += 1
         if token in req.stop_token_ids:

@@ -7,6 +7,8 @@ parallelism are applied from outside by swapping modules; nothing here knows abo
 Positions are explicit: every forward takes `input_pos` ([T] shared by the batch, or [B, T]
 per row) and, when a `KVCache` is passed, writes keys and values at those positions and attends
 to everything the cache holds up to them. Prefill and single-token decode are the same call.
+Positions may stay on the host (a CPU tensor) for a GPU model: the forward reads how far it
+attends from them, so a decode loop can queue its next step without waiting for the last.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class KVCache:
     One tensor per layer rather than a slice of a shared one: torch.compile writes a whole tensor
     it is passed in place, but copies the whole of one that a write reaches through a view.
     `ntk_alpha` holds each row's dynamic-NTK alpha, fixed when that row is prefilled and reused by
-    its decode steps (Qwen v1 semantics).
+    its decode steps (Qwen v1 semantics), on the host.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
@@ -48,7 +50,8 @@ class KVCache:
         shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
+        # On the host: every step reads it there, and a copy from the GPU would wait for the GPU.
+        self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32)
         self.max_len = self.length = max_len
         # What a decode runner keeps for this cache's memory (CUDA graphs that read and write it);
         # shared by its views, gone with the cache.
@@ -275,18 +278,22 @@ class Transformer(nn.Module):
         if input_pos is None:
             if cache is not None:
                 raise ValueError("a forward with a KVCache needs input_pos (the positions to write)")
-            input_pos = torch.arange(T, device=tokens.device)
+            input_pos = torch.arange(T)
+        # What is decided from the positions is read from them where the caller keeps them (on the
+        # host, no wait for the GPU); the arithmetic uses a device copy (from the host, queued).
+        host_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+        input_pos = input_pos.to(tokens.device, non_blocking=True)
         # Rows that share their positions (batch 1, prefill) write the cache with one index_copy_.
         write_pos = input_pos if input_pos.dim() == 1 else input_pos[0] if B == 1 else input_pos
         input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
         if cache is not None:
-            kv_len = int(input_pos.max()) + 1  # the cached positions this forward attends to
+            kv_len = int(host_pos.max()) + 1  # the cached positions this forward attends to
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} is past the KV cache length {cache.max_len}")
 
-        alphas = self._ntk_alphas(input_pos, cache)
+        alphas = self._ntk_alphas(host_pos, cache)
         rope = self.rotary(input_pos, alphas)
-        q_scale = self._logn_scale(input_pos)
+        q_scale = self._logn_scale(input_pos, host_pos)
         mask = None
         if cache is not None:
             if T == 1 and self.decode_runner is not None:
@@ -326,18 +333,17 @@ class Transformer(nn.Module):
         if cache is not None and not is_prefill:
             return cache.ntk_alpha
         lengths = input_pos.max(dim=1).values + 1
-        alphas = torch.tensor([ntk_alpha(int(n), cfg.seq_length) for n in lengths.tolist()],
-                              dtype=torch.float32, device=input_pos.device)
+        alphas = torch.tensor([ntk_alpha(int(n), cfg.seq_length) for n in lengths.tolist()], dtype=torch.float32)
         if cache is not None:
             cache.ntk_alpha.copy_(alphas)
         return alphas
 
-    def _logn_scale(self, input_pos: torch.Tensor) -> torch.Tensor | None:
+    def _logn_scale(self, input_pos: torch.Tensor, host_pos: torch.Tensor) -> torch.Tensor | None:
         """Qwen v1 LogN (spec §2.4): q *= log(p+1)/log(seq_length) for positions past seq_length."""
         cfg = self.config
         if not cfg.use_logn_attn or self.training or cfg.seq_length is None:
             return None
-        if int(input_pos.max()) + 1 <= cfg.seq_length:
+        if int(host_pos.max()) + 1 <= cfg.seq_length:
             return None
         return logn_scale(input_pos, cfg.seq_length)[:, None, :, None]
 

@@ -1,5 +1,7 @@
 """The decode loop: stops, streaming, batching, seeds, logprobs, context limits."""
 
+import copy
+
 import pytest
 import torch
 
@@ -145,3 +147,80 @@ def test_prefix_reuse_gives_the_same_tokens(tiny, tok):
     assert row.cached_tokens == len(first.prompt_ids) + len(out) - 1  # everything but the last sampled token
     fresh = _run(Decoder(tiny, tok, max_batch=1, max_len=128), follow)[1]
     assert reused == fresh and other in decoder.rows
+
+
+def _drive(model, tok, requests, ahead, cancel=None):
+    """Run `requests` through one two-row Decoder, adding each as a row frees up and cancelling
+    request `cancel` once it has three deltas; each request's deltas as tuples."""
+    from qwenkit.generate import Decoder
+
+    decoder = Decoder(model, tok, max_batch=2, max_len=128, ahead=ahead)
+    waiting, out, index = list(enumerate(requests)), {}, {}
+
+    def record(row, d):
+        out.setdefault(index[id(row)], []).append((d.text, d.token_id, d.finish_reason, d.logprob, d.top_logprobs))
+
+    while waiting or decoder.rows:
+        while waiting and decoder.free_slots:
+            i, request = waiting.pop(0)
+            row, delta = decoder.add(request)
+            index[id(row)] = i
+            record(row, delta)
+        for row, delta in decoder.step():
+            record(row, delta)
+        for row in decoder.rows:
+            if index[id(row)] == cancel and len(out[cancel]) >= 3:
+                decoder.cancel(row)
+    return [out[i] for i in range(len(requests))]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_decoding_ahead_gives_what_stepwise_decoding_gives(tiny, tok, device):
+    """The GPU's queued-ahead loop (forced on, on the CPU): the same deltas through stops, cancels,
+    adds into freed rows, prefix reuse, penalties, seeds and logprobs."""
+    from qwenkit.cuda_graphs import use_cuda_graphs
+    from qwenkit.generate import make_request
+
+    if device == "cuda":
+        tiny = copy.deepcopy(tiny).to(device)
+        use_cuda_graphs(tiny)
+    greedy = qwenkit.generate(tiny, tok, "hello there", temperature=0, max_new_tokens=12, stop_token_ids=[]).token_ids
+    stop_text = tok.decode(greedy[6:8])
+    kw = dict(stop_token_ids=[])
+    requests = [make_request(tiny, tok, p, **{**kw, **o}) for p, o in [
+        ("hello there", dict(temperature=0, max_new_tokens=12, stop_token_ids=[greedy[4]], logprobs=True,
+                             top_logprobs=3)),
+        ("a sampled one", dict(temperature=0.9, top_k=50, seed=5, max_new_tokens=9, repetition_penalty=1.2,
+                               presence_penalty=0.5)),
+        ("hello there", dict(temperature=0, max_new_tokens=20, stop=[stop_text])),
+        ("to be cancelled", dict(temperature=0, max_new_tokens=20)),
+        ("one token only", dict(temperature=0.7, seed=1, max_new_tokens=1)),
+        ("hello there, again", dict(temperature=0, max_new_tokens=7, logprobs=True)),
+    ]]
+    stepwise = _drive(tiny, tok, requests, ahead=False, cancel=3)
+    ahead = _drive(tiny, tok, requests, ahead=True, cancel=3)
+    assert [d[-1][2] for d in stepwise] == ["stop", "length", "stop", None, "length", "length"]
+    for a, b in zip(stepwise, ahead):
+        assert [d[:3] for d in a] == [d[:3] for d in b]
+        assert [d[3] for d in a] == pytest.approx([d[3] for d in b], abs=1e-4)
+
+
+def test_decoding_ahead_queues_no_step_past_a_length_limit(tiny, tok):
+    """One forward a token when a length limit ends the reply; one more (queued for nothing) when
+    a stop token does."""
+    from qwenkit.generate import Decoder, make_request
+
+    greedy = qwenkit.generate(tiny, tok, "hello", temperature=0, max_new_tokens=6, stop_token_ids=[]).token_ids
+    forwards = []
+    hook = tiny.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        for stop_ids, expected in [([], 6), (greedy[3:4], 4 + 1)]:
+            forwards.clear()
+            decoder = Decoder(tiny, tok, max_len=64, ahead=True)
+            decoder.add(make_request(tiny, tok, "hello", temperature=0, max_new_tokens=6, stop_token_ids=stop_ids))
+            while decoder.rows:
+                decoder.step()
+            assert len(forwards) == expected
+    finally:
+        hook.remove()
