@@ -2,10 +2,9 @@
 
     python benchmarks/gpu.py [--shape qwen-7b] [--modes bf16,int4] [--prompt-tokens 512]
                              [--new-tokens 128] [--compile] [--profile] [--device cuda] [--deadline S]
-                             [--out FILE]
+                             [--tokenizer QWEN_TIKTOKEN] [--out FILE]
 
-One prepared script for a machine with a GPU (issue 5): it needs no checkpoint, tokenizer or
-network. The model is the seed's Qwen-7B shape (32 layers, hidden 4096, 32 heads, SwiGLU 11008,
+One prepared script for a machine with a GPU (issue 5): it needs no checkpoint or network. The model is the seed's Qwen-7B shape (32 layers, hidden 4096, 32 heads, SwiGLU 11008,
 vocabulary 151936, q/k/v biases) with N(0, 0.02) weights, built on the device in bf16; `int4`
 is qwenkit's round-to-nearest int4 (group 128) of the same weights with the head left in bf16,
 as in the seed's Int4 checkpoint. Each mode: a prefill of --prompt-tokens random tokens into the
@@ -13,7 +12,11 @@ KV cache, then --new-tokens greedy steps (argmax on the device), timed after a w
 same cache, three ways: `eager` (each kernel launched from Python), `graphs` (qwenkit's default on
 a GPU: steps replayed as CUDA graphs; `first_step_ms` is the step that captured its graph) and,
 with --compile, `compiled` (qwenkit.compile_decode, then graphs of the compiled step; its warm-up
-time reported). Modes past --deadline seconds are skipped. Prints and writes
+time reported). The steps are queued without waiting for each other: positions are known on
+the host, and each step's argmax stays on the GPU. With --tokenizer (a Qwen v1 `qwen.tiktoken`),
+each way is also timed through qwenkit's decode loop (`qwenkit.bench.run_bench`: the Decoder,
+which reads every token back for streaming and stops), with its steps queued one ahead (the
+default on a GPU) and one by one. Modes past --deadline seconds are skipped. Prints and writes
 benchmarks/results/gpu-SHAPE-DATE.json (and --out): tokens/s, ms per token, the weight bandwidth
 that implies, peak device memory. Goals: bf16 >= 150 tok/s, int4 >= 200 tok/s on an H100 (the
 seed's table: 30 / 44 on an A100).
@@ -33,17 +36,18 @@ from pathlib import Path
 import torch
 
 import qwenkit
-from qwenkit.bench import decode_bytes_per_token
+from qwenkit.bench import decode_bytes_per_token, run_bench
 from qwenkit.config import ModelConfig
 from qwenkit.cuda_graphs import use_cuda_graphs
 from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
+from qwenkit.tokenizer import Tokenizer
 
 SHAPES = {
     "qwen-7b": dict(arch="qwen", vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_layers=32,
                     num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=8192),
-    "tiny": dict(arch="qwen", vocab_size=4096, hidden_size=256, intermediate_size=512, num_layers=2,
+    "tiny": dict(arch="qwen", vocab_size=151936, hidden_size=256, intermediate_size=512, num_layers=2,
                  num_heads=4, num_kv_heads=4, head_dim=64, max_position_embeddings=2048),
 }
 
@@ -95,7 +99,7 @@ def timed_decode(model: Model, cache, prompt_tokens: int, new_tokens: int) -> di
     token = model(prompt, torch.arange(prompt_tokens, device=device), cache, last_only=True).argmax(-1)
     sync(device)
     prefill = time.perf_counter() - start
-    positions = torch.arange(prompt_tokens, prompt_tokens + new_tokens, device=device)
+    positions = torch.arange(prompt_tokens, prompt_tokens + new_tokens)  # on the host: no step waits
     steps = []
     for i in range(new_tokens):
         start = time.perf_counter()
@@ -127,7 +131,7 @@ def kernel_profile(model: Model, cache, args, steps: int = 8) -> dict:
                     for e in kernels[:10]]}
 
 
-def measure(model: Model, args, way: str) -> dict:
+def measure(model: Model, args, way: str, tokenizer: Tokenizer | None) -> dict:
     row = {}
     use_cuda_graphs(model, way != "eager")
     if way == "compiled":
@@ -143,6 +147,9 @@ def measure(model: Model, args, way: str) -> dict:
         "first_step_ms": round(first["first_step_s"] * 1e3, 1),
         "weight_gb_per_s": round(decode_bytes_per_token(model, 0) / per_token / 1e9, 1),
     })
+    if tokenizer is not None:
+        for key, ahead in (("loop_ahead_tok_s", True), ("loop_stepwise_tok_s", False)):
+            row[key] = run_bench(model, tokenizer, args.prompt_tokens, args.new_tokens, ahead=ahead)["decode_tok_s"]
     if model.device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(model.device) / 2**30, 2)
     if args.profile:
@@ -163,10 +170,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds after which the modes not yet started are skipped (a lease's end)")
+    p.add_argument("--tokenizer", metavar="QWEN_TIKTOKEN",
+                   help="a Qwen v1 qwen.tiktoken: also time each way through qwenkit's decode loop")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--profile", action="store_true",
                    help="also record each way's kernels per step and the ten that take longest (torch.profiler)")
     args = p.parse_args()
+    tokenizer = Tokenizer.from_qwen_tiktoken(args.tokenizer) if args.tokenizer else None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: this script is for a machine with a GPU "
@@ -199,7 +209,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    rows.append({"mode": mode, "way": way, **measure(model, args, way)})
+                    rows.append({"mode": mode, "way": way, **measure(model, args, way, tokenizer)})
                 except Exception as e:  # one broken way must not cost the others' figures
                     rows.append({"mode": mode, "way": way, "error": f"{type(e).__name__}: {e}"[:2000]})
                 print(json.dumps(rows[-1]), flush=True)
@@ -212,15 +222,17 @@ def main() -> None:
 
     print(f"\n{machine['name']} (copies {machine['copy_gb_per_s']} GB/s), torch {machine['torch']}, {args.shape}, "
           f"batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens")
+    loop = "   decode loop tok/s: ahead, stepwise" if tokenizer is not None else ""
     print(f"{'mode':<16}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/token':>10}{'weights GB/s':>14}"
-          f"{'1st step ms':>13}")
+          f"{'1st step ms':>13}{loop}")
     for r in rows:
         name = f"{r['mode']} {r['way']}"
         if "decode_tok_s" not in r:
             print(f"{name:<16}  {r.get('error') or r.get('skipped')}")
             continue
+        loop = f"{r['loop_ahead_tok_s']:>14.2f},{r['loop_stepwise_tok_s']:>9.2f}" if tokenizer is not None else ""
         print(f"{name:<16}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.2f}{r['ms_per_token']:>10.3f}"
-              f"{r['weight_gb_per_s']:>14.1f}{r['first_step_ms']:>13.1f}")
+              f"{r['weight_gb_per_s']:>14.1f}{r['first_step_ms']:>13.1f}{loop}")
     print("written to " + ", ".join(map(str, outputs)))
 
 

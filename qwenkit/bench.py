@@ -45,14 +45,15 @@ def _sync(model: Model) -> None:
 
 
 def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_tokens: int = 128,
-              warmup: bool = True) -> dict:
-    """Greedy decode of `new_tokens` after a random `prompt_tokens` prompt, never stopping early."""
+              warmup: bool = True, ahead: bool | None = None) -> dict:
+    """Greedy decode of `new_tokens` after a random `prompt_tokens` prompt, never stopping early.
+    `ahead` as in Decoder (default: steps queued ahead on a GPU)."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(1000, 20000, (prompt_tokens,), generator=gen).tolist()
     request = Request(prompt, new_tokens, SamplingParams(temperature=0.0))
     if warmup:
-        _timed_run(model, tokenizer, Request(prompt[:32], 4, SamplingParams(temperature=0.0)))
-    ttft, decode_s, produced = _timed_run(model, tokenizer, request)
+        _timed_run(model, tokenizer, Request(prompt[:32], 4, SamplingParams(temperature=0.0)), ahead)
+    ttft, decode_s, produced = _timed_run(model, tokenizer, request, ahead)
     decode_tok_s = (produced - 1) / decode_s
     bytes_per_token = decode_bytes_per_token(model, prompt_tokens + new_tokens // 2)
     return {
@@ -67,8 +68,8 @@ def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_
     }
 
 
-def _timed_run(model: Model, tokenizer: Tokenizer, request: Request) -> tuple[float, float, int]:
-    decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens)
+def _timed_run(model: Model, tokenizer: Tokenizer, request: Request, ahead: bool | None) -> tuple[float, float, int]:
+    decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens, ahead=ahead)
     start = time.perf_counter()
     decoder.add(request)
     _sync(model)
