@@ -24,11 +24,19 @@ their ~430 sizes were symbols, and the compiled int4 step was no faster than eag
 
 Sizes that change between steps (cached positions, batch rows, each Decoder's cache length) are
 compiled as symbols, so one warm-up covers them: batch 1, plus a batch of several rows for a server.
+
+Before each call, torch.compile checks ~5,000 guards, most of them on the model's modules (their
+types, hooks, attributes, each weight's shape): 1.0-1.2 ms of the demo's 13.6 ms int4 step on our
+CPU. Those are skipped (`skip_guard_on_all_nn_modules_unsafe`; the guards on the step's inputs
+stay), and the compiled step checks the same things itself, once per KV cache rather than once per
+step: a model whose modules or weights' shapes, dtypes or devices changed since compile_decode
+decodes eagerly from then on, with a warning, until compile_decode compiles it again.
 """
 
 from __future__ import annotations
 
 import time
+import types
 import warnings
 from collections.abc import Iterable
 
@@ -55,18 +63,46 @@ def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper:
     _warm_up(model, 1)  # eager: quantized linears prepare their kernels outside the trace
     if cpp_wrapper is None:
         cpp_wrapper = model.device.type == "cpu"
-    compiled = torch.compile(net.blocks, dynamic=True, options={"cpp_wrapper": cpp_wrapper})
+    compiled = torch.compile(_own_code(net.blocks), dynamic=True, options={
+        "cpp_wrapper": cpp_wrapper, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    compiled_for = _structure(net)
 
-    def blocks(*args):
+    def blocks(tokens, rope, mask, input_pos, cache, q_scale):
+        checked = cache.captured if cache.captured is not None else {}  # shared by the cache's views
+        if "compiled_step_checked" not in checked:
+            if _structure(net) != compiled_for:
+                warnings.warn("the model's modules or weights changed after qwenkit.compile_decode, so its "
+                              "compiled step would be stale: decoding eagerly; call qwenkit.compile_decode(model) "
+                              "again to compile the model as it is now", stacklevel=2)
+                net.compiled_decode_blocks = None
+                return net.blocks(tokens, rope, mask, input_pos, cache, q_scale)
+            checked["compiled_step_checked"] = True
         # Without duck sizing, a batch of 2 rows is not taken to equal the 2 KV heads (which would
         # compile again at the first batch of 3).
         with fx_config.patch(use_duck_shape=False):
-            return compiled(*args)
+            return compiled(tokens, rope, mask, input_pos, cache, q_scale)
 
     net.compiled_decode_blocks = blocks
     for batch in sorted(set(batch_sizes) | {1}):
         _warm_up(model, batch)
     return time.perf_counter() - start
+
+
+def _own_code(method):
+    """`method` bound to a copy of its code object. torch.compile keeps compiled steps per code
+    object, and with the module guards skipped, another model's compiled `blocks` would pass for
+    this one's: a copy per model keeps each model's compiled steps apart."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return copy.__get__(method.__self__)
+
+
+def _structure(net: torch.nn.Module) -> list:
+    """What the skipped guards would check, in brief: each module's class and each weight's shape,
+    dtype and device. Weights changed in place, or replaced by tensors of the same kind, leave it
+    (and the compiled step, which reads them at each call) as it was."""
+    return [(name, type(m)) for name, m in net.named_modules()] + \
+           [(name, p.shape, p.dtype, p.device) for name, p in net.named_parameters()]
 
 
 def _warm_up(model: Model, batch: int) -> None:

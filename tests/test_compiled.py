@@ -15,6 +15,7 @@ from qwenkit.config import ModelConfig
 from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
+from qwenkit.quant.linear import Int8Linear
 from qwenkit.tokenizer import Tokenizer
 
 from .conftest import qwen_tiktoken_path, randomize
@@ -95,3 +96,18 @@ def test_generate_through_the_compiled_step(compiled):
     eager, fast = eager_and_compiled(compiled, lambda: [
         r.token_ids for r in qwenkit.generate_batch(compiled, tok, prompts, temperature=0, max_new_tokens=6)])
     assert fast == eager
+
+
+def test_a_changed_model_decodes_eagerly_until_compiled_again():
+    """The compiled step skips torch.compile's per-call guards on the model's modules; it checks
+    them itself once per KV cache instead."""
+    model = tiny_model("float")
+    qwenkit.compile_decode(model)
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = Int8Linear.from_float(mlp.down_proj)
+    with pytest.warns(UserWarning, match="changed after qwenkit.compile_decode"):
+        changed = decode_logits(model, 1, 64)
+    assert model.model.compiled_decode_blocks is None
+    assert torch.equal(changed, decode_logits(model, 1, 64))  # eager from then on
+    assert qwenkit.compile_decode(model) > 0
+    assert torch.allclose(decode_logits(model, 1, 64), changed, atol=1e-4 * changed.abs().max(), rtol=0)
