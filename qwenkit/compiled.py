@@ -15,8 +15,8 @@ Inductor writes the KV cache in place because each layer's cache is a tensor of 
 while the layers were slices of one tensor, its code copied every layer's cache on every step.
 Measured: on an H100 (with CUDA graphs of the compiled step) a Qwen-7B-shaped model decodes at 141-143
 tok/s in bf16 against 118 for graphs of the eager step, and int4 at 250 against 207, after a 45-160 s
-compile; on our 2-core CPU the compiled step of the demo model takes 15.5 ms a token in int4 against
-16.9 eager, and 21.0 against 22.8 in int8, after a 20-120 s compile, while the bf16 one is slower
+compile; on our 2-core CPU the demo model decodes at 74.8 tok/s in int4 against 60.5 eager, and
+50.1 against 43.8 in int8 (benchmarks/peers.py), after a 20-120 s compile, while the bf16 one is slower
 (40-50 against 25 ms), because it runs on plain weights where eager uses oneDNN-packed ones
 (qwenkit/packed.py). So it stays opt-in. The quantized linears hand their kernels' tensors over as
 frozen Parameters, whose shapes dynamic=True keeps static (quant.linear._operands): as plain tensors

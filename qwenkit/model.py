@@ -53,8 +53,8 @@ class KVCache:
         # On the host: every step reads it there, and a copy from the GPU would wait for the GPU.
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32)
         self.max_len = self.length = max_len
-        # What a decode runner keeps for this cache's memory (CUDA graphs that read and write it);
-        # shared by its views, gone with the cache.
+        # What decode runners keep per cache (CUDA graphs that read and write its memory; the compiled
+        # step's check of the model); shared by its views, gone with the cache.
         self.captured: dict = {}
 
     @property
