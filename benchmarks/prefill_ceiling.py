@@ -53,7 +53,8 @@ def int8_gemm(t: int, k: int, n: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--no-peer", action="store_true", help="only the ceilings, no engine runs")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="only the ceilings, no engine runs (written to prefill-ceiling-no-peer-DATE.json)")
     args = parser.parse_args()
     from qwenkit.loading.demo import demo_gguf_path
     from qwenkit.loading.gguf import GGUFFile
@@ -76,7 +77,8 @@ def main():
             row["vs_transformers"] = row["prefill_tok_s"] / peer["prefill_tok_s"]
     columns = [("prefill_tok_s", "prefill tok/s", ".1f"), ("tflop_s", "TFLOP/s", ".3f"),
                ("vs_transformers", "vs transformers", ".2f")]
-    report("prefill-ceiling", rows, columns, {}, prompt_tokens=t,
+    # Without the peers, a file of its own: it must not replace a dated run that has them.
+    report("prefill-ceiling-no-peer" if args.no_peer else "prefill-ceiling", rows, columns, {}, prompt_tokens=t,
            flops_per_token=(linear_flops + attention_flops) / t)
 
 
