@@ -307,12 +307,15 @@ class Int4Linear(QuantizedLinear):
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        q = unpack_int4(self.qweight[rows])
-        n, k, g = q.shape[0], self.in_features, self.group_size
+        packed = self.qweight[rows]
+        n, k, g = packed.shape[0], self.in_features, self.group_size
         scales, zeros = self.scales[rows].to(dtype)[..., None], self.zeros[rows].to(dtype)[..., None]
-        # In place on the one float copy: a prefill dequantizes every layer, and each temporary of
-        # a weight's size is memory traffic (2-4x slower for the same rounding).
-        weight = q.view(n, k // g, g).to(dtype).sub_(zeros).mul_(scales).reshape(n, k)
+        # In place on the one float copy, the nibbles converted as they are written into it: a
+        # prefill dequantizes every layer, and each temporary of a weight's size is memory traffic
+        # (2-4x slower for the same rounding).
+        weight = torch.empty(n, k, dtype=dtype, device=packed.device)
+        weight[:, 0::2], weight[:, 1::2] = packed & 0xF, packed >> 4  # pack_int4's layout
+        weight = weight.view(n, k // g, g).sub_(zeros).mul_(scales).view(n, k)
         if self.perm is not None:  # stored column j is input perm[j]
             weight = torch.empty_like(weight).index_copy_(1, self.perm.long(), weight)
         return weight
