@@ -4,8 +4,9 @@
                              [--new-tokens 128] [--compile] [--profile] [--device cuda] [--deadline S]
                              [--tokenizer QWEN_TIKTOKEN] [--out FILE]
 
-One prepared script for a machine with a GPU (issue 5): it needs no checkpoint or network. The model is the seed's Qwen-7B shape (32 layers, hidden 4096, 32 heads, SwiGLU 11008,
-vocabulary 151936, q/k/v biases) with N(0, 0.02) weights, built on the device in bf16; `int4`
+One prepared script for a machine with a GPU (issue 5): it needs no checkpoint or network. The
+model is the seed's Qwen-7B shape (32 layers, hidden 4096, 32 heads, SwiGLU 11008, vocabulary
+151936, q/k/v biases) with N(0, 0.02) weights, built on the device in bf16; `int4`
 is qwenkit's round-to-nearest int4 (group 128) of the same weights with the head left in bf16,
 as in the seed's Int4 checkpoint. Each mode: a prefill of --prompt-tokens random tokens into the
 KV cache, then --new-tokens greedy steps (argmax on the device), timed after a warm-up run on the
