@@ -4,7 +4,7 @@
                                [--checkpoint DIR ...]
 
 Rows: qwenkit bf16, int8 and int4 (with --compile also each quantized row with the compiled decode
-step: on our 2-core CPU 5-10 % faster than eager after a compile of 20 s to 2 minutes), transformers bf16, and
+step: on our 2-core CPU 14-24 % faster than eager after a compile of 20 s to 2 minutes), transformers bf16, and
 llama.cpp on the GGUF file as it is (Q4_K_M) through llama-cpp-python when that is installed.
 --checkpoint adds a row for a checkpoint `qwenkit quantize` wrote (e.g. GPTQ group 32 with an int4
 head, the int4 recipe within the quality goal), compiled too with --compile.
