@@ -9,9 +9,9 @@ qwenkit joins them (int4), each of the 24 layers its own tensors so that they st
 as in a real step, the vocabulary-sized head included. The weights are random: the kernels' speed
 does not depend on the values. Next to it: the machine's read bandwidth (a sum over 1 GiB), the
 tok/s that bandwidth alone would allow at each format's bytes, and (unless --no-peer) llama.cpp's
-decode measured in the same run, as in peers.py. `--qwenkit` adds qwenkit's whole compiled decode
-step in the same run (`--quantize int8`/`int4`, or a checkpoint `qwenkit quantize` wrote), for the
-time its step spends beside the kernels.
+decode, Q4_K_M and its Q8_0, measured in the same run, as in peers.py. `--qwenkit` adds qwenkit's
+whole compiled decode step in the same run (`--quantize int8`/`int4`, or a checkpoint `qwenkit
+quantize` wrote), for the time its step spends beside the kernels.
 
 Why (issue 5): its goals compare qwenkit's whole decode step with llama.cpp's. This splits our
 step's time into what the kernels need and what is left for everything else (attention, norms,
@@ -164,18 +164,20 @@ def main():
     if not args.no_peer and importlib.util.find_spec("llama_cpp") is None:
         print(LLAMA_CPP_MISSING)
     elif not args.no_peer:
-        peer = measure("llama.cpp", "gguf", 512, 128)
-        rows.append({"name": "llama.cpp Q4_K_M, whole step", **peer})
-        if "error" not in peer:
-            for row in (r for r in rows[:-1] if "error" not in r):
-                row["vs_llama_cpp"] = row["decode_tok_s"] / peer["decode_tok_s"]
-                # What the rest of qwenkit's step may take for 1.5x (int4 goal) and 1x (int8 goal).
-                row["ms_left_at_1_5x"] = 1e3 / (1.5 * peer["decode_tok_s"]) - row["ms_per_token"]
-                row["ms_left_at_1x"] = 1e3 / peer["decode_tok_s"] - row["ms_per_token"]
+        ours = [r for r in rows if "error" not in r]
+        q4, q8 = (measure("llama.cpp", dtype, 512, 128) for dtype in ("gguf", "q8_0"))
+        rows += [{"name": "llama.cpp Q4_K_M, whole step", **q4}, {"name": "llama.cpp Q8_0, whole step", **q8}]
+        for row in ours if "error" not in q4 else []:
+            row["vs_llama_cpp"] = row["decode_tok_s"] / q4["decode_tok_s"]
+            # What the rest of qwenkit's step may take for 1.5x (int4 goal) and 1x (int8 goal).
+            row["ms_left_at_1_5x"] = 1e3 / (1.5 * q4["decode_tok_s"]) - row["ms_per_token"]
+            row["ms_left_at_1x"] = 1e3 / q4["decode_tok_s"] - row["ms_per_token"]
+        for row in ours if "error" not in q8 else []:
+            row["vs_llama_cpp_q8_0"] = row["decode_tok_s"] / q8["decode_tok_s"]
     columns = [("decode_tok_s", "tok/s", ".1f"), ("ms_per_token", "ms/token", ".2f"), ("gb_per_s", "GB/s", ".1f"),
                ("gweights_per_s", "Gweights/s", ".1f"), ("bandwidth_tok_s", "at read bandwidth tok/s", ".1f"),
                ("vs_llama_cpp", "vs llama.cpp", ".2f"), ("ms_left_at_1_5x", "ms left at 1.5x", ".2f"),
-               ("ms_left_at_1x", "ms left at 1x", ".2f")]
+               ("ms_left_at_1x", "ms left at 1x", ".2f"), ("vs_llama_cpp_q8_0", "vs its Q8_0", ".2f")]
     report("decode-floor-no-peer" if args.no_peer else "decode-floor", rows, columns, {},
            read_gb_per_s=bandwidth / 1e9, threads=torch.get_num_threads())
 

@@ -3,8 +3,9 @@
     python benchmarks/engines.py ENGINE DTYPE [--prompt-tokens 512] [--new-tokens 128]
                                  [--model DIR] [--quantize int8|int4] [--compile]
 
-ENGINE is qwenkit, transformers or llama.cpp (llama-cpp-python, with DTYPE gguf: the file's own
-Q4_K_M blocks); prints one JSON object: load_s, prefill_tok_s (best of 3), ttft_s, decode_tok_s
+ENGINE is qwenkit, transformers or llama.cpp (llama-cpp-python, with DTYPE gguf: the demo file's
+own Q4_K_M blocks, or q8_0: that file requantized to Q8_0 by llama.cpp's own quantizer, made once
+beside it, the 8-bit peer of qwenkit's int8); prints one JSON object: load_s, prefill_tok_s (best of 3), ttft_s, decode_tok_s
 (greedy, eos ignored), gb_per_s, peak_rss_mib (qwenkit with --compile adds compile_s, the warm-up).
 The benchmarks in this folder run it once per engine and print the ratios.
 """
@@ -97,13 +98,34 @@ def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
             "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib()}
 
 
+def llama_cpp_gguf(dtype: str):
+    """The demo GGUF llama.cpp runs: as it is (`gguf`, Q4_K_M), or requantized to Q8_0 (`q8_0`) by
+    llama.cpp's quantizer from the same weights, as qwenkit's int8 is; made once, beside the demo file."""
+    import ctypes
+
+    import llama_cpp
+    from qwenkit.loading.demo import demo_gguf_path
+
+    path = demo_gguf_path()
+    if dtype == "gguf":
+        return path
+    out = path.with_name(f"{path.stem}-requantized-{dtype}.gguf")
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True
+        partial = out.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(path).encode(), str(partial).encode(), ctypes.byref(params)):
+            raise RuntimeError(f"llama.cpp could not requantize {path} to {dtype}")
+        partial.rename(out)
+    return out
+
+
 def run_llama_cpp(dtype: str, n_prompt: int, n_new: int) -> dict:
     import gguf
     import numpy as np
     from llama_cpp import Llama
-    from qwenkit.loading.demo import demo_gguf_path
 
-    path = demo_gguf_path()
+    path = llama_cpp_gguf(dtype)
     rss_before = rss_mib()
     start = time.perf_counter()
     llm = Llama(str(path), n_ctx=n_prompt + n_new, n_batch=n_prompt, n_threads=torch.get_num_threads(),
@@ -170,7 +192,7 @@ def machine() -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("engine", choices=["qwenkit", "transformers", "llama.cpp"])
-    parser.add_argument("dtype", choices=["bfloat16", "float32", "gguf"])
+    parser.add_argument("dtype", choices=["bfloat16", "float32", "gguf", "q8_0"])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--quantize", choices=["int8", "int4"], help="qwenkit only")
@@ -179,8 +201,9 @@ if __name__ == "__main__":
     a = parser.parse_args()
     if (a.quantize or a.compile or a.model != "demo") and a.engine != "qwenkit":
         parser.error("--quantize, --compile and --model are qwenkit options")
-    if (a.engine == "llama.cpp") != (a.dtype == "gguf"):
-        parser.error("llama.cpp runs the GGUF file as it is (dtype gguf); the others take bfloat16 or float32")
+    if (a.engine == "llama.cpp") != (a.dtype in ("gguf", "q8_0")):
+        parser.error("llama.cpp runs the GGUF file as it is (dtype gguf) or requantized to Q8_0 (q8_0); "
+                     "the others take bfloat16 or float32")
     if a.engine == "qwenkit":
         result = run_qwenkit(a.dtype, a.prompt_tokens, a.new_tokens, a.quantize, a.compile, a.model)
     else:

@@ -5,14 +5,16 @@
 
 Rows: qwenkit bf16, int8 and int4 (with --compile also each quantized row with the compiled decode
 step: on our 2-core CPU 14-24 % faster than eager after a compile of 20 s to 2 minutes), transformers bf16, and
-llama.cpp on the GGUF file as it is (Q4_K_M) through llama-cpp-python when that is installed.
+llama.cpp through llama-cpp-python when that is installed: on the GGUF file as it is (Q4_K_M), and on
+the same weights requantized to Q8_0 by llama.cpp's own quantizer (made once, beside the demo file),
+the 8-bit peer of qwenkit's int8.
 --checkpoint adds a row for a checkpoint `qwenkit quantize` wrote (e.g. GPTQ group 32 with an int4
 head, the int4 recipe within the quality goal), compiled too with --compile.
 Each row: prefill tok/s (512-token prompt, best of 3), time to first token, decode tok/s (128
 greedy tokens, eos ignored), achieved GB/s, peak RSS, each the best over --rounds runs of every
 engine in turn (every run's decode and prefill stay in the JSON); qwenkit rows add their decode
 and prefill ratios to each peer, compiled rows the compile warm-up. Goals (issue 5): int4 decode
->= 1.5x llama.cpp, int8 decode >= 1x llama.cpp, prefill >= 1.5x transformers bf16.
+>= 1.5x llama.cpp, int8 decode >= 1x llama.cpp (at either of its formats), prefill >= 1.5x transformers bf16.
 Results go to benchmarks/results/peers-DATE.json.
 """
 
@@ -51,7 +53,7 @@ def main():
     if importlib.util.find_spec("llama_cpp") is None:
         print(LLAMA_CPP_MISSING)
     else:
-        engines.append(("llama.cpp Q4_K_M", "llama.cpp", "gguf", {}))
+        engines += [("llama.cpp Q4_K_M", "llama.cpp", "gguf", {}), ("llama.cpp Q8_0", "llama.cpp", "q8_0", {})]
     runs = {name: [] for name, *_ in engines}
     for _ in range(args.rounds):
         for name, engine, dtype, options in engines:
@@ -62,7 +64,7 @@ def main():
     columns = [("prefill_tok_s", "prefill tok/s", ".1f"), ("ttft_s", "TTFT s", ".3f"),
                ("decode_tok_s", "decode tok/s", ".2f"), ("gb_per_s", "GB/s", ".1f"),
                ("peak_rss_mib", "peak RSS MiB", ".0f"), ("compile_s", "compile s", ".1f")]
-    for peer, short in zip(peers, ("hf", "llama")):
+    for peer, short in zip(peers, ("hf", "llama", "llama_q8")):
         if "error" in peer:
             continue
         for key, what in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
