@@ -6,8 +6,8 @@
 ENGINE is qwenkit, transformers or llama.cpp (llama-cpp-python, with DTYPE gguf: the demo file's
 own Q4_K_M blocks, or q8_0: that file requantized to Q8_0 by llama.cpp's own quantizer, made once
 beside it, the 8-bit peer of qwenkit's int8); prints one JSON object: load_s, prefill_tok_s (best
-of 3), ttft_s, decode_tok_s (greedy, eos ignored), gb_per_s, peak_rss_mib (qwenkit with --compile adds compile_s, the warm-up).
-The benchmarks in this folder run it once per engine and print the ratios.
+of 3), ttft_s, decode_tok_s (greedy, eos ignored), gb_per_s, peak_rss_mib (qwenkit with --compile
+adds compile_s, the warm-up). The benchmarks in this folder run it once per engine and print the ratios.
 """
 
 from __future__ import annotations
