@@ -28,18 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engines import measure, report  # noqa: E402
+from engines import layer_shapes, measure, report  # noqa: E402
 from peers import LLAMA_CPP_MISSING  # noqa: E402
-
-
-def layer_shapes(cfg, joined: bool) -> list[tuple[int, int, bool]]:
-    """(K, N, bias) of one decoder layer's linears in the order a step runs them; `joined`: q/k/v
-    and gate/up as one product each (qwenkit's int4 layers), else one each (int8, packed bf16)."""
-    h, q, kv, ffn, bias = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
-        cfg.intermediate_size, cfg.qkv_bias
-    qkv = [(h, q + 2 * kv, bias)] if joined else [(h, q, bias), (h, kv, bias), (h, kv, bias)]
-    gate_up = [(h, 2 * ffn, False)] if joined else [(h, ffn, False), (h, ffn, False)]
-    return qkv + [(q, h, False)] + gate_up + [(ffn, h, False)]
 
 
 def int4_layer(k: int, n: int, bias: bool, group_size: int):
@@ -167,13 +157,15 @@ def main():
         ours = [r for r in rows if "error" not in r]
         q4, q8 = (measure("llama.cpp", dtype, 512, 128) for dtype in ("gguf", "q8_0"))
         rows += [{"name": "llama.cpp Q4_K_M, whole step", **q4}, {"name": "llama.cpp Q8_0, whole step", **q8}]
-        for row in ours if "error" not in q4 else []:
-            row["vs_llama_cpp"] = row["decode_tok_s"] / q4["decode_tok_s"]
-            # What the rest of qwenkit's step may take for 1.5x (int4 goal) and 1x (int8 goal).
-            row["ms_left_at_1_5x"] = 1e3 / (1.5 * q4["decode_tok_s"]) - row["ms_per_token"]
-            row["ms_left_at_1x"] = 1e3 / q4["decode_tok_s"] - row["ms_per_token"]
-        for row in ours if "error" not in q8 else []:
-            row["vs_llama_cpp_q8_0"] = row["decode_tok_s"] / q8["decode_tok_s"]
+        if "error" not in q4:
+            for row in ours:
+                row["vs_llama_cpp"] = row["decode_tok_s"] / q4["decode_tok_s"]
+                # What the rest of qwenkit's step may take for 1.5x (int4 goal) and 1x (int8 goal).
+                row["ms_left_at_1_5x"] = 1e3 / (1.5 * q4["decode_tok_s"]) - row["ms_per_token"]
+                row["ms_left_at_1x"] = 1e3 / q4["decode_tok_s"] - row["ms_per_token"]
+        if "error" not in q8:
+            for row in ours:
+                row["vs_llama_cpp_q8_0"] = row["decode_tok_s"] / q8["decode_tok_s"]
     columns = [("decode_tok_s", "tok/s", ".1f"), ("ms_per_token", "ms/token", ".2f"), ("gb_per_s", "GB/s", ".1f"),
                ("gweights_per_s", "Gweights/s", ".1f"), ("bandwidth_tok_s", "at read bandwidth tok/s", ".1f"),
                ("vs_llama_cpp", "vs llama.cpp", ".2f"), ("ms_left_at_1_5x", "ms left at 1.5x", ".2f"),

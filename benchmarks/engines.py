@@ -42,6 +42,17 @@ def weight_bytes(model, exclude_embedding: bool) -> int:
     return total + packed_bytes(model)
 
 
+def layer_shapes(cfg, joined: bool) -> list[tuple[int, int, bool]]:
+    """(K, N, bias) of one decoder layer's linears in the order a forward runs them; `joined`: q/k/v
+    and gate/up as one product each (as qwenkit's int4 layers run them), else one each (its int8 and
+    packed bf16 layers)."""
+    h, q, kv, ffn, bias = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
+        cfg.intermediate_size, cfg.qkv_bias
+    qkv = [(h, q + 2 * kv, bias)] if joined else [(h, q, bias), (h, kv, bias), (h, kv, bias)]
+    gate_up = [(h, 2 * ffn, False)] if joined else [(h, ffn, False), (h, ffn, False)]
+    return qkv + [(q, h, False)] + gate_up + [(ffn, h, False)]
+
+
 def prompt_ids(n: int) -> list[int]:
     return torch.randint(1000, 20000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 

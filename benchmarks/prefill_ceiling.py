@@ -20,14 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engines import _timed, measure, report  # noqa: E402
-
-
-def layer_shapes(cfg) -> list[tuple[int, int]]:
-    """(K, N) of one decoder layer's linears, with q/k/v and gate/up joined as qwenkit runs them."""
-    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
-    return [(h, cfg.num_heads * cfg.head_dim + 2 * kv), (cfg.num_heads * cfg.head_dim, h),
-            (h, 2 * cfg.intermediate_size), (cfg.intermediate_size, h)]
+from engines import _timed, layer_shapes, measure, report  # noqa: E402
 
 
 def best_seconds(fn, repeats: int = 15) -> float:
@@ -62,10 +55,10 @@ def main():
     cfg, t = GGUFFile(demo_gguf_path()).config(), args.prompt_tokens
     # Causal attention: query i meets i + 1 keys, in q.k and in p.v, for every head of every layer.
     attention_flops = 2 * 2 * cfg.num_heads * cfg.head_dim * t * (t + 1) / 2 * cfg.num_layers
-    linear_flops = sum(2 * t * k * n for k, n in layer_shapes(cfg)) * cfg.num_layers
+    linear_flops = sum(2 * t * k * n for k, n, _ in layer_shapes(cfg, joined=True)) * cfg.num_layers
     rows = []
     for kind, gemm in (("bf16 GEMMs", bf16_gemm), ("int8 GEMMs", int8_gemm)):
-        seconds = sum(gemm(t, k, n) for k, n in layer_shapes(cfg)) * cfg.num_layers
+        seconds = sum(gemm(t, k, n) for k, n, _ in layer_shapes(cfg, joined=True)) * cfg.num_layers
         rate = linear_flops / seconds
         seconds += attention_flops / rate
         rows.append({"engine": f"ceiling, {kind}", "prefill_tok_s": t / seconds, "tflop_s": rate / 1e12})
