@@ -22,13 +22,12 @@ RoPE, dispatch). Results go to benchmarks/results/decode-floor-DATE.json
 import argparse
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engines import layer_shapes, measure, report  # noqa: E402
+from engines import _timed, layer_shapes, measure, report  # noqa: E402
 from peers import LLAMA_CPP_MISSING  # noqa: E402
 
 
@@ -88,15 +87,9 @@ def read_bandwidth(repeats: int = 8) -> float:
     """Bytes per second of a sum over 1 GiB of float32 (memory-bound on any recent CPU), best of `repeats`."""
     buf = torch.ones(1 << 28)
     buf.sum()
-    best = min(_seconds(buf.sum) for _ in range(repeats))
+    best = min(_timed(buf.sum) for _ in range(repeats))
     del buf
     return (1 << 30) / best
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def step_products(cfg, make, joined: bool, group_size: int | None, make_head) -> tuple[list, int, int]:
@@ -117,7 +110,7 @@ def best_step_seconds(products: list, steps: int) -> float:
         for layer, x in products:
             layer(x)
     step()  # the quantized layers prepare their kernels' layouts on the first call
-    return min(_seconds(step) for _ in range(steps))
+    return min(_timed(step) for _ in range(steps))
 
 
 def main():
