@@ -23,11 +23,14 @@ from dataclasses import dataclass
 import torch
 
 _NEG_INF = float("-inf")
+MAX_TOP_K = 2**31 - 1  # any k past the vocabulary keeps every token; this bound keeps k a machine integer
+GREEDY_BELOW = 1e-5  # a lower temperature is greedy: dividing by it would overflow the logits to inf
+MIN_REPETITION_PENALTY = 0.01  # a smaller one divides logits into inf too
 
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 => greedy (argmax)
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) => greedy (argmax)
     top_k: int = 0  # 0 => off
     top_p: float = 1.0  # 1.0 => off
     min_p: float = 0.0  # 0 => off
@@ -44,14 +47,14 @@ class SamplingParams:
         """
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             _bad("temperature", self.temperature, "a finite number >= 0 (0 means greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            _bad("top_k", self.top_k, "an integer >= 0 (0 means off)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            _bad("top_k", self.top_k, f"an integer in [0, {MAX_TOP_K}] (0 means off)")
         if not (0 < self.top_p <= 1):
             _bad("top_p", self.top_p, "in (0, 1] (1 means off)")
         if not (0 <= self.min_p <= 1):
             _bad("min_p", self.min_p, "in [0, 1] (0 means off)")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            _bad("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 means off)")
+        if not (MIN_REPETITION_PENALTY <= self.repetition_penalty <= 100):
+            _bad("repetition_penalty", self.repetition_penalty, f"in [{MIN_REPETITION_PENALTY}, 100] (1 means off)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not (-2 <= getattr(self, name) <= 2):
                 _bad(name, getattr(self, name), "in [-2, 2] (0 means off)")
@@ -63,13 +66,14 @@ class SamplingParams:
                 _bad("logit_bias", token, f"keyed by token ids (integers >= 0{top})")
             if not (-100 <= bias <= 100):
                 _bad(f"logit_bias[{token}]", bias, "in [-100, 100]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            _bad("seed", self.seed, "an integer or None")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            _bad("seed", self.seed, "an integer in [0, 2**64) or None")
         return self
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _bad(name: str, value, allowed: str):
@@ -176,8 +180,9 @@ def apply_top_k(logits: torch.Tensor, k) -> torch.Tensor:
     tokens (HF does the same). k larger than the vocabulary keeps everything.
     """
     # max_k must be a host int for topk: pass k as a CPU tensor (as `sample` does) or a number
-    # so this costs no device sync.
-    k = torch.as_tensor(k, dtype=torch.long).reshape(-1).clamp(max=logits.shape[-1])
+    # so this costs no device sync. A k that keeps the whole vocabulary is off: no sort for nothing.
+    k = torch.as_tensor(k, dtype=torch.long).reshape(-1)
+    k = k.masked_fill(k >= logits.shape[-1], 0)
     max_k = int(k.max())
     if max_k == 0:
         return logits
