@@ -4,11 +4,20 @@ The scheduler owns the model. Between decode steps it admits queued requests int
 rows (prefilling only what a row does not already hold), drops cancelled ones, and runs jobs
 such as embeddings; then all active rows decode together in one batched forward. The HTTP layer
 only submits `Request`s and reads `Stream`s.
+
+No request can stop the engine. A failure tied to one sequence (its prefill, its first draw, its
+cancellation) ends that sequence with an error and the others go on; a failed batched step ends
+the sequences in it, since it cannot be pinned on one of them. Should the scheduler die anyway
+(a bug), its supervisor fails the sequences it was running, counts the failure and runs it again
+on the same model, queued requests kept; after `MAX_FAILURES` failures within `FAILURE_WINDOW`
+seconds it stops for good: `failure` says why, waiting requests fail, `submit` refuses, and
+`on_failure` lets the server exit so that a process supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -23,6 +32,8 @@ from .generate import ContextLengthError, Decoder, Delta, Request
 from .model import Model
 from .tokenizer import Tokenizer
 
+log = logging.getLogger("uvicorn.error")  # beside the server's own lines
+
 
 class QueueFullError(QwenkitError):
     """Too many requests are waiting; try again after `retry_after` seconds."""
@@ -30,6 +41,10 @@ class QueueFullError(QwenkitError):
     def __init__(self, message: str, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class EngineFailedError(QwenkitError):
+    """The engine stopped after failing repeatedly; the server must be restarted."""
 
 
 class Stream:
@@ -65,7 +80,10 @@ class Stream:
             wake = self._wake
         if wake is not None:
             loop, event = wake
-            loop.call_soon_threadsafe(event.set)
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the reader's event loop is closed: nobody is waiting
+                pass
 
     def __iter__(self) -> Iterator[Delta]:
         while True:
@@ -124,6 +142,8 @@ class EngineMetrics:
     COUNTERS = {
         "requests_total": "Requests admitted to the batch.",
         "requests_cancelled_total": "Requests dropped because their client went away.",
+        "requests_failed_total": "Requests ended by an error while queued or generating.",
+        "engine_failures_total": "Times the scheduler thread died and was run again.",
         "prompt_tokens_total": "Prompt tokens of admitted requests.",
         "cached_prompt_tokens_total": "Prompt tokens served from an earlier request's KV cache.",
         "generation_tokens_total": "Tokens generated.",
@@ -155,13 +175,19 @@ class EngineMetrics:
 
 
 class Engine:
+    MAX_FAILURES = 3  # scheduler deaths within FAILURE_WINDOW seconds before the engine gives up
+    FAILURE_WINDOW = 60.0
+
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 context_length: int | None = None):
+                 context_length: int | None = None, on_failure: Callable[[str], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.context_length = min(context_length or model.config.context_length, model.config.context_length)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.decoder = Decoder(model, tokenizer, max_batch, self.context_length)
         self.metrics = EngineMetrics()
+        self.failure: str | None = None  # why the engine stopped for good
+        self.on_failure = on_failure
+        self._failures: list[float] = []  # when the scheduler died, within the window
         self._queue: deque[Stream] = deque()
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self._streams: dict[int, Stream] = {}  # id(row) -> its stream
@@ -171,8 +197,12 @@ class Engine:
 
     # ------------------------------------------------------------------ public, any thread
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="qwenkit-engine", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name="qwenkit-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
 
     def shutdown(self) -> None:
         with self._wake:
@@ -191,6 +221,8 @@ class Engine:
                 f"more than the context of {self.context_length}: lower max_tokens or shorten the prompt")
         stream = Stream(request)
         with self._wake:
+            if self.failure:
+                raise EngineFailedError(f"the engine has stopped ({self.failure}); restart the server")
             if len(self._queue) >= self.max_queue:
                 raise QueueFullError(f"{len(self._queue)} requests are already waiting; retry shortly",
                                      retry_after=1.0)
@@ -203,6 +235,8 @@ class Engine:
         """Run `fn()` on the engine thread between decode steps (it owns the model)."""
         future: Future = Future()
         with self._wake:
+            if self.failure:
+                raise EngineFailedError(f"the engine has stopped ({self.failure}); restart the server")
             self._jobs.append((fn, future))
             self._wake.notify()
         return future
@@ -219,6 +253,50 @@ class Engine:
         return self.call(job).result()
 
     # ------------------------------------------------------------------ the scheduler thread
+    def _supervise(self) -> None:
+        while True:
+            try:
+                with torch.inference_mode():
+                    self._loop()
+                return  # shut down
+            except Exception as e:
+                if not self._recover(e):
+                    return
+
+    def _recover(self, error: Exception) -> bool:
+        """After the scheduler died: end what it was running, and say whether to run it again."""
+        reason = f"{type(error).__name__}: {error}"
+        log.error("the engine failed: %s", reason, exc_info=error)
+        now = time.monotonic()
+        self._failures = [t for t in self._failures if now - t < self.FAILURE_WINDOW] + [now]
+        self.metrics.counters["engine_failures_total"] += 1
+        self._reset(error)
+        if len(self._failures) < self.MAX_FAILURES:
+            return True
+        with self._wake:
+            self.failure = f"{len(self._failures)} failures within {self.FAILURE_WINDOW:g} s, the last {reason}"
+            waiting = list(self._queue)
+            self._queue.clear()
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for stream in waiting:
+            self._fail(stream, EngineFailedError(self.failure))
+        for _, future in jobs:
+            future.set_exception(EngineFailedError(self.failure))
+        self.metrics.queue_depth = 0
+        log.error("the engine has stopped: %s", self.failure)
+        if self.on_failure:
+            self.on_failure(self.failure)
+        return False
+
+    def _reset(self, error: Exception) -> None:
+        """End every running sequence with `error` and start the decoder afresh."""
+        for stream in self._streams.values():
+            self._fail(stream, error)
+        self._streams.clear()
+        self.decoder.clear()
+        self.metrics.running = 0
+
     def _loop(self) -> None:
         while True:
             with self._wake:
@@ -242,9 +320,20 @@ class Engine:
             future.set_exception(e)
 
     def _drop_cancelled(self) -> None:
+        with self._wake:  # waiting ones first, so they stop holding queue places
+            left = [s for s in self._queue if s.cancelled]
+            if left:
+                self._queue = deque(s for s in self._queue if not s.cancelled)
+                self.metrics.queue_depth = len(self._queue)
+        for stream in left:
+            self._end_cancelled(stream)
         for row in [r for r in self.decoder.rows if self._streams[id(r)].cancelled]:
-            self.decoder.cancel(row)
-            self._end_cancelled(self._streams.pop(id(row)))
+            stream = self._streams.pop(id(row))
+            try:
+                self.decoder.cancel(row)
+            except Exception as e:  # the rows may be half moved: decode none of them from there
+                self._reset(e)
+            self._end_cancelled(stream)
         self.metrics.running = len(self.decoder.rows)
 
     def _admit(self) -> None:
@@ -259,11 +348,12 @@ class Engine:
                 continue
             try:
                 row, delta = self.decoder.add(stream.request)
-            except Exception as e:  # a bad request must not take the engine down
+            except Exception as e:  # the decoder has let go of the row: end this request alone
+                log.error("a prefill failed: %s: %s", type(e).__name__, e)
                 self._fail(stream, e)
                 continue
-            stream.cached_tokens = row.cached_tokens
             self._streams[id(row)] = stream
+            stream.cached_tokens = row.cached_tokens
             c = self.metrics.counters
             c["requests_total"] += 1
             c["prompt_tokens_total"] += stream.prompt_tokens
@@ -277,10 +367,9 @@ class Engine:
         start = time.perf_counter()
         try:
             events = self.decoder.step()
-        except Exception as e:  # fail the batch, keep serving
-            for row in list(self.decoder.rows):
-                self.decoder.cancel(row)
-                self._fail(self._streams.pop(id(row)), e)
+        except Exception as e:  # it cannot be pinned on one sequence: end the batch, keep serving
+            log.error("a decode step of %d sequences failed: %s: %s", batch, type(e).__name__, e)
+            self._reset(e)
             return
         self.metrics.token_latency.observe(time.perf_counter() - start)
         self.metrics.batch_size.observe(batch)
@@ -303,5 +392,6 @@ class Engine:
         stream._push(Delta("", None, finish_reason="cancelled"))
 
     def _fail(self, stream: Stream, error: Exception) -> None:
+        self.metrics.counters["requests_failed_total"] += 1
         stream.error = f"{type(error).__name__}: {error}"
         stream._push(Delta("", None, finish_reason="error"))

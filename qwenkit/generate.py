@@ -141,11 +141,18 @@ class Decoder:
         row = _Row(request, self.tokenizer, self.model.device)
         row.cached_tokens = reuse
         self.rows.append(row)
-        self._reset_history(slot, request)
-        ids = torch.tensor([request.prompt_ids[reuse:]], device=self.model.device)
-        logits = self.model(ids, torch.arange(reuse, len(request.prompt_ids)), self.cache.rows(slot, slot + 1),
-                            last_only=True)
-        return row, self._emit(self._sample(slot, slot + 1, logits[:, -1]))[0][1]
+        try:
+            self._reset_history(slot, request)
+            ids = torch.tensor([request.prompt_ids[reuse:]], device=self.model.device)
+            logits = self.model(ids, torch.arange(reuse, len(request.prompt_ids)), self.cache.rows(slot, slot + 1),
+                                last_only=True)
+            return row, self._emit(self._sample(slot, slot + 1, logits[:, -1]))[0][1]
+        except BaseException:
+            # The other rows go on as before; this row's slot is free again, its cache half written.
+            if row in self.rows:
+                self._remove(self.rows.index(row))
+            self.slot_tokens[len(self.rows)] = []
+            raise
 
     @torch.inference_mode()
     def step(self) -> list[tuple[_Row, Delta]]:
@@ -164,10 +171,18 @@ class Decoder:
         self.queued = self._decode(unread=current) if self._continues(current) else None
         return self._emit(current)
 
+    @torch.inference_mode()  # moving a row writes into tensors made under inference mode
     def cancel(self, row: _Row) -> None:
         """Drop a sequence (e.g. its client went away); its slot is free for the next add."""
         if row in self.rows:
             self._remove(self.rows.index(row))
+
+    def clear(self) -> None:
+        """Drop every sequence and forget what the free rows hold: after a failure has left them in doubt."""
+        self.rows.clear()
+        self.queued = None
+        self.history = None
+        self.slot_tokens = [[] for _ in range(self.cache.batch_size)]
 
     # ------------------------------------------------------------------ internals
     def _decode(self, unread: _Sampled | None = None) -> _Sampled:

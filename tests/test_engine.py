@@ -7,8 +7,9 @@ import time
 import pytest
 
 import qwenkit
-from qwenkit.engine import Engine, QueueFullError
-from qwenkit.generate import ContextLengthError, make_request
+from qwenkit.engine import Engine, EngineFailedError, QueueFullError
+from qwenkit.generate import ContextLengthError, Decoder, make_request
+from qwenkit.sampling import MAX_TOP_K, SamplingParams
 
 from .test_generate import tiny, tok  # noqa: F401  (fixtures)
 
@@ -91,3 +92,164 @@ def test_embeddings_are_normalized(engine, tok):  # noqa: F811
     vectors = engine.embed([tok.encode("hello"), tok.encode("a longer text to embed")])
     assert len(vectors) == 2 and len(vectors[0]) == 32
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in vectors)
+
+
+# ---------------------------------------------------------------------- failures and cancellation
+
+def reference(model, tok, text, n=12, **kw):  # noqa: F811
+    """What `collect` gives for the same request run alone (the stop token that ends a reply counted)."""
+    result = qwenkit.generate(model, tok, text, max_new_tokens=n, temperature=0, stop_token_ids=[], **kw)
+    return result.token_ids + ([None] if result.finish_reason == "stop" else []), result.finish_reason
+
+
+def strip(result):
+    """(tokens, finish_reason) without the token that stopped the reply, which differs in the two."""
+    tokens, reason = result
+    return (tokens[:-1] if reason == "stop" else tokens), reason
+
+
+class Tripwire:
+    """Wraps a model's forward: slows every call, and raises (or runs `on_call`) on chosen calls."""
+
+    def __init__(self, model, monkeypatch, delay=0.002):
+        self.forward, self.delay, self.fail_when, self.on_call = model.forward, delay, None, None
+        monkeypatch.setattr(model, "forward", self)
+
+    def __call__(self, tokens, *args, **kwargs):
+        time.sleep(self.delay)
+        if self.on_call:
+            self.on_call(tokens)
+        if self.fail_when and self.fail_when(tokens):
+            raise RuntimeError("the forward failed")
+        return self.forward(tokens, *args, **kwargs)
+
+
+def test_a_failing_prefill_ends_only_its_request(engine, tiny, tok, monkeypatch):  # noqa: F811
+    wire = Tripwire(tiny, monkeypatch)
+    poison = tok.encode(" poison prompt here")
+    wire.fail_when = lambda tokens: tokens.shape[1] > 1 and tokens[0, -len(poison):].tolist() == poison
+    good = ["first prompt", "second prompt", "third"]
+    streams = [engine.submit(request(tiny, tok, p, n=20)) for p in good[:2]]
+    bad = engine.submit(request(tiny, tok, "a poison prompt here"))
+    streams.append(engine.submit(request(tiny, tok, good[2], n=20)))
+    assert collect(bad)[1] == "error" and "the forward failed" in bad.error
+    wire.fail_when = None
+    for p, stream in zip(good, streams):
+        assert strip(collect(stream)) == strip(reference(tiny, tok, p, n=20))
+    assert engine.metrics.counters["requests_failed_total"] == 1 and engine.metrics.running == 0
+    # Its half-written cache row is not offered for prefix reuse.
+    poisoned = request(tiny, tok, "a poison prompt here").prompt_ids
+    assert all(held[:len(poisoned) - 1] != poisoned[:-1] for held in engine.decoder.slot_tokens)
+
+
+def test_a_failing_step_ends_its_batch_and_the_engine_goes_on(engine, tiny, tok, monkeypatch):  # noqa: F811
+    wire = Tripwire(tiny, monkeypatch)
+    streams = [engine.submit(request(tiny, tok, p, n=40)) for p in ("one", "two")]
+    for s in streams:
+        next(iter(s))
+    wire.fail_when = lambda tokens: tokens.shape[1] == 1  # the next decode step
+    assert [collect(s)[1] for s in streams] == ["error", "error"]
+    wire.fail_when = None
+    assert strip(collect(engine.submit(request(tiny, tok, "three")))) == strip(reference(tiny, tok, "three"))
+    assert engine.alive and engine.metrics.counters["engine_failures_total"] == 0
+
+
+@pytest.mark.parametrize("when", ["queued", "prefilling", "first row", "last row", "several"])
+def test_cancel_at_any_point_leaves_the_others_untouched(tiny, tok, monkeypatch, when):  # noqa: F811
+    eng = Engine(tiny, tok, max_batch=3, max_queue=8, context_length=200)
+    wire = Tripwire(tiny, monkeypatch)
+    prompts = ["alpha beta", "gamma", "delta epsilon zeta", "eta", "theta iota"]
+    penalized = dict(repetition_penalty=1.2)  # rows with penalties carry a TokenHistory, moved on a cancel
+    requests = [request(tiny, tok, p, n=30, **penalized) for p in prompts]
+    leaving = {"queued": [4], "prefilling": [1], "first row": [0], "last row": [2], "several": [0, 2, 3]}[when]
+    streams = [eng.submit(r) for r in requests]
+    if when == "prefilling":  # cancelled by the forward of its own prefill
+        target = requests[1].prompt_ids
+        wire.on_call = lambda tokens: tokens[0].tolist() == target and streams[1].cancel()
+    else:
+        for i in leaving:
+            streams[i].cancel()
+    eng.start()
+    try:
+        for i, (p, stream) in enumerate(zip(prompts, streams)):
+            tokens, reason = collect(stream)
+            if i in leaving:
+                assert reason == "cancelled"
+            else:
+                assert strip((tokens, reason)) == strip(reference(tiny, tok, p, n=30, **penalized))
+        assert eng.metrics.counters["requests_cancelled_total"] == len(leaving)
+        assert eng.metrics.running == 0 and eng.metrics.queue_depth == 0
+    finally:
+        eng.shutdown()
+
+
+def test_cancel_mid_decode_moves_penalized_rows(tiny, tok, monkeypatch):  # noqa: F811
+    """Cancelling the first of several decoding rows that carry penalties (the server's old killer)."""
+    eng = Engine(tiny, tok, max_batch=4, max_queue=8, context_length=200)
+    Tripwire(tiny, monkeypatch)
+    prompts = ["one two", "three", "gamma", "seven"]
+    streams = [eng.submit(request(tiny, tok, p, n=40, presence_penalty=0.5)) for p in prompts]
+    eng.start()
+    try:
+        readers = [iter(s) for s in streams]
+        firsts = [next(r) for r in readers]
+        assert not any(d.finish_reason for d in firsts)
+        streams[0].cancel()
+        streams[1].cancel()
+        assert [d.finish_reason for d in readers[0]][-1] == "cancelled"
+        for p, first, reader in zip(prompts[2:], firsts[2:], readers[2:]):
+            deltas = [first, *reader]
+            tokens = [d.token_id for d in deltas if d.token_id is not None]
+            want = reference(tiny, tok, p, n=40, presence_penalty=0.5)
+            assert strip((tokens, deltas[-1].finish_reason)) == strip(want)
+        assert eng.alive and eng.metrics.counters["engine_failures_total"] == 0
+    finally:
+        eng.shutdown()
+
+
+def test_a_dead_scheduler_is_run_again_then_given_up(tiny, tok, monkeypatch):  # noqa: F811
+    stopped = []
+    eng = Engine(tiny, tok, max_batch=2, max_queue=8, context_length=200, on_failure=stopped.append)
+    monkeypatch.setattr(eng, "FAILURE_WINDOW", 60.0)
+    real, deaths = eng._admit, {"left": 1}
+
+    def admit():
+        if deaths["left"]:
+            deaths["left"] -= 1
+            raise RuntimeError("a scheduler bug")
+        real()
+
+    eng._admit = admit
+    eng.start()
+    try:
+        assert collect(eng.submit(request(tiny, tok, "queued through a death")))[1] == "length"
+        assert eng.alive and eng.metrics.counters["engine_failures_total"] == 1 and not stopped
+        deaths["left"] = 10**6
+        stream = eng.submit(request(tiny, tok, "never served"))
+        assert collect(stream)[1] == "error" and "3 failures" in stream.error
+        assert not eng.alive and stopped and "a scheduler bug" in stopped[0]
+        with pytest.raises(EngineFailedError, match="restart the server"):
+            eng.submit(request(tiny, tok, "refused"))
+    finally:
+        eng.shutdown()
+
+
+def test_sampling_bounds_keep_numbers_machine_sized():
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=10**30).validate()
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64).validate()
+    SamplingParams(top_k=MAX_TOP_K, seed=2**64 - 1).validate()
+
+
+def test_the_decoder_can_cancel_outside_inference_mode(tiny, tok):  # noqa: F811
+    """Any caller, not only the engine's thread, may drop a row whose batch carries penalties."""
+    decoder = Decoder(tiny, tok, 2, 100)
+    requests = [request(tiny, tok, p, n=10, presence_penalty=0.5) for p in ("one two", "three")]
+    (first, _), (second, delta) = (decoder.add(r) for r in requests)
+    tokens = [delta.token_id]
+    tokens += [d.token_id for row, d in decoder.step() if row is second]
+    decoder.cancel(first)
+    while decoder.rows:
+        tokens += [d.token_id for row, d in decoder.step() if row is second]
+    assert strip((tokens, "length")) == strip(reference(tiny, tok, "three", n=10, presence_penalty=0.5))
