@@ -21,6 +21,7 @@ from .tokenizer import Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_MAX_WINDOW = 6144
+MAX_JSON_DEPTH = 64  # nesting of messages and tools (and of a server request): deeper is nobody's schema
 
 # ------------------------------------------------------------------------- Qwen v1 ChatML
 
@@ -106,11 +107,15 @@ def render_template(tok: Tokenizer, messages: list[dict], add_generation_prompt:
     """
     controls = tok.control_tokens
     escaped: list[str] = []
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True))) if controls else None
+    control = "|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True)) or "(?!)"
+    # The placeholders' own delimiters are escaped too, so text that imitates a placeholder stays text.
+    pattern = re.compile(f"{control}|\ue000|\ue001")
 
-    def escape(value):
+    def escape(value, depth=0):
+        if depth > MAX_JSON_DEPTH:  # the depth is the caller's: bound the recursion before Python does
+            raise ValueError(f"messages or tools nest deeper than {MAX_JSON_DEPTH} levels")
         if isinstance(value, str):
-            if pattern is None or not pattern.search(value):
+            if not pattern.search(value):
                 return value
 
             def swap(m):
@@ -118,9 +123,9 @@ def render_template(tok: Tokenizer, messages: list[dict], add_generation_prompt:
                 return f"\ue000{len(escaped) - 1}\ue001"
             return pattern.sub(swap, value)
         if isinstance(value, dict):
-            return {k: escape(v) for k, v in value.items()}
+            return {escape(k): escape(v, depth + 1) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return [escape(v) for v in value]
+            return [escape(v, depth + 1) for v in value]
         return value
 
     special = {"bos_token": tok.special_text(tok.bos_token_id), "eos_token": tok.special_text(tok.eos_token_id),
@@ -133,7 +138,7 @@ def render_template(tok: Tokenizer, messages: list[dict], add_generation_prompt:
     # Split only at control tokens the template wrote; escaped ones go back as plain text.
     ids: list[int] = []
     plain = ""
-    for piece in re.split(f"({pattern.pattern}|\ue000\\d+\ue001)", text):
+    for piece in re.split(f"(\ue000\\d+\ue001|{control})", text):
         if piece in controls:
             ids += tok.encode(plain, allowed_special=set()) + [controls[piece]]
             plain = ""

@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Protocol
 
-from .chat import DEFAULT_SYSTEM, _text_of, apply_chat_template, render_qwen_v1
+from .chat import DEFAULT_SYSTEM, MAX_JSON_DEPTH, _text_of, apply_chat_template, render_qwen_v1
 from .tokenizer import Tokenizer
 
 
@@ -76,13 +76,29 @@ def _content(text: str) -> list[Event]:
     return [ContentDelta(text)] if text else []
 
 
+def deeper_than(value, limit: int) -> str | None:
+    """Where `value` (decoded JSON) nests more than `limit` levels, as a path ("" for the top), or None.
+    Walked without recursion, since the depth is someone else's choice."""
+    stack = [(value, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > limit:
+            return path
+        if isinstance(value, dict):
+            stack += [(v, depth + 1, f"{path}.{k}" if path else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1, f"{path}[{i}]") for i, v in enumerate(value)]
+    return None
+
+
 def _json_object(text: str) -> dict | None:
-    """The JSON object ``text`` holds, or None (invalid JSON, or a value that is not an object)."""
+    """The JSON object ``text`` holds, or None (invalid JSON, a value that is not an object, or one
+    nested deeper than MAX_JSON_DEPTH)."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return value if isinstance(value, dict) else None
+    return value if isinstance(value, dict) and deeper_than(value, MAX_JSON_DEPTH) is None else None
 
 
 def _new_call(index: int, name: str, arguments: dict) -> tuple[ToolCall, list[Event]]:
@@ -412,10 +428,8 @@ def _template_messages(messages: list[dict]) -> list[dict]:
         for call in m.get("tool_calls") or []:
             function = call.get("function") or {}
             if isinstance(function.get("arguments"), str):
-                try:
-                    function["arguments"] = json.loads(function["arguments"])
-                except ValueError:
-                    pass  # not JSON: the template writes the string as it is
+                # Not a JSON object: the template writes the string as it is.
+                function["arguments"] = _json_object(function["arguments"]) or function["arguments"]
         converted.append(m)
     return converted
 
@@ -430,6 +444,8 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] |
     nothing for Hermes (the caller appends ``forced_prefix``); for ReAct the assistant turn is
     opened with "Thought:", the point the prefix continues from. Bad messages raise ValueError.
     """
+    if tools and (where := deeper_than(tools, MAX_JSON_DEPTH)) is not None:
+        raise ValueError(f"the tools nest deeper than {MAX_JSON_DEPTH} levels (at {where}): flatten the schema")
     mode, name = _tool_choice(tool_choice)
     names = {f["name"] for f in _functions(tools or [])}
     if mode in ("required", "function") and not tools:

@@ -1,10 +1,11 @@
 """Tool calling: ReAct (Qwen v1) and Hermes <tool_call> (Qwen2.5+) prompts and streaming parsers."""
 
+import copy
 import json
 
 import pytest
 
-from qwenkit.chat import render_qwen_v1
+from qwenkit.chat import apply_chat_template, render_qwen_v1
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.tools import (ContentDelta, HermesParser, PlainParser, ReActParser, ToolCallArgs, ToolCallStart,
                            build_prompt, forced_prefix, new_parser)
@@ -288,3 +289,23 @@ def test_template_forced_prefix_parses(demo_tokenizers):
         ("get_weather", '{"city": "Paris"}')]
     assert run(new_parser(ours, [WEATHER], choice), [prefix, '{"city": "Paris"}}\n</tool_call>']) == (
         "", [("get_weather", '{"city": "Paris"}')], ["ToolCallStart", "ToolCallArgs"])
+
+
+def test_tools_nested_too_deep_are_a_clear_error(v1):
+    parameters = {"type": "object", "properties": {}}
+    for _ in range(40):  # 80 levels
+        parameters = {"type": "object", "properties": {"x": parameters}}
+    tools = [{"type": "function", "function": {"name": "deep", "parameters": parameters}}]
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="nest deeper than 64 levels"):
+        build_prompt(v1, messages, tools)
+    templated = copy.copy(v1)
+    templated.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}{{ tools }}"
+    with pytest.raises(ValueError, match="nest deeper than 64 levels"):
+        apply_chat_template(templated, messages, tools=tools)
+
+
+def test_model_output_nested_too_deep_is_content_not_a_call():
+    deep = "[" * 3000 + "]" * 3000
+    content, calls, _ = run(HermesParser(), [f'<tool_call>\n{{"name": "f", "arguments": {{"x": {deep}}}}}\n</tool_call>'])
+    assert calls == [] and content.count("[") == 3000
