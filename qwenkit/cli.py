@@ -176,12 +176,16 @@ def cmd_serve(args) -> int:
 
     if args.api_auth is not None and ":" not in args.api_auth:
         raise QwenkitError("--api-auth takes USER:PASS")
+    for flag in ("max_batch", "max_queue", "request_timeout", "max_body_bytes", "max_header_bytes"):
+        if not getattr(args, flag) > 0:
+            raise QwenkitError(f"--{flag.replace('_', '-')} must be more than 0, got {getattr(args, flag)}")
     origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
     settings = Settings(
         served_model_name=args.served_model_name or served_name(args.model),
         model_aliases=(args.model,) if args.model else (), api_key=args.api_key or None,
         api_auth=args.api_auth or None, max_batch=args.max_batch, max_queue=args.max_queue,
-        context_length=args.ctx, cors_origins=origins)
+        context_length=args.ctx, cors_origins=origins, request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
     return serve(lambda: load_for(args), settings, host=args.host, port=args.port)
 
 
@@ -306,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
                          description="Serve the OpenAI API (/v1/chat/completions with tools and streaming, "
                                      "/v1/completions, /v1/embeddings, /v1/models), /tokenize, /detokenize, "
-                                     "/health, /metrics and the web chat page at /. The server listens at once "
-                                     "and loads the model in the background: /health answers 503 until ready.",
+                                     "/health, /metrics, /openapi.json and the web chat page at /. The server "
+                                     "listens at once and loads the model in the background: /health answers 503 "
+                                     "until ready, and again if the engine stops for good, when serve exits "
+                                     "non-zero so that a supervisor restarts it.",
                          epilog="Every option can also be set by the environment variable named after it, "
                                 "e.g. QWENKIT_PORT=9000 or QWENKIT_API_KEY=secret; a flag wins over the variable.")
     add_model_args(p)
@@ -328,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "or * (default: none)")
     p.add_argument("--served-model-name", help="the model name clients use and /v1/models lists "
                                                "(default: the -m argument's last part, or qwenkit)")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="time a client has to send a request's head, and then its body; a slower one gets 408 "
+                        "(default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20,
+                   help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--max-header-bytes", type=int, default=16 << 10,
+                   help="longer request heads (request line and headers) get 431 (default: %(default)s)")
     read_env_defaults(p)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from qwenkit.cli import build_parser
 from qwenkit.model import Model
 from qwenkit.server import Settings, create_app, served_name
+from qwenkit.server.app import server_config
 from qwenkit.tokenizer import Tokenizer
 
 from .conftest import qwen_tiktoken_path, randomize
@@ -79,9 +80,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live(app, wait_ready=True):
-    """Serve `app` with uvicorn in a thread; yields its base URL."""
+    """Serve `app` with uvicorn in a thread, configured as `qwenkit serve` does; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, app.state.service.settings, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -165,7 +166,17 @@ BAD = [  # (path, body (bytes: sent as is), status, param, words in the message)
     (CHAT, {"messages": []}, 400, "messages", "at least 1"),
     (CHAT, chat(temperature="hot"), 400, "temperature", "number"),
     (CHAT, chat(n=True), 400, "n", "integer"),
-    (CHAT, chat(foo=1), 400, "foo", "Extra inputs"),
+    (CHAT, chat(foo=1), 400, "foo", "unknown field 'foo'"),
+    (CHAT, chat(maxTokens=5), 400, "maxTokens", "did you mean 'max_tokens'"),
+    (CHAT, {"messages": [{**USER, "Name": "x"}]}, 400, "messages[0].Name", "unknown field 'Name'"),
+    (CHAT, chat(top_k=10**30), 400, "top_k", "less than or equal to 2147483647"),
+    (CHAT, chat(max_tokens=10**30), 400, "max_tokens", "less than or equal to"),
+    (CHAT, chat(seed=2**63), 400, "seed", "less than"),
+    (CHAT, chat(logit_bias={"²": 1}), 400, "logit_bias", "ASCII digits"),
+    (CHAT, chat(logit_bias={"①": 1}), 400, "logit_bias", "ASCII digits"),
+    (CHAT, chat(logit_bias={"١": 1}), 400, "logit_bias", "ASCII digits"),
+    (CHAT, chat(logit_bias={str(i): 1 for i in range(301)}), 400, "logit_bias", "at most 300"),
+    (CHAT, chat(stop_token_ids=[-1]), 400, "stop_token_ids[0]", "greater than or equal to 0"),
     (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "'user'"),
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0]", "needs content"),
     (CHAT, {"messages": [USER, CALL, {"role": "tool", "content": "sunny"}]}, 400, "messages[2]", "tool_call_id"),
@@ -181,7 +192,7 @@ BAD = [  # (path, body (bytes: sent as is), status, param, words in the message)
     (CHAT, chat(top_p=0), 400, "top_p", "greater than 0"),
     (CHAT, chat(top_k=-1), 400, "top_k", "greater than or equal to 0"),
     (CHAT, chat(presence_penalty=5), 400, "presence_penalty", "less than or equal to 2"),
-    (CHAT, chat(repetition_penalty=0), 400, "repetition_penalty", "greater than 0"),
+    (CHAT, chat(repetition_penalty=0), 400, "repetition_penalty", "greater than or equal to 0.01"),
     (CHAT, chat(seed=-1), 400, "seed", "greater than or equal to 0"),
     (CHAT, chat(n=9), 400, "n", "less than or equal to 8"),
     (CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs", "20"),
@@ -529,7 +540,7 @@ def test_health_while_loading_and_after_a_failed_load(tok):
     def broken_load():
         raise FileNotFoundError("no such checkpoint")
 
-    with live(create_app(broken_load, on_load_failure=failures.append), wait_ready=False) as url:
+    with live(create_app(broken_load, on_failure=failures.append), wait_ready=False) as url:
         deadline = time.monotonic() + 10
         while not failures:
             assert time.monotonic() < deadline
@@ -560,7 +571,8 @@ def test_cli_flags_and_environment(monkeypatch, capsys):
     text = capsys.readouterr().out
     for name in ("QWENKIT_HOST", "QWENKIT_PORT", "QWENKIT_API_KEY", "QWENKIT_API_AUTH", "QWENKIT_MAX_BATCH",
                  "QWENKIT_MAX_QUEUE", "QWENKIT_CTX", "QWENKIT_CORS_ORIGINS", "QWENKIT_SERVED_MODEL_NAME",
-                 "QWENKIT_MODEL", "QWENKIT_DEVICE", "QWENKIT_DTYPE"):
+                 "QWENKIT_MODEL", "QWENKIT_DEVICE", "QWENKIT_DTYPE", "QWENKIT_REQUEST_TIMEOUT", "QWENKIT_MAX_BODY_BYTES",
+                 "QWENKIT_MAX_HEADER_BYTES"):
         assert name in text.replace("\n", " ").replace("  ", "")
     # A flag's variable reads as on/off, not as a non-empty (always true) string.
     for value, expected in (("1", True), ("true", True), ("0", False), ("off", False)):

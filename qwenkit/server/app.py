@@ -5,13 +5,13 @@ engine's deltas back into OpenAI responses or SSE chunks (generation.py). Batchi
 and cancellation are the engine's business.
 
 The server listens at once and loads the model in a background thread: /health answers 503 until
-the engine runs, and the API answers 503 with Retry-After meanwhile.
+the engine runs, and the API answers 503 with Retry-After meanwhile. /health answers 503 again if the
+engine stops for good (engine.py), and `serve` then exits non-zero.
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import logging
 import threading
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from jinja2.exceptions import TemplateError
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -33,8 +35,8 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
-from .. import tools
-from ..engine import Engine
+from .. import __version__, tools
+from ..engine import Engine, EngineFailedError
 from ..errors import QwenkitError
 from ..model import Model
 from ..tokenizer import Tokenizer
@@ -51,7 +53,10 @@ from .generation import (
     submit,
     usage,
 )
+from .gate import PROTECTED, Gate, error_response, http_protocol
 from .protocol import (
+    BODIES,
+    MAX_JSON_DEPTH,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -82,6 +87,8 @@ class Settings:
     context_length: int | None = None  # None: min(the model's context, DEFAULT_CONTEXT)
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 8 << 20
+    max_header_bytes: int = 16 << 10
+    request_timeout: float = 30.0  # seconds a client has to send a request's head, and then its body
 
 
 def served_name(model_argument: str | None) -> str:
@@ -96,8 +103,8 @@ class Service:
     """The server's state: settings, the engine once the model is loaded, and response counts."""
 
     def __init__(self, settings: Settings, load: Callable[[], tuple[Model, Tokenizer]],
-                 on_load_failure: Callable[[str], None] | None = None):
-        self.settings, self._load, self._on_load_failure = settings, load, on_load_failure
+                 on_failure: Callable[[str], None] | None = None):
+        self.settings, self._load, self._on_failure = settings, load, on_failure
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.started = int(time.time())
@@ -114,21 +121,26 @@ class Service:
             context = self.settings.context_length or min(limit, DEFAULT_CONTEXT)
             if context > limit:
                 raise ValueError(f"--ctx {context} is more than the model's context of {limit} tokens")
-            engine = Engine(model, tokenizer, self.settings.max_batch, self.settings.max_queue, context)
+            engine = Engine(model, tokenizer, self.settings.max_batch, self.settings.max_queue, context,
+                            on_failure=self._engine_failed)
             engine.start()
         except Exception as e:  # reported by /health, and `qwenkit serve` exits with it
             self.load_error = f"{type(e).__name__}: {e}"
             # A traceback only for the unexpected: a wrong path or flag is the user's to fix.
             log.error("loading the model failed: %s", self.load_error,
                       exc_info=not isinstance(e, (QwenkitError, ValueError)))
-            if self._on_load_failure:
-                self._on_load_failure(self.load_error)
+            if self._on_failure:
+                self._on_failure(f"the model failed to load: {self.load_error}")
             return
         self.engine = engine
         if self._closed:  # the server stopped while the model loaded
             engine.shutdown()
         log.info("model ready: serving %r with a context of %d tokens, up to %d sequences per batch",
                  self.settings.served_model_name, engine.context_length, engine.max_batch)
+
+    def _engine_failed(self, reason: str) -> None:
+        if self._on_failure:  # `qwenkit serve` exits, so that whatever runs it can start it again
+            self._on_failure(f"the engine stopped: {reason}")
 
     def close(self) -> None:
         self._closed = True
@@ -137,6 +149,9 @@ class Service:
 
     def ready_engine(self) -> Engine:
         if self.engine is not None:
+            if self.engine.failure:
+                raise APIError(503, f"the engine has stopped ({self.engine.failure}); the server must be restarted",
+                               code="engine_failed")
             return self.engine
         if self.load_error:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
@@ -150,90 +165,13 @@ class Service:
                                 f"{self.settings.served_model_name!r}", param="model", code="model_not_found")
 
 
-# ----------------------------------------------------------------------------- before routing
-
-PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/metrics")  # /health and the web page stay open
-
-
-class Gate:
-    """ASGI middleware run before routing: it counts responses by status for /metrics, checks
-    credentials on the API paths, and refuses an oversized body before anything parses it."""
-
-    def __init__(self, app, service: Service):
-        self.app, self.service = app, service
-        s = service.settings
-        self.secrets = [x for x in (s.api_key, s.api_auth and base64.b64encode(s.api_auth.encode()).decode()) if x]
-        self.challenge = 'Basic realm="qwenkit"' if s.api_auth else "Bearer"
-        ways = [way for way, on in (("'Authorization: Bearer API_KEY'", s.api_key),
-                                    ("HTTP Basic USER:PASS", s.api_auth)) if on]
-        self.refusal = f"missing or wrong credentials: send {' or '.join(ways)}"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                self.service.responses[message["status"]] += 1
-            await send(message)
-
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.secrets and scope["path"].startswith(PROTECTED) and not self._authorized(headers):
-            error = APIError(401, self.refusal, code="invalid_api_key", headers={"WWW-Authenticate": self.challenge})
-            return await _error_response(error)(scope, receive, counting_send)
-        body = await self._read_body(headers, receive)
-        if body is None:
-            limit = self.service.settings.max_body_bytes
-            error = APIError(413, f"the request body is larger than the limit of {limit} bytes",
-                             code="request_too_large")
-            return await _error_response(error)(scope, receive, counting_send)
-
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: the disconnect the routes watch for
-
-        await self.app(scope, replay, counting_send)
-
-    def _authorized(self, headers: dict[str, str]) -> bool:
-        # As the seed's --api-auth, the scheme is not checked: a client that can only send a Bearer
-        # token (the openai client) passes base64("user:pass") as its key.
-        credential = headers.get("authorization", "").partition(" ")[2].strip()
-        return any(hmac.compare_digest(credential.encode(), secret.encode()) for secret in self.secrets)
-
-    async def _read_body(self, headers: dict[str, str], receive) -> bytes | None:
-        """The whole body, or None when it is over the limit (by its Content-Length, or as read)."""
-        limit = self.service.settings.max_body_bytes
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before sending it all
-                return b""
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return None
-            if not message.get("more_body"):
-                return b"".join(chunks)
-
-
-def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), error.status, headers=error.headers)
-
-
 # ----------------------------------------------------------------------------- the app
 
 def create_app(load: Callable[[], tuple[Model, Tokenizer]], settings: Settings | None = None,
-               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
-    """The server app; `load()` returns (model, tokenizer) and runs in a background thread."""
-    service = Service(settings or Settings(), load, on_load_failure)
+               on_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """The server app; `load()` returns (model, tokenizer) and runs in a background thread.
+    `on_failure(message)` is called if the model fails to load or the engine stops for good."""
+    service = Service(settings or Settings(), load, on_failure)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -241,29 +179,65 @@ def create_app(load: Callable[[], tuple[Model, Tokenizer]], settings: Settings |
         yield
         service.close()
 
-    # No /docs: its page loads scripts from a CDN, and the routes validate their bodies themselves.
-    app = FastAPI(title="qwenkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No /docs: its page loads scripts from a CDN. /openapi.json is made from protocol.py's models.
+    app = FastAPI(title="qwenkit", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
-    app.add_exception_handler(APIError, lambda request, e: _error_response(e))
+    app.openapi = lambda: _openapi(app)
+    app.add_exception_handler(APIError, lambda request, e: error_response(e))
+    app.add_exception_handler(EngineFailedError, lambda request, e: error_response(
+        APIError(503, str(e), code="engine_failed")))
     app.add_exception_handler(HTTPException, lambda request, e: JSONResponse(
         error_body(e.status_code, str(e.detail)), e.status_code, headers=e.headers))
-    app.add_exception_handler(Exception, lambda request, e: JSONResponse(
-        error_body(500, f"internal error: {type(e).__name__}: {e}"), 500))
-    app.add_middleware(Gate, service=service)
+    app.add_middleware(Gate, service=service)  # it also answers what no route caught with a 500
     if settings and settings.cors_origins:  # added last, so outermost: preflights never meet the Gate
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=True)
 
     for method, path, endpoint in ROUTES:
-        app.add_api_route(path, endpoint, methods=[method])
+        app.add_api_route(path, endpoint, methods=[method], summary=endpoint.__doc__)
+        answered = {method}
+        if method == "GET":  # HEAD answers as GET does, without the body (uvicorn drops it)
+            app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+            answered.add("HEAD")
         # Without this, the web page mounted at "/" would answer a wrong method on an API path with 404.
-        others = sorted({"GET", "POST", "PUT", "PATCH", "DELETE"} - {method})
+        others = sorted({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"} - answered)
         app.add_api_route(path, _wrong_method(method), methods=others, include_in_schema=False)
     if (WEB_DIR / "index.html").is_file():  # mounted last: the API routes above take precedence
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     else:
         app.add_api_route("/", lambda: HTMLResponse(NO_WEB_PAGE), methods=["GET"], include_in_schema=False)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The OpenAPI schema, request bodies included: the routes read their bodies themselves, so
+    FastAPI cannot see them; they are protocol.py's models, the ones that validate."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title="qwenkit", version=__version__, routes=app.routes,
+                             description="The OpenAI-compatible API of `qwenkit serve`.")
+        _, defs = models_json_schema([(m, "validation") for m in BODIES.values()],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).update(defs["$defs"])
+        components["schemas"]["Error"] = ERROR_SCHEMA
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema["paths"].items():
+            for method, operation in operations.items():
+                if path in BODIES and method == "post":
+                    operation["requestBody"] = {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{BODIES[path].__name__}"}}}}
+                if path.startswith(PROTECTED):
+                    operation["security"] = [{"bearer": []}]
+                operation["responses"]["default"] = {"description": "an error", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
 
 def _wrong_method(allowed: str):
@@ -281,7 +255,10 @@ async def _read(request: HTTPRequest, model):
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:  # deeper than Python's parser goes, so far deeper than allowed
+        raise APIError(400, f"the request nests deeper than {MAX_JSON_DEPTH} levels: flatten it, e.g. a tool's "
+                            "parameters schema") from None
+    except ValueError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     return parse(model, data)
 
@@ -324,15 +301,21 @@ def _client_gone() -> Response:
 # ----------------------------------------------------------------------------- routes
 
 async def health(request: HTTPRequest):
+    """Whether the server can generate: 200 when the engine runs, 503 while loading or once stopped."""
     service = _service(request)
-    if service.engine is not None:
-        return {"status": "ok"}
+    engine = service.engine
+    if engine is not None:
+        if engine.alive:
+            return {"status": "ok"}
+        reason = engine.failure or "its thread is not running"
+        return JSONResponse({"status": "error", "message": f"the engine has stopped: {reason}"}, 503)
     if service.load_error:
         return JSONResponse({"status": "error", "message": service.load_error}, 503)
     return JSONResponse({"status": "loading"}, 503)
 
 
 async def metrics(request: HTTPRequest):
+    """Prometheus metrics of the engine and of HTTP responses."""
     service = _service(request)
     lines = ["# HELP qwenkit_http_responses_total HTTP responses by status code.",
              "# TYPE qwenkit_http_responses_total counter"]
@@ -347,10 +330,12 @@ def _model_card(service: Service) -> dict:
 
 
 async def list_models(request: HTTPRequest):
+    """The served model."""
     return {"object": "list", "data": [_model_card(_service(request))]}
 
 
 async def get_model(request: HTTPRequest):
+    """One model by name."""
     service = _service(request)
     service.check_model(request.path_params["model"])
     return _model_card(service)
@@ -368,6 +353,7 @@ def _chat_prompt(tok: Tokenizer, messages: list, tool_dicts: list[dict] | None,
 
 
 async def chat_completions(request: HTTPRequest):
+    """OpenAI chat completions: tools, streaming, logprobs, n."""
     service, engine, body = await _open(request, ChatCompletionRequest)
     tok = engine.tokenizer
     prompt, prefix = await run_in_threadpool(_chat_prompt, tok, body.messages, body.tool_dicts, body.choice)
@@ -417,6 +403,7 @@ async def _chat_chunks(request: HTTPRequest, body: ChatCompletionRequest, choice
 
 
 async def completions(request: HTTPRequest):
+    """OpenAI text completions."""
     service, engine, body = await _open(request, CompletionRequest)
     tok = engine.tokenizer
     requests = []
@@ -458,6 +445,7 @@ async def _completion_chunks(request: HTTPRequest, body: CompletionRequest, choi
 
 
 async def embeddings(request: HTTPRequest):
+    """Mean-pooled, normalized hidden states."""
     service, engine, body = await _open(request, EmbeddingRequest)
     tok = engine.tokenizer
     hidden = engine.model.config.hidden_size
@@ -485,6 +473,7 @@ async def embeddings(request: HTTPRequest):
 
 
 async def tokenize(request: HTTPRequest):
+    """Token ids of a text, or of a chat as /v1/chat/completions renders it."""
     _, engine, body = await _open(request, TokenizeRequest)
     tok = engine.tokenizer
     if body.prompt is not None:
@@ -495,6 +484,7 @@ async def tokenize(request: HTTPRequest):
 
 
 async def detokenize(request: HTTPRequest):
+    """The text of token ids."""
     _, engine, body = await _open(request, DetokenizeRequest)
     tok = engine.tokenizer
     try:
@@ -516,9 +506,18 @@ ROUTES = [
 ]
 
 
+def server_config(app, settings: Settings, host: str = "127.0.0.1", port: int = 8000, **kwargs):
+    """uvicorn's configuration for `app`, with the Gate's transport limits."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, http=http_protocol(app.state.service),
+                          h11_max_incomplete_event_size=settings.max_header_bytes + 4, **kwargs)
+
+
 def serve(load: Callable[[], tuple[Model, Tokenizer]], settings: Settings, host: str = "127.0.0.1",
           port: int = 8000) -> int:
-    """Run the server until interrupted; raise QwenkitError if the model fails to load."""
+    """Run the server until interrupted; raise QwenkitError if the model fails to load or the engine
+    stops for good (the process then exits non-zero, for a process supervisor to restart it)."""
     import uvicorn
 
     failure: list[str] = []
@@ -527,11 +526,11 @@ def serve(load: Callable[[], tuple[Model, Tokenizer]], settings: Settings, host:
         failure.append(message)
         server.should_exit = True
 
-    app = create_app(load, settings, on_load_failure=stop_on_failure)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5))
+    app = create_app(load, settings, on_failure=stop_on_failure)
+    server = uvicorn.Server(server_config(app, settings, host, port, timeout_graceful_shutdown=5))
     log.info("serving %r at http://%s:%d (model loading in the background; GET /health says when ready)",
              settings.served_model_name, host, port)
     server.run()
     if failure:
-        raise QwenkitError(f"the model failed to load: {failure[0]}")
+        raise QwenkitError(failure[0])
     return 0

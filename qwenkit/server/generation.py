@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from starlette.requests import Request as HTTPRequest
 
-from ..engine import Engine, QueueFullError, Stream
+from ..engine import Engine, EngineFailedError, QueueFullError, Stream
 from ..generate import ContextLengthError, Delta, Request, make_request
 from ..tokenizer import Tokenizer
 from ..tools import ContentDelta, Event, ToolCallArgs, ToolCallStart, ToolParser
@@ -83,6 +83,10 @@ def submit(engine: Engine, requests: list[Request]) -> list[Stream]:
         for stream in streams:
             stream.cancel()
         raise APIError(400, str(e)) from None
+    except EngineFailedError as e:
+        for stream in streams:
+            stream.cancel()
+        raise APIError(503, str(e), code="engine_failed") from None
     return streams
 
 
@@ -185,11 +189,16 @@ def _token_bytes(tok: Tokenizer, token_id: int) -> bytes:
         return b""
 
 
+def _reported(logprob: float) -> float:
+    """A logprob as JSON can carry it: OpenAI's -9999.0 for a token with no chance (-inf), or NaN."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 def chat_logprob(tok: Tokenizer, delta: Delta) -> dict:
     """One token in OpenAI's chat shape: token, logprob, bytes and its top alternatives."""
     def entry(token_id: int, logprob: float) -> dict:
         raw = _token_bytes(tok, token_id)
-        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+        return {"token": raw.decode("utf-8", "replace"), "logprob": _reported(logprob), "bytes": list(raw)}
     return {**entry(delta.token_id, delta.logprob),
             "top_logprobs": [entry(i, lp) for i, lp in delta.top_logprobs or []]}
 
@@ -201,8 +210,8 @@ def completion_logprobs(tok: Tokenizer, scored: list[Delta], offset: int = 0) ->
     for delta in scored:
         text = _token_bytes(tok, delta.token_id).decode("utf-8", "replace")
         out["tokens"].append(text)
-        out["token_logprobs"].append(delta.logprob)
-        out["top_logprobs"].append({_token_bytes(tok, i).decode("utf-8", "replace"): lp
+        out["token_logprobs"].append(_reported(delta.logprob))
+        out["top_logprobs"].append({_token_bytes(tok, i).decode("utf-8", "replace"): _reported(lp)
                                     for i, lp in delta.top_logprobs or []})
         out["text_offset"].append(offset)
         offset += len(text)

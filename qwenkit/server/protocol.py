@@ -1,22 +1,42 @@
-"""The OpenAI wire format: request models (pydantic) and the error shape.
+"""The OpenAI wire format: request models (pydantic), their bounds, and the error shape.
 
-Requests are validated strictly: a field of the wrong type, out of range, or unknown is a 400
-that names it, and an option this server cannot honour (response_format json, echo, strict tool
-schemas, ...) is refused rather than ignored. OpenAI fields that can be honoured are (`n`,
-`stream_options`, `parallel_tool_calls`, `user` (recorded nowhere, as it changes nothing)), and so
-are the usual extensions of local servers: top_k, min_p, repetition_penalty, stop_token_ids.
+This module is where a request is validated, and the OpenAPI schema the server publishes is made
+from these same models, so it states the same bounds. Requests are validated strictly: a field of
+the wrong type, out of range, or unknown is a 400 that names it; every number is bounded and a
+body may nest at most MAX_JSON_DEPTH levels; an option this server cannot honour (response_format
+json, echo, strict tool schemas, ...) is refused rather than ignored. OpenAI fields that can be
+honoured are (`n`, `stream_options`, `parallel_tool_calls`, `user` (recorded nowhere, as it changes
+nothing)), and so are the usual extensions of local servers: top_k, min_p, repetition_penalty,
+stop_token_ids.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
+from ..chat import MAX_JSON_DEPTH
+from ..sampling import MAX_TOP_K, MIN_REPETITION_PENALTY
+from ..tools import deeper_than
+
+MAX_INT = 2**31 - 1  # bound of counts with no smaller natural one (max_tokens, dimensions, token ids)
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 256
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT)]
+_TOKEN_ID_KEY = r"^[0-9]{1,10}$"  # ASCII digits only: str.isdigit() also takes '²' and '١'
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=_TOKEN_ID_KEY)], Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=MAX_LOGIT_BIAS),
+    WithJsonSchema({"type": "object", "maxProperties": MAX_LOGIT_BIAS, "propertyNames": {"pattern": _TOKEN_ID_KEY},
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}),
+]
 
 
 class APIError(Exception):
@@ -42,15 +62,34 @@ def parse(model: type[BaseModel], data) -> BaseModel:
     """Validate a decoded JSON body; pydantic's errors become one 400 naming the fields."""
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    check_depth(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         problems = {}
         for err in e.errors():
-            problems.setdefault(_param(err["loc"]), []).append(err["msg"].removeprefix("Value error, "))
+            if err["type"] == "extra_forbidden":  # the last part is the unknown key itself, whatever it looks like
+                key, param = err["loc"][-1], _param(err["loc"][:-1])
+                param = f"{param}.{key}" if param else str(key)
+                problems.setdefault(param, []).append(_unknown_field(str(key)))
+            else:
+                problems.setdefault(_param(err["loc"]), []).append(err["msg"].removeprefix("Value error, "))
         message = "; ".join(f"{param or 'body'}: {' or '.join(dict.fromkeys(msgs))}"
                             for param, msgs in problems.items())
         raise APIError(400, f"invalid request: {message}", param=next(iter(problems))) from None
+
+
+def check_depth(data, limit: int = MAX_JSON_DEPTH) -> None:
+    """A 400 for a body nested more than `limit` levels."""
+    path = deeper_than(data, limit)
+    if path is not None:
+        raise APIError(400, f"the request nests deeper than {limit} levels (at {path}): flatten it, e.g. a "
+                            "tool's parameters schema", param=re.split(r"[.\[]", path)[0])
+
+
+def _unknown_field(key: str) -> str:
+    close = difflib.get_close_matches(key, _FIELD_NAMES, n=1)
+    return f"unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 _TYPE_NAME = re.compile(r"^(str|int|float|bool|dict|list|none|literal|function-\w+)\b|[\[A-Z]")
@@ -190,37 +229,41 @@ class ResponseFormat(Strict):
 class GenerationRequest(Strict):
     """What chat and text completions share: the model, sampling, stops, n and streaming."""
     model: str | None = None  # absent or "" means the served model
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10)
+    logit_bias: LogitBias | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _few_stops(cls, value):
+    def _few_stops(cls, value):  # before the type's own bound, for a clearer message
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
         return value
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _bias_keys_are_token_ids(cls, value):
-        for key, bias in (value or {}).items():
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids (integers as strings), got {key!r}")
-            if not -100 <= bias <= 100:
+    def _bias_keys_are_token_ids(cls, value):  # the type checks the same; this says it in words
+        if not isinstance(value, dict):
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+        for key, bias in value.items():
+            if not (isinstance(key, str) and re.fullmatch(_TOKEN_ID_KEY, key)):
+                raise ValueError(f"keys must be token ids written in ASCII digits, got {key!r}")
+            if isinstance(bias, (int, float)) and not isinstance(bias, bool) and not -100 <= bias <= 100:
                 raise ValueError(f"the bias of token {key} is {bias}; biases must be in [-100, 100]")
         return value
 
@@ -295,7 +338,7 @@ class ToolsInput(Strict):
 
 class ChatCompletionRequest(GenerationRequest, ToolsInput):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -316,11 +359,11 @@ class ChatCompletionRequest(GenerationRequest, ToolsInput):
 
 class CompletionRequest(GenerationRequest):
     DEFAULT_MAX_TOKENS: ClassVar[int] = 16  # OpenAI's, when max_tokens is absent
-    prompt: str | list[int] | list[str | list[int]]  # one text, one token list, or a list of either
+    prompt: str | list[TokenId] | list[str | list[TokenId]]  # one text, one token list, or a list of either
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=8)
 
     @model_validator(mode="after")
     def _supported(self):
@@ -344,10 +387,10 @@ class CompletionRequest(GenerationRequest):
 
 
 class EmbeddingRequest(Strict):
-    input: str | list[int] | list[str | list[int]]
+    input: str | list[TokenId] | list[str | list[TokenId]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=MAX_INT)
     user: str | None = None
 
     @model_validator(mode="after")
@@ -384,4 +427,16 @@ class TokenizeRequest(ToolsInput):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
+
+
+BODIES = {  # path -> the model its JSON body must fit; the OpenAPI schema is made from these
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
+_FIELD_NAMES = sorted({name for model in (*BODIES.values(), Message, TextPart, FunctionDef, Tool, ToolCallIn,
+                                          FunctionCall, NamedToolChoice, StreamOptions, ResponseFormat)
+                       for name in model.model_fields})
