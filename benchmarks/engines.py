@@ -197,7 +197,8 @@ def measure(engine: str, dtype: str, n_prompt: int = 512, n_new: int = 128, quan
 def machine() -> dict:
     import platform
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
 
 
 if __name__ == "__main__":
