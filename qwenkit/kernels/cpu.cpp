@@ -1,0 +1,495 @@
+// qwenkit's CPU kernels for weight-only int4 and int8 linears at decode shapes (a few rows of x).
+//
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) where W is stored as qwenkit's Int4Linear / Int8Linear
+// keep it, read in place (no repacked copy):
+//   int4: qweight uint8 [N, K/2], byte j of a row holds k = 2j (low nibble) and k = 2j + 1 (high);
+//         W[n, k] = (q - zeros[n, g]) * scales[n, g], g = k / group_size
+//   int8: weight int8 [N, K] (symmetric, |w| <= 127); W[n, k] = w * scales[n]
+// Each row of x is quantized to int8 in blocks of 32 (one float scale per block, as llama.cpp's
+// Q8_0), so every product is an integer dot product (AVX2 maddubs, AVX-512 VNNI dpbusd) scaled once
+// per block. For int4 the activation block is stored in the weight's nibble order (even k, then odd
+// k) so that unpacking a weight block needs no shuffle; the zero point becomes one term per group,
+// min * (sum of the group's activations).
+//
+// One op computes several weights that read the same x (q/k/v, gate/up) into one output, side by
+// side along its columns: the output rows of all of them are split among torch's threads.
+// Built once per instruction set (-mavx2, -mavx512*) by qwenkit/kernels/__init__.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // activations quantized per 32 inputs
+constexpr int64_t kRowsAtOnce = 4;  // rows of x sharing one pass over a weight row
+constexpr float kTinyBlock = 1e-30f;  // blocks of activations no larger than this are quantized to zero
+
+// --------------------------------------------------------------------------- activations
+
+struct QuantizedX {
+  int64_t rows = 0, blocks = 0, groups = 0;
+  std::vector<int8_t> q;        // [rows][blocks * 32]
+  std::vector<float> d;         // [rows][blocks]: x ~= d * q within a block
+  std::vector<float> group_sum; // [rows][groups]: the sum of d * q over a weight group, for int4 zero points
+};
+
+template <typename T>
+inline float as_float(T v) { return static_cast<float>(v); }
+
+#if defined(__AVX512BW__)
+constexpr bool kPairs = true;  // int4 blocks are unpacked two at a time (below)
+#else
+constexpr bool kPairs = false;
+#endif
+
+// Where value i of block b goes among the int4 activations: in the order the weight nibbles unpack.
+// One block unpacks as its even k (low nibbles), then its odd k. Two blocks unpacked together
+// (AVX-512) give b's even k, b + 1's even k, b's odd k, b + 1's odd k; an odd last block is alone.
+inline int64_t nibble_slot(int64_t b, int64_t blocks, int i) {
+  if (kPairs && (b / 2) * 2 + 1 < blocks) return (b / 2) * 64 + (i % 2) * 32 + (b % 2) * 16 + i / 2;
+  return b * kBlock + (i % 2) * 16 + i / 2;
+}
+
+// Quantize each row of x [rows, K] to int8 per block of 32; with a group size (int4), the values go in
+// nibble order (nibble_slot) and the sums per group are kept.
+template <typename T>
+void quantize_rows(const T* x, int64_t rows, int64_t k, int64_t group_size, QuantizedX& out) {
+  const bool nibble_order = group_size > 0;
+  out.rows = rows;
+  out.blocks = k / kBlock;
+  out.groups = nibble_order ? k / group_size : 0;
+  out.q.resize(rows * k);
+  out.d.resize(rows * out.blocks);
+  out.group_sum.assign(rows * out.groups, 0.f);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < out.blocks; ++b) {
+      const T* src = x + m * k + b * kBlock;
+      float v[kBlock];
+      float amax = 0.f;
+      for (int i = 0; i < kBlock; ++i) {
+        v[i] = as_float(src[i]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      // A block this small is zero to any product it enters (and 127 / amax would overflow to inf).
+      const bool zero = !(amax > kTinyBlock);
+      const float d = zero ? 0.f : amax / 127.f;
+      const float inv = zero ? 0.f : 127.f / amax;
+      int8_t* row = out.q.data() + m * k;
+      int total = 0;
+      for (int i = 0; i < kBlock; ++i) {
+        const int q = static_cast<int>(std::nearbyint(v[i] * inv));
+        row[nibble_order ? nibble_slot(b, out.blocks, i) : b * kBlock + i] = static_cast<int8_t>(q);
+        total += q;
+      }
+      out.d[m * out.blocks + b] = d;
+      if (nibble_order) out.group_sum[m * out.groups + b * kBlock / group_size] += d * static_cast<float>(total);
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- integer dot products
+
+#if defined(__AVX2__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 bytes of nibbles -> 32 values 0..15: the low nibbles, then the high ones.
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  return _mm256_set_m128i(hi, lo);
+}
+
+// sum of u[i] * s[i] over 32 unsigned x signed bytes, as 8 int32 partial sums converted to float.
+inline __m256 dot_u8s8(__m256i u, __m256i s) {
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);  // |15 * 127 * 2| and |127 * 127 * 2| fit int16
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+
+#if defined(__AVX512BW__)
+// 32 bytes of nibbles (blocks b and b + 1) -> 64 values: b's low nibbles, b + 1's, b's high, b + 1's.
+inline __m512i unpack_nibbles2(const uint8_t* p) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
+  return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+}
+
+// Two floats p[0], p[1] spread over the 16 lanes by `lanes` (each lane's index, 0 or 1).
+inline __m512 spread2(const float* p, __m512i lanes) {
+  const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(pair));
+}
+
+// 64 unsigned x signed byte products summed in fours: 16 int32 as float (8 per block of 32).
+inline __m512 dot_u8s8(__m512i u, __m512i s) {
+#if defined(__AVX512VNNI__)
+  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s));
+#else
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+#endif
+
+// --------------------------------------------------------------------------- int4
+
+// sum over groups of zeros[g] * scales[g] * group_sum[g]: what the zero points take from a row's dot product.
+inline float zero_term(const float* zeros, const float* scales, const float* group_sum, int64_t groups) {
+  int64_t g = 0;
+  float total = 0.f;
+#if defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) {
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(zeros + g), _mm256_loadu_ps(scales + g)),
+                          _mm256_loadu_ps(group_sum + g), acc);
+  }
+  total = hsum(acc);
+#endif
+  for (; g < groups; ++g) total += zeros[g] * scales[g] * group_sum[g];
+  return total;
+}
+
+inline float zero_term(const c10::BFloat16* zeros, const c10::BFloat16* scales, const float* group_sum,
+                       int64_t groups) {
+  int64_t g = 0;
+  float total = 0.f;
+#if defined(__AVX2__)
+  const auto widen = [](const c10::BFloat16* p) {  // 8 bfloat16 -> 8 float: the bits, moved up
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  };
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) {
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(widen(zeros + g), widen(scales + g)), _mm256_loadu_ps(group_sum + g), acc);
+  }
+  total = hsum(acc);
+#endif
+  for (; g < groups; ++g) total += static_cast<float>(zeros[g]) * static_cast<float>(scales[g]) * group_sum[g];
+  return total;
+}
+
+#if defined(__AVX512BW__)
+// The scales of groups g and g + 1 as two floats (the others zero).
+inline __m128 two(const float* p) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
+inline __m128 two(const c10::BFloat16* p) {
+  const __m128i bits = _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(p));
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16));
+}
+#endif
+
+// Rows m0 .. m0 + MC - 1 of x against one int4 weight row. MC is a constant so that the
+// accumulators stay in registers.
+template <int MC, typename S>
+void int4_row(const uint8_t* qrow, const S* scales, const S* zeros, int64_t k, int64_t group_size,
+              const QuantizedX& x, int64_t m0, float* out /* [MC] */) {
+  const int64_t blocks = k / kBlock;
+  const int shift = __builtin_ctzll(group_size / kBlock);  // block b's group is b >> shift
+  const int8_t* xq = x.q.data() + m0 * k;
+  const float* xd = x.d.data() + m0 * blocks;
+  int64_t b = 0;
+  float total[MC] = {};
+#if defined(__AVX512BW__)
+  // dpbusd's int32 lanes 0-3 and 8-11 hold block b's sums, 4-7 and 12-15 block b + 1's (unpack_nibbles2).
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc512[MC];
+  for (int r = 0; r < MC; ++r) acc512[r] = _mm512_setzero_ps();
+  for (; b + 1 < blocks; b += 2) {
+    const __m512i w = unpack_nibbles2(qrow + b * (kBlock / 2));
+    // The two blocks' weight scales: consecutive groups, or one group (pairs never straddle a larger one).
+    const __m128 s2 = shift == 0 ? two(scales + b) : _mm_set1_ps(as_float(scales[b >> shift]));
+    for (int r = 0; r < MC; ++r) {
+      const __m512i xv = _mm512_loadu_si512(xq + r * k + b * kBlock);
+      const __m128 scale = _mm_mul_ps(s2, two(xd + r * blocks + b));
+      acc512[r] = _mm512_fmadd_ps(dot_u8s8(w, xv), _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(scale)),
+                                  acc512[r]);
+    }
+  }
+  for (int r = 0; r < MC; ++r) total[r] += _mm512_reduce_add_ps(acc512[r]);
+#endif
+#if defined(__AVX2__)
+  __m256 acc[MC];
+  for (int r = 0; r < MC; ++r) acc[r] = _mm256_setzero_ps();
+  for (; b < blocks; ++b) {
+    const __m256i w = unpack_nibbles(qrow + b * (kBlock / 2));
+    const float s = as_float(scales[b >> shift]);
+    for (int r = 0; r < MC; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + b * kBlock));
+      acc[r] = _mm256_fmadd_ps(dot_u8s8(w, xv), _mm256_set1_ps(s * xd[r * blocks + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < MC; ++r) total[r] += hsum(acc[r]);
+#endif
+  for (; b < blocks; ++b) {  // no vectors at all
+    const uint8_t* wp = qrow + b * (kBlock / 2);
+    for (int r = 0; r < MC; ++r) {
+      const int8_t* xv = xq + r * k + b * kBlock;
+      int dot = 0;
+      for (int i = 0; i < 16; ++i) dot += (wp[i] & 0x0F) * xv[i] + (wp[i] >> 4) * xv[16 + i];
+      total[r] += as_float(scales[b >> shift]) * xd[r * blocks + b] * static_cast<float>(dot);
+    }
+  }
+  for (int r = 0; r < MC; ++r) {
+    out[r] = total[r] - zero_term(zeros, scales, x.group_sum.data() + (m0 + r) * x.groups, x.groups);
+  }
+}
+
+// --------------------------------------------------------------------------- int8
+
+template <int MC>
+void int8_row(const int8_t* wrow, float scale, int64_t k, const QuantizedX& x, int64_t m0, float* out) {
+  const int64_t blocks = k / kBlock;
+  const int8_t* xq = x.q.data() + m0 * k;
+  const float* xd = x.d.data() + m0 * blocks;
+  int64_t b = 0;
+  float total[MC] = {};
+#if defined(__AVX512BW__)
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // b, then b + 1
+  __m512 acc512[MC];
+  for (int r = 0; r < MC; ++r) acc512[r] = _mm512_setzero_ps();
+  for (; b + 1 < blocks; b += 2) {
+    const __m512i w = _mm512_loadu_si512(wrow + b * kBlock);
+    const __m512i aw = _mm512_abs_epi8(w);  // |w| as the unsigned operand, w's sign moved onto x
+    const __mmask64 negative = _mm512_movepi8_mask(w);
+    for (int r = 0; r < MC; ++r) {
+      const __m512i xv = _mm512_loadu_si512(xq + r * k + b * kBlock);
+      const __m512i sx = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+      acc512[r] = _mm512_fmadd_ps(dot_u8s8(aw, sx), spread2(xd + r * blocks + b, lanes), acc512[r]);
+    }
+  }
+  for (int r = 0; r < MC; ++r) total[r] += _mm512_reduce_add_ps(acc512[r]);
+#endif
+#if defined(__AVX2__)
+  __m256 acc[MC];
+  for (int r = 0; r < MC; ++r) acc[r] = _mm256_setzero_ps();
+  for (; b < blocks; ++b) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * kBlock));
+    const __m256i aw = _mm256_sign_epi8(w, w);  // |w|, so maddubs sees an unsigned operand
+    for (int r = 0; r < MC; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + b * kBlock));
+      acc[r] = _mm256_fmadd_ps(dot_u8s8(aw, _mm256_sign_epi8(xv, w)), _mm256_broadcast_ss(xd + r * blocks + b), acc[r]);
+    }
+  }
+  for (int r = 0; r < MC; ++r) total[r] += hsum(acc[r]);
+#endif
+  for (; b < blocks; ++b) {  // no vectors at all
+    for (int r = 0; r < MC; ++r) {
+      const int8_t* xv = xq + r * k + b * kBlock;
+      int dot = 0;
+      for (int i = 0; i < kBlock; ++i) dot += wrow[b * kBlock + i] * xv[i];
+      total[r] += xd[r * blocks + b] * static_cast<float>(dot);
+    }
+  }
+  for (int r = 0; r < MC; ++r) out[r] = scale * total[r];
+}
+
+// Calls row<MC>(m0, out) for MC = the rows of x left, up to kRowsAtOnce at a time.
+template <typename Row>
+inline void over_x_rows(int64_t m_rows, const Row& row) {
+  for (int64_t m0 = 0; m0 < m_rows; m0 += kRowsAtOnce) {
+    switch (std::min(kRowsAtOnce, m_rows - m0)) {
+      case 1: row(std::integral_constant<int, 1>(), m0); break;
+      case 2: row(std::integral_constant<int, 2>(), m0); break;
+      case 3: row(std::integral_constant<int, 3>(), m0); break;
+      default: row(std::integral_constant<int, 4>(), m0); break;
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- the ops
+
+// The output columns of several weights laid side by side: which weight, and where, a column is.
+struct Columns {
+  std::vector<int64_t> starts;  // first output column of each weight, then the total
+  explicit Columns(const std::vector<int64_t>& rows) {
+    starts.push_back(0);
+    for (int64_t n : rows) starts.push_back(starts.back() + n);
+  }
+  int64_t total() const { return starts.back(); }
+  int64_t weight_of(int64_t col) const {
+    int64_t i = 0;
+    while (starts[i + 1] <= col) ++i;
+    return i;
+  }
+};
+
+void check_x(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(k % kBlock == 0, "in_features must be a multiple of ", kBlock, ", got ", k);
+}
+
+// fn(weight i, its row n, output column c) for every output column, split among torch's threads.
+template <typename Fn>
+void for_each_column(const Columns& cols, const Fn& fn) {
+  // Grain: enough columns per task that the threads' start-up is paid back, few enough to split N.
+  const int64_t grain = std::max<int64_t>(16, cols.total() / (8 * at::get_num_threads()));
+  at::parallel_for(0, cols.total(), grain, [&](int64_t begin, int64_t end) {
+    int64_t i = cols.weight_of(begin);
+    for (int64_t c = begin; c < end; ++c) {
+      while (cols.starts[i + 1] <= c) ++i;
+      fn(i, c - cols.starts[i], c);
+    }
+  });
+}
+
+// Where the op writes: out [M, N] in x's dtype, each value the float sum plus its column's bias.
+struct Output {
+  at::Tensor out;
+  float* f32 = nullptr;
+  c10::BFloat16* bf16 = nullptr;
+  const float* bias = nullptr;  // per column
+  int64_t n;
+
+  Output(const at::Tensor& x, int64_t n, const c10::optional<at::Tensor>& b) : n(n) {
+    out = at::empty({x.size(0), n}, x.options());
+    if (out.scalar_type() == at::kFloat) f32 = out.data_ptr<float>();
+    else bf16 = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
+    if (b.has_value()) {
+      TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->numel() == n,
+                  "bias must be contiguous float32 with one value per output column");
+      bias = b->data_ptr<float>();
+    }
+  }
+  void write(int64_t m, int64_t c, float v) {
+    if (bias) v += bias[c];
+    if (f32) f32[m * n + c] = v;
+    else bf16[m * n + c] = c10::BFloat16(v);
+  }
+};
+
+template <typename Fn>
+void with_quantized_x(const at::Tensor& x, int64_t group_size, const Fn& fn) {
+  thread_local QuantizedX qx;
+  const at::Tensor xc = x.contiguous();
+  if (xc.scalar_type() == at::kFloat) {
+    quantize_rows(xc.data_ptr<float>(), xc.size(0), xc.size(1), group_size, qx);
+  } else {
+    quantize_rows(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), xc.size(0), xc.size(1), group_size, qx);
+  }
+  fn(qx);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, at::TensorList qweights, at::TensorList scales, at::TensorList zeros,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size) {
+  const int64_t k = x.size(-1), m_rows = x.size(0);
+  check_x(x, k);
+  TORCH_CHECK(group_size % kBlock == 0 && k % group_size == 0 && __builtin_popcountll(group_size) == 1,
+              "group_size must be a power of two from 32 dividing K");
+  TORCH_CHECK(qweights.size() == scales.size() && scales.size() == zeros.size(), "one scales and zeros per weight");
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    const auto &q = qweights[i], &s = scales[i], &z = zeros[i];
+    TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.dim() == 2 && q.size(1) * 2 == k,
+                "qweight must be contiguous uint8 [N, K/2]");
+    TORCH_CHECK(s.sizes() == z.sizes() && s.size(0) == q.size(0) && s.size(1) == k / group_size &&
+                s.is_contiguous() && z.is_contiguous() && s.scalar_type() == z.scalar_type() &&
+                (s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16),
+                "scales and zeros must be contiguous float32 or bfloat16 [N, K/group_size]");
+    rows.push_back(q.size(0));
+  }
+  const Columns cols(rows);
+  Output y(x, cols.total(), bias);
+  const int64_t groups = k / group_size;
+  // Raw pointers read once: a Tensor's checked accessors cost more than a row's work at these sizes.
+  std::vector<const uint8_t*> q_ptr;
+  std::vector<const void*> s_ptr, z_ptr;
+  std::vector<bool> s_float;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    q_ptr.push_back(static_cast<const uint8_t*>(qweights[i].data_ptr()));
+    s_ptr.push_back(scales[i].data_ptr());
+    z_ptr.push_back(zeros[i].data_ptr());
+    s_float.push_back(scales[i].scalar_type() == at::kFloat);
+  }
+  with_quantized_x(x, group_size, [&](const QuantizedX& qx) {
+    for_each_column(cols, [&](int64_t i, int64_t n, int64_t c) {
+      const uint8_t* qrow = q_ptr[i] + n * (k / 2);
+      over_x_rows(m_rows, [&](auto mc, int64_t m0) {
+        float part[kRowsAtOnce];
+        if (s_float[i]) {
+          int4_row<mc>(qrow, static_cast<const float*>(s_ptr[i]) + n * groups,
+                       static_cast<const float*>(z_ptr[i]) + n * groups, k, group_size, qx, m0, part);
+        } else {
+          int4_row<mc>(qrow, static_cast<const c10::BFloat16*>(s_ptr[i]) + n * groups,
+                       static_cast<const c10::BFloat16*>(z_ptr[i]) + n * groups, k, group_size, qx, m0, part);
+        }
+        for (int r = 0; r < mc; ++r) y.write(m0 + r, c, part[r]);
+      });
+    });
+  });
+  return y.out;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, at::TensorList weights, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias) {
+  const int64_t k = x.size(-1), m_rows = x.size(0);
+  check_x(x, k);
+  std::vector<int64_t> rows;
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() && w.dim() == 2 && w.size(1) == k,
+                "weight must be contiguous int8 [N, K]");
+    rows.push_back(w.size(0));
+  }
+  const Columns cols(rows);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == cols.total() && scales.is_contiguous(),
+              "scales must be contiguous float32 [sum of N]");
+  Output y(x, cols.total(), bias);
+  const float* s = scales.data_ptr<float>();
+  std::vector<const int8_t*> w_ptr;
+  for (const auto& w : weights) w_ptr.push_back(static_cast<const int8_t*>(w.data_ptr()));
+  with_quantized_x(x, 0, [&](const QuantizedX& qx) {
+    for_each_column(cols, [&](int64_t i, int64_t n, int64_t c) {
+      over_x_rows(m_rows, [&](auto mc, int64_t m0) {
+        float part[kRowsAtOnce];
+        int8_row<mc>(w_ptr[i] + n * k, s[c], k, qx, m0, part);
+        for (int r = 0; r < mc; ++r) y.write(m0 + r, c, part[r]);
+      });
+    });
+  });
+  return y.out;
+}
+
+// The instruction set this library was built for, so Python can tell what it loaded.
+std::string isa() {
+#if defined(__AVX512VNNI__)
+  return "avx512_vnni";
+#elif defined(__AVX512BW__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qwenkit_cpu, m) {
+  // bias: float32, added before the output is rounded to x's dtype.
+  m.def("int4_linear(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] zeros, Tensor? bias, int group_size)"
+        " -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor[] weights, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+}

@@ -1,0 +1,203 @@
+"""qwenkit's CPU kernels (qwenkit/kernels): exact against a torch emulation of their arithmetic, on
+odd shapes, several rows, sibling weights and every instruction set this machine can build; close
+to the float reference of the same quantized weights; and the build's failure modes.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.quant.linear import Int4Linear, Int8Linear
+from qwenkit.runtime.cpu_plan import CLASSES, KERNEL_ISA, detected_class
+
+ops = pytest.importorskip("qwenkit.kernels").ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="qwenkit's CPU kernels could not be built here")
+
+# What the kernels add to torch's own rounding: activations on an int8 grid of 127 steps per side
+# of each block of 32's largest magnitude. Measured 0.3-0.6 % on Gaussian inputs.
+ACTIVATION_ROUNDING = 1.5e-2
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it, in float64: per block of 32, d = amax / 127 and q = round(x * 127 / amax)
+    (a block no larger than 1e-30 is zero)."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    amax = torch.where(amax > 1e-30, amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)  # the same float32 operations as cpu.cpp, rounding half to even
+    return (q.double() * (amax / 127).double()).reshape(x.shape)
+
+
+def emulated(layers, x: torch.Tensor) -> torch.Tensor:
+    """What the op computes for `layers` side by side, in float64: their dequantized weights (exact in
+    float64) against the quantized activations."""
+    weight = torch.cat([layer.dequantize(torch.float64) for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([layer.bias.double() for layer in layers])
+    return F.linear(quantized_activations(x), weight, bias)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def random_int4(k: int, n: int, group_size: int, dtype: torch.dtype, bias: bool, seed: int) -> Int4Linear:
+    gen = torch.Generator().manual_seed(seed)
+    layer = Int4Linear(k, n, bias, group_size, dtype, "cpu")
+    with torch.no_grad():
+        layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, generator=gen, dtype=torch.uint8))
+        layer.scales.copy_(torch.rand(layer.scales.shape, generator=gen) * 0.02 + 1e-3)
+        layer.zeros.copy_(torch.randint(0, 16, layer.zeros.shape, generator=gen).float())
+        if bias:
+            layer.bias.copy_(torch.randn(n, generator=gen))
+    return layer
+
+
+def random_int8(k: int, n: int, dtype: torch.dtype, bias: bool, seed: int) -> Int8Linear:
+    gen = torch.Generator().manual_seed(seed)
+    layer = Int8Linear(k, n, bias, dtype, "cpu")
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-127, 128, layer.weight.shape, generator=gen, dtype=torch.int8))
+        layer.scales.copy_(torch.rand(n, generator=gen) * 0.01 + 1e-3)
+        if bias:
+            layer.bias.copy_(torch.randn(n, generator=gen))
+    return layer
+
+
+def run(op_layers, x):
+    """The raw op on `op_layers` (siblings), as the layers call it."""
+    first = op_layers[0]
+    bias = None if first.bias is None else torch.cat([layer.bias.float() for layer in op_layers])
+    if isinstance(first, Int4Linear):
+        return ops.int4_linear(x, [layer.qweight for layer in op_layers], [layer.scales for layer in op_layers],
+                               [layer.zeros for layer in op_layers], bias, first.group_size)
+    scales = torch.cat([layer.scales.float() for layer in op_layers])
+    return ops.int8_linear(x, [layer.weight for layer in op_layers], scales, bias)
+
+
+SHAPES = [(32, 1), (64, 17), (96, 5), (896, 128), (4864, 40)]  # (K, N): one block, odd N, odd block counts
+CASES = [(k, n, group) for k, n in SHAPES for group in (None, 32, 64, 128) if not group or k % group == 0]
+
+
+@pytest.mark.parametrize("k,n,group", CASES, ids=[f"K{k}-N{n}-{f'int4-g{g}' if g else 'int8'}" for k, n, g in CASES])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_op_equals_its_emulation(k, n, group, rows, dtype):
+    layer = random_int4(k, n, group, dtype, True, k + n) if group else random_int8(k, n, dtype, True, k + n)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    y = run([layer], x)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    want = emulated([layer], x)
+    # float32 sums of a few thousand products; bf16 output rounding on top.
+    assert rel_err(y, want) < (1e-5 if dtype == torch.float32 else 4e-3)
+    # And the float reference of the same quantized weights, which the rounding of x alone separates.
+    assert rel_err(y, F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())) < ACTIVATION_ROUNDING
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_siblings_in_one_op_equal_each_alone(kind):
+    make = (lambda n, s: random_int4(256, n, 64, torch.float32, True, s)) if kind == "int4" else \
+        (lambda n, s: random_int8(256, n, torch.float32, True, s))
+    siblings = [make(n, s) for s, n in ((0, 64), (1, 16), (2, 48))]
+    x = torch.randn(3, 256)
+    together = run(siblings, x)
+    alone = torch.cat([run([layer], x) for layer in siblings], dim=-1)
+    assert torch.equal(together, alone)  # the same rows, the same arithmetic
+    assert rel_err(together, emulated(siblings, x)) < 1e-5
+
+
+def test_extreme_activations():
+    """A block of zeros, one huge outlier, subnormals and all-equal values keep their meaning."""
+    layer = random_int4(128, 32, 32, torch.float32, False, 7)
+    x = torch.randn(4, 128)
+    x[0, :32] = 0
+    x[1, 40] = 1e4
+    x[2, 64:96] = 1e-40
+    x[3, 96:] = -3.0
+    y = run([layer], x)
+    assert torch.isfinite(y).all() and rel_err(y, emulated([layer], x)) < 1e-5
+
+
+def test_layers_run_the_op_and_act_order_permutes_x():
+    """Int4Linear with GPTQ's act-order stores columns in `perm` order: the layer hands the op x[:, perm]."""
+    linear = nn.Linear(128, 48)
+    layer = Int4Linear.from_float(linear, group_size=32)
+    perm = torch.randperm(128)
+    ordered = Int4Linear(128, 48, True, 32, torch.float32, "cpu", act_order=True)
+    with torch.no_grad():
+        ordered.load_state_dict({**layer.state_dict(), "perm": perm.int()})
+        x = torch.randn(2, 128)
+        y = ordered(x)
+    assert ordered._kernel[1] is not None
+    want = F.linear(quantized_activations(x[:, perm]), layer.dequantize(torch.float64), layer.bias.double())
+    assert rel_err(y, want) < 1e-5
+
+
+def test_bad_operands_are_refused_clearly():
+    layer = random_int8(64, 16, torch.float32, False, 0)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.int8_linear(torch.randn(1, 48), [torch.zeros(16, 48, dtype=torch.int8)], torch.ones(16), None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.int8_linear(torch.randn(1, 64).half(), [layer.weight], layer.scales, None)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        ops.int8_linear(torch.randn(1, 64), [layer.weight], torch.ones(3), None)
+
+
+LOWER = [c for c in ("scalar", "avx2", "avx512") if CLASSES.index(c) < CLASSES.index(detected_class())
+         and KERNEL_ISA[c] != KERNEL_ISA[detected_class()]]
+
+
+@pytest.mark.parametrize("cpu_class", LOWER)
+def test_every_buildable_instruction_set_computes_the_same(cpu_class, tmp_path):
+    """Each lower class's build (scalar, AVX2, AVX-512 without VNNI) gives the emulation's results too."""
+    script = f"""
+import torch, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import test_kernels as t
+assert t.ops.isa() == {KERNEL_ISA[cpu_class]!r}, t.ops.isa()
+for kind in ("int8", "int4"):
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = t.random_int4(896, 40, 32, dtype, True, 3) if kind == "int4" else t.random_int8(896, 40, dtype, True, 3)
+        x = torch.randn(5, 896).to(dtype)
+        err = t.rel_err(t.run([layer], x), t.emulated([layer], x))
+        assert err < (1e-5 if dtype == torch.float32 else 4e-3), (kind, dtype, err)
+print("ok")
+"""
+    env = {**os.environ, "QWENKIT_CPU_CLASS": cpu_class}
+    if cpu_class == "avx2":
+        env |= {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_a_failed_build_falls_back_with_one_warning(tmp_path):
+    script = """
+import warnings, torch
+from qwenkit.quant.linear import Int8Linear
+from qwenkit.kernels import ops
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert ops() is None and ops() is None
+    layer = Int8Linear.from_float(torch.nn.Linear(64, 16))
+    y = layer(torch.randn(1, 64))
+print(len([w for w in caught if "CPU kernels are unavailable" in str(w.message)]), "install g++" in str(caught[0].message))
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "QWENKIT_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1", "True"]
+
+
+def test_a_class_the_cpu_lacks_is_refused():
+    above = [c for c in CLASSES if CLASSES.index(c) > CLASSES.index(detected_class())]
+    if not above:
+        pytest.skip("this CPU runs every class")
+    env = {**os.environ, "QWENKIT_CPU_CLASS": above[0]}
+    out = subprocess.run([sys.executable, "-c", "from qwenkit.runtime.cpu_plan import cpu_class; cpu_class()"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and f"QWENKIT_CPU_CLASS={above[0]} asks for more than this CPU runs" in out.stderr
