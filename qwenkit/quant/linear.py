@@ -1,13 +1,18 @@
 """Weight-only int8 and int4 linear layers.
 
 A layer's state dict holds only the portable tensors (documented on each class). The layout a
-fast kernel wants is derived from them in memory the first time the layer runs on a given
-device and activation dtype, and is never saved. The kernel is picked at run time:
+fast kernel wants, if it wants another, is derived from them in memory the first time the layer
+runs on a given device and activation dtype, and is never saved. The kernel is picked at run time:
 
 | layer | CPU                                 | CUDA                                | anything else        |
 |-------|-------------------------------------|-------------------------------------|----------------------|
-| int8  | aten._weight_int8pack_mm            | dequantize + matmul                 | dequantize + matmul  |
-| int4  | aten._weight_int4pack_mm_for_cpu    | aten._weight_int4pack_mm (bf16)     | dequantize + matmul  |
+| int8  | qwenkit_cpu::int8_linear            | dequantize + matmul                 | dequantize + matmul  |
+|       | (else aten._weight_int8pack_mm)     |                                     |                      |
+| int4  | qwenkit_cpu::int4_linear            | aten._weight_int4pack_mm (bf16)     | dequantize + matmul  |
+|       | (else aten._weight_int4pack_mm_for_cpu) |                                 |                      |
+
+qwenkit's CPU kernels (qwenkit/kernels) read the stored tensors as they are, for float32 and bf16
+activations alike; torch's run only where they are not built (see the CPU plan, runtime/cpu_plan.py).
 
 The kernels are matrix-vector loops whose cost grows linearly with the rows of x, so from
 `gemm_min_rows` rows on (prefill) the layer dequantizes and lets the float GEMM (oneDNN, cuBLAS)
@@ -15,10 +20,10 @@ do the work: 2x faster at 512 rows on our CPU. The same dequantize-and-matmul pa
 and shapes without a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a
 naive one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
 
-Siblings that read the same input (q/k/v, gate/up) can run as one int4 kernel over their
-concatenated weights (`fused_with`, called by the model's `shared_input_linears`): at batch-1
-decode that is one matrix-vector pass instead of three, and the fused packed copy replaces the
-per-layer ones rather than adding to them.
+Siblings that read the same input (q/k/v, gate/up) can run as one kernel (`fused_with`, called by
+the model's `shared_input_linears`): at batch-1 decode one pass instead of three. qwenkit's kernels
+take the siblings' tensors as they are; torch's int4 kernel takes a concatenated packed copy, which
+replaces the per-layer ones rather than adding to them.
 """
 
 from __future__ import annotations
@@ -64,6 +69,21 @@ def _operands(*tensors: torch.Tensor | None) -> tuple:
     return tuple(t if t is None or isinstance(t, nn.Parameter) else frozen(t) for t in tensors)
 
 
+def _qwenkit_ops(device: torch.device, dtype: torch.dtype):
+    """qwenkit's CPU kernels for activations of `dtype` on `device`, or None (torch's kernels then)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    from ..kernels import ops
+
+    return ops()
+
+
+def _joint_bias(layers) -> torch.Tensor | None:
+    """The layers' biases one after another in float32 (as qwenkit's ops add them), or None (siblings
+    all have one or none)."""
+    return None if layers[0].bias is None else torch.cat([layer._bias_in(torch.float32) for layer in layers])
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """`t` contiguous and 64-byte aligned: the CPU int8 kernel's bf16 path uses aligned vector loads
     (a safetensors mmap or a sliced activation can start anywhere; misaligned input crashes it).
@@ -79,7 +99,9 @@ class QuantizedLinear(nn.Module):
 
     bits: int
     group_size: int | None = None
-    fusable = True  # whether siblings sharing an input may run as one kernel (fused_with)
+    # Whether torch's kernel may run siblings as one over a concatenated copy of their weights
+    # (qwenkit's kernels always may, reading them as they are).
+    concatenated_for_torch = True
     gemm_min_rows: int  # from this many rows of x on, dequantize + float GEMM beats the kernel
     # Weights dequantized at a time on the float path: a vocabulary-sized head (152k x 3584 in
     # Qwen2.5-7B) would otherwise need a transient float copy of gigabytes.
@@ -102,6 +124,15 @@ class QuantizedLinear(nn.Module):
 
     def _build_kernel(self, device: torch.device, dtype: torch.dtype) -> Callable | None:
         """A fast `x [M, K] -> y [M, N]` (bias included) for this device/dtype, or None."""
+        return self._qwenkit_kernel((self,), device, dtype) or self._torch_kernel(device, dtype)
+
+    def _qwenkit_kernel(self, layers: tuple[QuantizedLinear, ...], device: torch.device,
+                        dtype: torch.dtype) -> Callable | None:
+        """qwenkit's CPU kernel computing `layers`' outputs side by side from their stored tensors, or None."""
+        raise NotImplementedError
+
+    def _torch_kernel(self, device: torch.device, dtype: torch.dtype) -> Callable | None:
+        """torch's kernel for this layer alone, or None."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,21 +162,30 @@ class QuantizedLinear(nn.Module):
         they cannot fuse (another layer kind, group size, input order or bias presence) or when the
         rows of x take the float path. Made from the stored tensors; remade when any of them change.
         """
-        if not self.fusable or not self._wants_kernel(x):
+        if not self._wants_kernel(x):
             return None
         layers = (self, *others)
         key = (x.dtype, x.device, layers, tuple(getattr(layer, "_generation", None) for layer in layers))
         if self._fused is None or self._fused[0] != key:
-            merged = self._concatenated(layers)
-            self._fused = (key, None if merged is None else merged._kernel_for(x))
+            self._fused = (key, self._sibling_kernel(layers, x) if self._siblings(layers) else None)
         return self._fused[1]
 
-    def _concatenated(self, layers: tuple[nn.Module, ...]) -> QuantizedLinear | None:
-        """A layer computing all of `layers`' outputs in order, or None when they differ in kind."""
-        if any(type(layer) is not type(self) or layer.in_features != self.in_features
-               or layer.group_size != self.group_size or getattr(layer, "perm", None) is not None
-               or (layer.bias is None) != (self.bias is None) for layer in layers):
+    def _siblings(self, layers: tuple[nn.Module, ...]) -> bool:
+        return not any(type(layer) is not type(self) or layer.in_features != self.in_features
+                       or layer.group_size != self.group_size or getattr(layer, "perm", None) is not None
+                       or (layer.bias is None) != (self.bias is None) for layer in layers)
+
+    def _sibling_kernel(self, layers: tuple[QuantizedLinear, ...], x: torch.Tensor) -> Callable | None:
+        if _kernel_verified(type(self), x.device, x.dtype, self.group_size):
+            run = self._qwenkit_kernel(layers, x.device, x.dtype)
+            if run is not None:
+                return run
+        if not self.concatenated_for_torch:
             return None
+        return self._concatenated(layers)._kernel_for(x)
+
+    def _concatenated(self, layers: tuple[QuantizedLinear, ...]) -> QuantizedLinear:
+        """A layer computing all of `layers`' outputs in order."""
         merged = copy.copy(self)
         merged._parameters = {name: None if value is None else
                               frozen(torch.cat([layer._parameters[name] for layer in layers]))
@@ -223,9 +263,9 @@ class Int8Linear(QuantizedLinear):
 
     bits = 8
     gemm_min_rows = 48
-    # Its kernel reads the stored int8 weight itself: a fused kernel would hold a second copy of
-    # the weights for ~2% of a decode step.
-    fusable = False
+    # torch's kernel reads the stored int8 weight itself: a concatenated copy for it would hold the
+    # weights twice for ~2% of a decode step.
+    concatenated_for_torch = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -248,7 +288,19 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         return self.weight[rows].to(dtype).mul_(self.scales[rows].to(dtype)[:, None])
 
-    def _build_kernel(self, device, dtype):
+    def _qwenkit_kernel(self, layers, device, dtype):
+        ops = _qwenkit_ops(device, dtype)
+        if ops is None or self.in_features % 32:
+            return None
+        weights = _operands(*(layer.weight.contiguous() for layer in layers))
+        scales, bias = _operands(torch.cat([layer.scales.float() for layer in layers]),
+                                 _joint_bias(layers))
+
+        def run(x):
+            return ops.int8_linear(x, weights, scales, bias)
+        return run
+
+    def _torch_kernel(self, device, dtype):
         if device.type != "cpu" or dtype not in FLOAT_DTYPES or not hasattr(aten, "_weight_int8pack_mm"):
             return None
         if dtype == torch.bfloat16 and self.in_features % 16:
@@ -320,7 +372,23 @@ class Int4Linear(QuantizedLinear):
             weight = torch.empty_like(weight).index_copy_(1, self.perm.long(), weight)
         return weight
 
-    def _build_kernel(self, device, dtype):
+    def _qwenkit_kernel(self, layers, device, dtype):
+        ops = _qwenkit_ops(device, dtype)
+        if ops is None or self.in_features % 32 or any(layer.scales.dtype not in (torch.float32, torch.bfloat16)
+                                                       for layer in layers):
+            return None  # (it reads scales and zeros as they are stored: float32 or bf16)
+        qweights = _operands(*(layer.qweight.contiguous() for layer in layers))
+        scales = _operands(*(layer.scales.contiguous() for layer in layers))
+        zeros = _operands(*(layer.zeros.contiguous() for layer in layers))
+        bias, perm = _operands(_joint_bias(layers), None if self.perm is None else self.perm.long())
+        group_size = self.group_size
+
+        def run(x):
+            x = x if perm is None else x.index_select(-1, perm)  # stored column j is input perm[j]
+            return ops.int4_linear(x, qweights, scales, zeros, bias, group_size)
+        return run
+
+    def _torch_kernel(self, device, dtype):
         n, k = self.out_features, self.in_features
         if n % 16:
             return None  # both packers tile N by 16
