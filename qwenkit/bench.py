@@ -65,7 +65,15 @@ def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
         "threads": torch.get_num_threads(),
+        **(_cpu_plan() if model.device.type == "cpu" else {}),
     }
+
+
+def _cpu_plan() -> dict:
+    from .runtime.cpu_plan import plan
+
+    p = plan()
+    return {"cpu_class": p.cpu_class, "quantized_kernels": p.kernels or "torch"}
 
 
 def _timed_run(model: Model, tokenizer: Tokenizer, request: Request, ahead: bool | None) -> tuple[float, float, int]:

@@ -35,10 +35,12 @@ def add_model_args(p: argparse.ArgumentParser, quantize: bool = True,
     if not quantize:
         p.set_defaults(quantize=None)
         return
-    p.add_argument("--quantize", choices=("int8", "int4", "gguf"), default=None,
+    p.add_argument("--quantize", choices=("auto", "none", "int8", "int4", "gguf"), default="auto",
                    help="weight-only quantization of each linear as it loads: int8; int4 (group 128, a GGUF's "
                         "4-bit blocks exactly) with an int8 lm_head; gguf: keep a .gguf file's own mix (4-bit "
-                        "blocks int4, wider blocks and the embedding int8, float tensors float)")
+                        "blocks int4, wider blocks and the embedding int8, float tensors float); none: nothing "
+                        "quantized as it loads (a GGUF dequantized to float); auto (default): gguf for a .gguf "
+                        "file on the CPU, else as the checkpoint is stored")
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +123,22 @@ def cmd_generate(args) -> int:
             print(delta.text, end="", flush=True)
         text.append(delta.text)
     print("" if args.stream else "".join(text))
+    return 0
+
+
+def cmd_env(args) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .runtime.cpu_plan import plan
+
+    print(f"qwenkit {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()}, {torch.get_num_threads()} threads")
+    print(plan().describe())
+    if torch.cuda.is_available():
+        print(f"cuda: {torch.cuda.get_device_name()} (bf16 {torch.cuda.is_bf16_supported()})")
     return 0
 
 
@@ -240,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt, with --chat")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("env", help="this machine's CPU class and the kernels and dtypes qwenkit picks for it",
+                         description="Print the versions, the CPU class (AVX2, AVX-512, VNNI, BF16, AMX) and the "
+                                     "plan that follows from it: the dtype of dtype=auto and the kernels each kind "
+                                     "of product runs. Force a lower class with ATEN_CPU_CAPABILITY, "
+                                     "ONEDNN_MAX_CPU_ISA and QWENKIT_CPU_CLASS (e.g. avx2).")
+    p.set_defaults(func=cmd_env)
 
     p = verbs.add_parser("bench", help="measure prefill and decode speed",
                          description="Prefill tok/s, decode tok/s, time to first token, achieved GB/s "

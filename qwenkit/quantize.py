@@ -54,7 +54,7 @@ def quantize(model: str, out: str | Path, bits: int = 4, method: str = "gptq", g
     check_out_dir(out, force)
 
     source = resolve_source(model)
-    net, tokenizer = load(source, dtype=dtype, device=device, pack=False)
+    net, tokenizer = load(source, dtype=dtype, device=device, quantize=None, pack=False)  # float, to quantize
     recipe = {"method": method}
     start = time.perf_counter()
     if method == "gptq":
@@ -99,7 +99,8 @@ def _evaluate(path: str, dtype: str, device: str, ids: list[int]) -> dict:
     """Runs in a fresh process: load the model at `path`, then `measure`."""
     from .loading import load
 
-    return measure(*load(path, dtype=dtype, device=device), ids)
+    # The original as float (a GGUF dequantized), the quantized checkpoint as saved.
+    return measure(*load(path, dtype=dtype, device=device, quantize=None), ids)
 
 
 def measure(model, tokenizer, ids: list[int]) -> dict:

@@ -54,20 +54,24 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    # oneDNN runs bf16 matmuls natively with AVX512-BF16/AMX: prefill about 2x fp32 on our CPUs.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    from ..runtime.cpu_plan import auto_dtype
+
+    return auto_dtype()  # bf16 where the CPU runs it natively, else float32
 
 
 def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-         quantize: str | None = None, adapter: str | Path | None = None,
+         quantize: str | None = "auto", adapter: str | Path | None = None,
          compile: bool = False, cuda_graphs: bool = True, pack: bool = True) -> tuple[Model, Tokenizer]:
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
-    `quantize`: None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it is
-    read, so the float model never exists (qwenkit.quant.on_load has the table): "int8" and "int4"
+    `quantize`: "auto", None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it
+    is read, so the float model never exists (qwenkit.quant.on_load has the table): "int8" and "int4"
     round to nearest (int4 group 128, lm_head int8), except that a GGUF file's 4-bit blocks become
     int4 exactly; "gguf" keeps a GGUF file's own precision mix (4-bit blocks int4 exactly, wider
-    blocks int8, float tensors float).
+    blocks int8, float tensors float). "auto" (the default) is "gguf" for a .gguf file on the CPU
+    (the file runs as it was quantized, on the CPU plan's kernels) and None otherwise; None (or
+    "none") quantizes nothing as it loads: float weights stay float and a GGUF's blocks are
+    dequantized, while a quantized checkpoint's layers (GPTQ, `qwenkit quantize`) stay as saved.
 
     `adapter`: a peft LoRA adapter directory (qwenkit finetune's, or peft's). It is folded into the
     float linears, as `qwenkit merge` does; over quantized linears it stays a separate update.
@@ -84,14 +88,17 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     """
     from ..quant.on_load import QUANTIZE_MODES
 
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize={quantize!r}: use None, {', '.join(map(repr, QUANTIZE_MODES))}")
+    if quantize not in (None, "auto", "none", *QUANTIZE_MODES):
+        raise ValueError(f"quantize={quantize!r}: use 'auto', None, {', '.join(map(repr, QUANTIZE_MODES))}")
     if adapter is not None:
         from ..train.lora import read_adapter_config
         read_adapter_config(adapter)  # a bad adapter directory fails before the model loads
     path = resolve_source(model)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    if quantize == "auto":
+        quantize = "gguf" if path.is_file() and device.type == "cpu" else None
+    quantize = None if quantize == "none" else quantize
     pack = pack and not compile  # the tracer cannot read oneDNN's packed tensors
     # Packed as the weights arrive, unless an adapter must be folded into plain weights first.
     pack_now = pack and adapter is None
