@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -85,7 +86,7 @@ def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
     from qwenkit.loading.demo import demo_gguf_path
 
     path = demo_gguf_path()
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]  # (auto is qwenkit's)
     rss_before = rss_mib()
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -181,14 +182,15 @@ def _timed(fn) -> float:
 
 
 def measure(engine: str, dtype: str, n_prompt: int = 512, n_new: int = 128, quantize: str | None = None,
-            compile: bool = False, model: str | None = None) -> dict:
-    """Run one engine in a child process and return its JSON result (with an `error` on failure)."""
+            compile: bool = False, model: str | None = None, env: dict | None = None) -> dict:
+    """Run one engine in a child process (with `env` added to its environment) and return its JSON
+    result (with an `error` on failure)."""
     cmd = [sys.executable, __file__, engine, dtype, "--prompt-tokens", str(n_prompt), "--new-tokens", str(n_new)]
     cmd += (["--quantize", quantize] if quantize else []) + (["--compile"] if compile else [])
     cmd += ["--model", model] if model else []
     meta = {"engine": engine, "dtype": dtype, **({"quantize": quantize} if quantize else {}),
             **({"compile": True} if compile else {}), **({"model": model} if model else {})}
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode:
         return {**meta, "error": out.stderr.strip().splitlines()[-1:]}
     return {**meta, **json.loads(out.stdout.strip().splitlines()[-1])}
@@ -204,10 +206,11 @@ def machine() -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("engine", choices=["qwenkit", "transformers", "llama.cpp"])
-    parser.add_argument("dtype", choices=["bfloat16", "float32", "gguf", "q8_0"])
+    parser.add_argument("dtype", choices=["auto", "bfloat16", "float32", "gguf", "q8_0"])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="qwenkit only")
+    parser.add_argument("--quantize", choices=["auto", "int8", "int4", "gguf"],
+                        help="qwenkit only (default: none, float weights)")
     parser.add_argument("--compile", action="store_true", help="qwenkit only: compile the decode step")
     parser.add_argument("--model", default="demo", help="qwenkit only: what qwenkit.load takes (default demo)")
     a = parser.parse_args()
@@ -215,7 +218,7 @@ if __name__ == "__main__":
         parser.error("--quantize, --compile and --model are qwenkit options")
     if (a.engine == "llama.cpp") != (a.dtype in ("gguf", "q8_0")):
         parser.error("llama.cpp runs the GGUF file as it is (dtype gguf) or requantized to Q8_0 (q8_0); "
-                     "the others take bfloat16 or float32")
+                     "the others take auto, bfloat16 or float32")
     if a.engine == "qwenkit":
         result = run_qwenkit(a.dtype, a.prompt_tokens, a.new_tokens, a.quantize, a.compile, a.model)
     else:

@@ -1,31 +1,41 @@
 """qwenkit's decode paths next to its peers on the demo model, one run, each engine in its own process.
 
     python benchmarks/peers.py [--prompt-tokens 512] [--new-tokens 128] [--rounds 3] [--compile]
-                               [--checkpoint DIR ...]
+                               [--checkpoint DIR ...] [--isa avx2]
 
-Rows: qwenkit bf16, int8 and int4 (with --compile also each quantized row with the compiled decode
-step: on our 2-core CPU 14-24 % faster than eager after a compile of 20 s to 2 minutes), transformers bf16, and
-llama.cpp through llama-cpp-python when that is installed: on the GGUF file as it is (Q4_K_M), and on
-the same weights requantized to Q8_0 by llama.cpp's own quantizer (made once, beside the demo file),
-the 8-bit peer of qwenkit's int8.
+Rows: qwenkit's default path (no flags: the GGUF's own quantization, dtype auto), float weights
+(dtype auto: bf16 where the CPU has it natively, else float32), int8 and int4 (with --compile also
+each quantized row with the compiled decode step), transformers (bf16 or float32 as dtype auto), and
+llama.cpp through llama-cpp-python when that is installed: on the GGUF file as it is (Q4_K_M), and
+on the same weights requantized to Q8_0 by llama.cpp's own quantizer (made once, beside the demo
+file), the 8-bit peer of qwenkit's int8.
 --checkpoint adds a row for a checkpoint `qwenkit quantize` wrote (e.g. GPTQ group 32 with an int4
-head, the int4 recipe within the quality goal), compiled too with --compile.
+head), compiled too with --compile.
+--isa avx2 runs every engine as on an AVX2-only CPU: torch, oneDNN and qwenkit held to AVX2
+(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, QWENKIT_CPU_CLASS), and llama.cpp built for AVX2
+(GGML_NATIVE off, AVX2/FMA/F16C on; built once into ~/.cache/qwenkit/peers, a few minutes).
 Each row: prefill tok/s (512-token prompt, best of 3), time to first token, decode tok/s (128
 greedy tokens, eos ignored), achieved GB/s, peak RSS, each the best over --rounds runs of every
 engine in turn (every run's decode and prefill stay in the JSON); qwenkit rows add their decode
-and prefill ratios to each peer, compiled rows the compile warm-up. Goals (issue 5): int4 decode
->= 1.5x llama.cpp, int8 decode >= 1x llama.cpp (at either of its formats), prefill >= 1.5x transformers bf16.
-Results go to benchmarks/results/peers-DATE.json.
+and prefill ratios to each peer, compiled rows the compile warm-up. Goals (issue 18, per CPU class):
+the default path decodes >= 1.0x llama.cpp Q4_K_M and prefills >= 1.5x llama.cpp; int4 decodes
+>= 1.5x llama.cpp Q4_K_M, int8 >= 1.0x Q8_0; no row under 0.5x in decode or 1.0x in prefill.
+Results go to benchmarks/results/peers-DATE.json (peers-avx2-DATE.json with --isa avx2).
 """
 
 import argparse
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engines import measure, report  # noqa: E402
 
+FORCED = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "QWENKIT_CPU_CLASS": "avx2"}}
+LLAMA_CPP_FLAGS = {"avx2": "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON"}
+LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_CPP_MISSING = ("llama.cpp: skipped, llama-cpp-python is not installed. `pip install llama-cpp-python` "
                      "builds llama.cpp from source (a few minutes; CMAKE_ARGS=-DGGML_NATIVE=ON for this CPU).")
 
@@ -41,23 +51,27 @@ def main():
     parser.add_argument("--rounds", type=int, default=3,
                         help="run every engine this many times, taking turns, and keep each one's best "
                              "figures: on a shared machine a slow minute then hurts no engine alone (default 3)")
+    parser.add_argument("--isa", choices=sorted(FORCED), help="run every engine as on a CPU of this class")
     args = parser.parse_args()
     n = (args.prompt_tokens, args.new_tokens)
+    env = FORCED.get(args.isa, {})
+    float_dtype = float_dtype_of(env)
 
-    ours = [("qwenkit bf16", {}), ("qwenkit int8", {"quantize": "int8"}), ("qwenkit int4", {"quantize": "int4"})]
+    ours = [("qwenkit default", {"quantize": "auto"}), (f"qwenkit {float_dtype}", {}),
+            ("qwenkit int8", {"quantize": "int8"}), ("qwenkit int4", {"quantize": "int4"})]
     ours += [(f"qwenkit {Path(d).name}", {"model": d}) for d in args.checkpoint]
     if args.compile:
         ours += [(f"{name} compiled", {**options, "compile": True}) for name, options in ours if options]
-    engines = [(name, "qwenkit", "bfloat16", options) for name, options in ours]
-    engines.append(("transformers bf16", "transformers", "bfloat16", {}))
-    if importlib.util.find_spec("llama_cpp") is None:
-        print(LLAMA_CPP_MISSING)
-    else:
-        engines += [("llama.cpp Q4_K_M", "llama.cpp", "gguf", {}), ("llama.cpp Q8_0", "llama.cpp", "q8_0", {})]
+    engines = [(name, "qwenkit", "auto", options, env) for name, options in ours]
+    engines.append((f"transformers {float_dtype}", "transformers", float_dtype, {}, env))
+    llama_env = llama_cpp_for(args.isa)
+    if llama_env is not None:
+        engines += [("llama.cpp Q4_K_M", "llama.cpp", "gguf", {}, {**env, **llama_env}),
+                    ("llama.cpp Q8_0", "llama.cpp", "q8_0", {}, {**env, **llama_env})]
     runs = {name: [] for name, *_ in engines}
     for _ in range(args.rounds):
-        for name, engine, dtype, options in engines:
-            runs[name].append(measure(engine, dtype, *n, **options))
+        for name, engine, dtype, options, engine_env in engines:
+            runs[name].append(measure(engine, dtype, *n, **options, env=engine_env))
     rows = [{"name": name, **best(runs[name])} for name, *_ in engines]
     rows, peers = rows[:len(ours)], rows[len(ours):]
 
@@ -73,7 +87,37 @@ def main():
             for row in rows:
                 if "error" not in row:
                     row[column] = row[key] / peer[key]
-    report("peers", rows + peers, columns, {}, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    report(f"peers-{args.isa}" if args.isa else "peers", rows + peers, columns, {}, isa=args.isa or "native",
+           prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+
+
+def float_dtype_of(env: dict) -> str:
+    """What dtype auto is for float weights in a child with `env`: bf16 where it is native, else float32."""
+    code = "from qwenkit.runtime.cpu_plan import auto_dtype; print(str(auto_dtype()).removeprefix('torch.'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    return out.stdout.strip() or "float32"
+
+
+def llama_cpp_for(isa: str | None) -> dict | None:
+    """The environment that makes a child import llama.cpp built for `isa` (None: the installed one,
+    built for this CPU), building it first if needed; None when there is none to run."""
+    if isa is None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            print(LLAMA_CPP_MISSING)
+            return None
+        return {}
+    target = Path.home() / ".cache" / "qwenkit" / "peers" / f"llama-cpp-{isa}"
+    if not (target / "llama_cpp").is_dir():
+        print(f"building llama-cpp-python {LLAMA_CPP_VERSION} for {isa} into {target} (a few minutes)")
+        # --no-cache-dir: pip would otherwise reuse a wheel it built earlier for another class.
+        out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-cache-dir",
+                              "--target", str(target),
+                              f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
+                             env={**os.environ, "CMAKE_ARGS": LLAMA_CPP_FLAGS[isa]}, capture_output=True, text=True)
+        if out.returncode:
+            print(f"llama.cpp for {isa}: the build failed, skipped:\n{out.stderr[-2000:]}")
+            return None
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
 
 
 def best(runs: list[dict]) -> dict:
