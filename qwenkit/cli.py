@@ -47,9 +47,8 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step before starting: a one-off warm-up of a minute or "
                         "more. On a GPU it adds ~20 %% to the CUDA graphs (bf16 and int4 on an H100); on a 2-core "
-                        "CPU 15-24 %% to int4 and ~14 %% to int8 decode, while bf16 gets slower (it needs the weights "
-                        "unpacked). "
-                        "Check with bench --compile")
+                        "CPU 10-50 %% to quantized decode (more on AVX2), while bf16 weights get slower (they must "
+                        "be unpacked). Check with bench --compile")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on a GPU, launch each decode step's kernels from Python instead of replaying them as "
                         "CUDA graphs (the default; several times faster at batch 1)")
