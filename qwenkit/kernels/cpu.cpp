@@ -151,38 +151,28 @@ inline __m512 dot_u8s8(__m512i u, __m512i s) {
 
 // --------------------------------------------------------------------------- int4
 
-// sum over groups of zeros[g] * scales[g] * group_sum[g]: what the zero points take from a row's dot product.
-inline float zero_term(const float* zeros, const float* scales, const float* group_sum, int64_t groups) {
-  int64_t g = 0;
-  float total = 0.f;
 #if defined(__AVX2__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; g + 8 <= groups; g += 8) {
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(zeros + g), _mm256_loadu_ps(scales + g)),
-                          _mm256_loadu_ps(group_sum + g), acc);
-  }
-  total = hsum(acc);
-#endif
-  for (; g < groups; ++g) total += zeros[g] * scales[g] * group_sum[g];
-  return total;
+// 8 scales or zeros as floats (bfloat16: its bits, moved up).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
+#endif
 
-inline float zero_term(const c10::BFloat16* zeros, const c10::BFloat16* scales, const float* group_sum,
-                       int64_t groups) {
+// sum over groups of zeros[g] * scales[g] * group_sum[g]: what the zero points take from a row's dot product.
+template <typename S>
+inline float zero_term(const S* zeros, const S* scales, const float* group_sum, int64_t groups) {
   int64_t g = 0;
   float total = 0.f;
 #if defined(__AVX2__)
-  const auto widen = [](const c10::BFloat16* p) {  // 8 bfloat16 -> 8 float: the bits, moved up
-    return _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-  };
   __m256 acc = _mm256_setzero_ps();
   for (; g + 8 <= groups; g += 8) {
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(widen(zeros + g), widen(scales + g)), _mm256_loadu_ps(group_sum + g), acc);
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(load8(zeros + g), load8(scales + g)), _mm256_loadu_ps(group_sum + g), acc);
   }
   total = hsum(acc);
 #endif
-  for (; g < groups; ++g) total += static_cast<float>(zeros[g]) * static_cast<float>(scales[g]) * group_sum[g];
+  for (; g < groups; ++g) total += as_float(zeros[g]) * as_float(scales[g]) * group_sum[g];
   return total;
 }
 

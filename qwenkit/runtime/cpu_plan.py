@@ -90,13 +90,6 @@ def auto_dtype() -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
-def use_qwenkit_kernels() -> bool:
-    """Whether the quantized layers run qwenkit's kernels (built, and not switched off)."""
-    from ..kernels import ops
-
-    return ops() is not None
-
-
 @dataclass(frozen=True)
 class Plan:
     cpu_class: str
