@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -66,3 +67,10 @@ def torch_quant_kernels(monkeypatch):
     """Quantized layers on torch's own kernels, which take float activations as they are: for tests of
     a format's exact mapping. qwenkit's kernels quantize activations to int8 (tests/test_kernels.py)."""
     monkeypatch.setattr("qwenkit.quant.linear._qwenkit_ops", lambda device, dtype: None)
+
+
+def assert_a_fibonacci_function(text: str) -> None:
+    """What every correct greedy reply to the Fibonacci prompt shows on any CPU, dtype and kernel: a
+    Python function for it. The exact words move with the arithmetic (float32 or bf16, native or
+    emulated bf16, activations rounded to int8)."""
+    assert "```python" in text and re.search(r"def \w*fib\w*\(n\)", text), text

@@ -1,11 +1,11 @@
 """Real tier: the demo model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF) against transformers."""
 
-import re
-
 import pytest
 import torch
 
 import qwenkit
+
+from tests.conftest import assert_a_fibonacci_function
 
 pytestmark = pytest.mark.real
 
@@ -51,12 +51,6 @@ def fibonacci_reply(model, tok) -> tuple[list[int], str]:
     ids = tok.apply_chat_template([{"role": "user", "content": FIB}])
     out = qwenkit.generate(model, tok, ids, max_new_tokens=40, temperature=0, repetition_penalty=1.0)
     return out.token_ids, out.text
-
-
-def assert_a_fibonacci_function(text: str) -> None:
-    """What every correct greedy reply shows on any CPU and dtype: a Python function for it. The exact
-    words move with the arithmetic (float32 or bf16, native or emulated bf16, int8 activations)."""
-    assert "```python" in text and re.search(r"def \w*fib\w*\(n\)", text), text
 
 
 def test_fibonacci_greedy_fp32(ours_fp32):
