@@ -57,7 +57,7 @@ def int8_layer(k: int, n: int, bias: bool, group_size: int):
 
 
 def bf16_layer(k: int, n: int, bias: bool, group_size: int):
-    from qwenkit.packed import PackedLinear, packing_works
+    from qwenkit.runtime.packed import PackedLinear, packing_works
 
     weight = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
     bias_ = torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16), requires_grad=False) if bias else None

@@ -32,7 +32,7 @@ def rss_mib() -> float:
 def weight_bytes(model, exclude_embedding: bool) -> int:
     """Bytes of the model's weights: its parameters, and qwenkit's packed bf16 linears (whose weights
     are held outside the parameters; a tied head's packed copy counts too)."""
-    from qwenkit.packed import packed_bytes
+    from qwenkit.runtime.packed import packed_bytes
 
     seen, total = set(), 0
     for name, p in model.named_parameters():

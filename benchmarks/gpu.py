@@ -39,10 +39,10 @@ import torch
 import qwenkit
 from qwenkit.bench import decode_bytes_per_token, run_bench
 from qwenkit.config import ModelConfig
-from qwenkit.cuda_graphs import use_cuda_graphs
 from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
+from qwenkit.runtime.cuda_graphs import use_cuda_graphs
 from qwenkit.tokenizer import Tokenizer
 
 SHAPES = {

@@ -29,7 +29,7 @@ def best_seconds(fn, repeats: int = 15) -> float:
 
 
 def bf16_gemm(t: int, k: int, n: int) -> float:
-    from qwenkit.packed import PackedLinear, packing_works
+    from qwenkit.runtime.packed import PackedLinear, packing_works
 
     x, w = torch.randn(t, k).bfloat16(), torch.randn(n, k).bfloat16()
     linear = PackedLinear(w, None) if packing_works() else (lambda a: F.linear(a, w))

@@ -3,11 +3,11 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .chat import apply_chat_template, chat, stream_chat
-from .compiled import compile_decode
 from .config import ModelConfig
 from .generate import GenerationResult, generate, generate_batch, stream_generate
 from .loading import load
 from .model import KVCache, Model
+from .runtime.compiled import compile_decode
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .generate import Decoder, Request
 from .model import Model
-from .packed import packed_bytes
+from .runtime.packed import packed_bytes
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 

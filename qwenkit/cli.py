@@ -91,7 +91,7 @@ def load_for(args):
                             adapter=getattr(args, "adapter", None),
                             cuda_graphs=not getattr(args, "no_cuda_graphs", False))
     if getattr(args, "compile", False):
-        from .compiled import compile_decode
+        from .runtime.compiled import compile_decode
         # A server batches: warm up a batch of several rows too, so no request waits for a compile.
         args.compile_s = compile_decode(model, batch_sizes=(1, 2) if getattr(args, "max_batch", 1) > 1 else (1,))
         print(f"compiled the decode step in {args.compile_s:.1f} s", file=sys.stderr)

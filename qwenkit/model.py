@@ -222,7 +222,7 @@ def shared_input_linears(x: torch.Tensor, *linears: nn.Module, concatenated: boo
     `concatenated`, those outputs as one tensor along the last dimension.
 
     Layers that offer `fused_with` (the quantized linears, and float ones laid out as one joint
-    tensor by qwenkit.fused) may run all of them as one kernel: at batch-1 decode one
+    tensor by qwenkit.runtime.fused) may run all of them as one kernel: at batch-1 decode one
     matrix-vector pass over the concatenated weights beats several, and its output is the
     concatenated tensor already.
     """
@@ -268,7 +268,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         # qwenkit.compile_decode sets a compiled `blocks` here for one-token steps with a cache.
         self.compiled_decode_blocks = None
-        # qwenkit.cuda_graphs sets a runner here that replays one-token steps with a cache as CUDA
+        # qwenkit.runtime.cuda_graphs sets a runner here that replays one-token steps with a cache as CUDA
         # graphs; it returns None for a step it does not take, which then runs as below.
         self.decode_runner = None
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not os.environ.get("QWENKIT_TEST_COMPILE"),
 
 
 def tiny_model(kind: str) -> Model:
-    """Built as load() builds it: float q/k/v and gate/up as joint tensors (qwenkit.fused), or, for
+    """Built as load() builds it: float q/k/v and gate/up as joint tensors (qwenkit.runtime.fused), or, for
     "int4", int4 blocks (group 32) and an int8 head, both kernels running inside the compiled step."""
     config = ModelConfig(arch="qwen2", vocab_size=151936, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)

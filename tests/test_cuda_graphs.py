@@ -11,10 +11,10 @@ import torch
 
 import qwenkit
 from qwenkit.config import ModelConfig
-from qwenkit.cuda_graphs import LENGTH_STEP, use_cuda_graphs
 from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
+from qwenkit.runtime.cuda_graphs import LENGTH_STEP, use_cuda_graphs
 from qwenkit.tokenizer import Tokenizer
 
 from .conftest import qwen_tiktoken_path, randomize
@@ -23,7 +23,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def tiny_model(device, dtype=torch.float32, int4=False) -> Model:
-    """Built as load() builds it: float q/k/v and gate/up as joint tensors (qwenkit.fused), or, with
+    """Built as load() builds it: float q/k/v and gate/up as joint tensors (qwenkit.runtime.fused), or, with
     `int4`, int4 blocks (group 32) and an int8 head, whose kernels then run inside the graph."""
     config = ModelConfig(arch="qwen2", vocab_size=151936, hidden_size=128, intermediate_size=256, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=1024)

@@ -1,4 +1,4 @@
-"""Sibling q/k/v and gate/up weights laid out as one tensor per layer at load (qwenkit.fused): the
+"""Sibling q/k/v and gate/up weights laid out as one tensor per layer at load (qwenkit.runtime.fused): the
 joint product runs, the model still matches transformers, and whatever replaces, trains, merges or
 saves those weights stays correct."""
 
@@ -8,8 +8,8 @@ from torch import nn
 
 import qwenkit
 from qwenkit.errors import CheckpointError
-from qwenkit.fused import JointWeights
 from qwenkit.loading.save import save_checkpoint
+from qwenkit.runtime.fused import JointWeights
 from qwenkit.train import apply_lora, merge_lora
 
 from .conftest import write_checkpoint

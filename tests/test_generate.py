@@ -179,8 +179,8 @@ def _drive(model, tok, requests, ahead, cancel=None):
 def test_decoding_ahead_gives_what_stepwise_decoding_gives(tiny, tok, device):
     """The GPU's queued-ahead loop (forced on, on the CPU): the same deltas through stops, cancels,
     adds into freed rows, prefix reuse, penalties, seeds and logprobs."""
-    from qwenkit.cuda_graphs import use_cuda_graphs
     from qwenkit.generate import make_request
+    from qwenkit.runtime.cuda_graphs import use_cuda_graphs
 
     if device == "cuda":
         tiny = copy.deepcopy(tiny).to(device)

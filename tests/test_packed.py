@@ -1,4 +1,4 @@
-"""bf16 CPU linears packed for oneDNN as they load (qwenkit.packed): bit-identical to plain nn.Linear,
+"""bf16 CPU linears packed for oneDNN as they load (qwenkit.runtime.packed): bit-identical to plain nn.Linear,
 checkpoints unchanged, and quantizers, LoRA and moves see plain layers or a clear error."""
 
 import pytest
@@ -9,8 +9,8 @@ import qwenkit
 from qwenkit.bench import decode_bytes_per_token
 from qwenkit.errors import QwenkitError
 from qwenkit.loading.save import save_checkpoint
-from qwenkit.packed import PackedLinear, packing_works, unpack_linears
 from qwenkit.quant import quantize_model
+from qwenkit.runtime.packed import PackedLinear, packing_works, unpack_linears
 from qwenkit.train import apply_lora
 
 from .conftest import write_checkpoint

@@ -186,7 +186,7 @@ def test_siblings_sharing_an_input_run_as_one_fused_kernel():
 
 
 def test_glibc_keeps_freed_memory_unless_turned_off():
-    code = "from qwenkit.allocator import keep_freed_memory as k; print(k(), k())"
+    code = "from qwenkit.runtime.allocator import keep_freed_memory as k; print(k(), k())"
     for env, expected in (({}, "True True"), ({"QWENKIT_MALLOC_TUNING": "0"}, "False False")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, **env}).stdout.split("\n")[0]
@@ -198,7 +198,7 @@ def test_training_keeps_large_freed_blocks_too():
     # each time unless it comes from the heap and stays there (keep_all_freed_memory, for training).
     code = """if True:
         import resource, sys, torch
-        from qwenkit.allocator import keep_all_freed_memory
+        from qwenkit.runtime.allocator import keep_all_freed_memory
         on = keep_all_freed_memory() if sys.argv[1] == "1" else False
         torch.ones(64 << 20, dtype=torch.uint8)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..allocator import keep_freed_memory, return_freed_memory
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..model import Model
 from ..progress import progress
 from ..quant import autogptq
+from ..runtime.allocator import keep_freed_memory, return_freed_memory
 from ..tokenizer import Tokenizer
 from . import hf, hub
 
@@ -77,12 +77,12 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     float linears, as `qwenkit merge` does; over quantized linears it stays a separate update.
 
     `compile`: torch.compile the one-token decode step now (qwenkit.compile_decode: a one-off
-    warm-up; see qwenkit/compiled.py for when it pays).
+    warm-up; see qwenkit/runtime/compiled.py for when it pays).
 
-    `cuda_graphs`: on a CUDA device, replay one-token decode steps as CUDA graphs (qwenkit/cuda_graphs.py):
+    `cuda_graphs`: on a CUDA device, replay one-token decode steps as CUDA graphs (qwenkit/runtime/cuda_graphs.py):
     several times faster at batch 1 than launching each step's kernels from Python.
 
-    `pack`: on the CPU, hold bf16 linear weights in oneDNN's blocked layout (qwenkit/packed.py): decode
+    `pack`: on the CPU, hold bf16 linear weights in oneDNN's blocked layout (qwenkit/runtime/packed.py): decode
     ~1.35x faster, same results. The layers are then for inference; pack=False keeps plain nn.Linear
     (fine-tuning does; quantizers and LoRA unpack a model themselves).
     """
@@ -125,17 +125,17 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         from ..train.lora import load_adapter, merge_lora
         merge_lora(load_adapter(net, adapter), quantized=False)
         if pack:
-            from ..packed import pack_linears
+            from ..runtime.packed import pack_linears
             pack_linears(net)
     if device.type == "cpu":
-        # From here on (see qwenkit/allocator.py: prefill 1.3x on our CPU); not while loading, whose
+        # From here on (see qwenkit/runtime/allocator.py: prefill 1.3x on our CPU); not while loading, whose
         # freed temporaries would stay with the process.
         keep_freed_memory()
     if device.type == "cuda" and cuda_graphs:
-        from ..cuda_graphs import use_cuda_graphs
+        from ..runtime.cuda_graphs import use_cuda_graphs
         use_cuda_graphs(net)
     if compile:
-        from ..compiled import compile_decode
+        from ..runtime.compiled import compile_decode
         compile_decode(net)
     return net, tokenizer
 
@@ -220,12 +220,12 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     Float tensors are cast to `dtype`; integer ones (quantized weights) keep theirs; GGUF
     StoredTensors are dequantized to `dtype`. `quantize` (see qwenkit.quant.on_load) turns each
     linear into its quantized layer the moment its weight arrives; a tied head gets its own copy.
-    `pack` turns each bf16 linear into a PackedLinear (qwenkit.packed) as its weight arrives, where
+    `pack` turns each bf16 linear into a PackedLinear (qwenkit.runtime.packed) as its weight arrives, where
     the CPU runs those; otherwise float q/k/v and gate/up weights are copied into one tensor per
-    layer and group (qwenkit.fused).
+    layer and group (qwenkit.runtime.fused).
     """
-    from ..fused import lay_out_siblings
-    from ..packed import pack_linears, packing_works
+    from ..runtime.fused import lay_out_siblings
+    from ..runtime.packed import pack_linears, packing_works
 
     with torch.device("meta"):
         net = Model(config)
@@ -305,7 +305,7 @@ def _quantize_linear(net: Model, name: str, weight: torch.Tensor | StoredTensor,
 
 def _pack_linear(net: Model, name: str, weight: torch.Tensor) -> bool:
     """Swap the nn.Linear whose weight `name` is for a PackedLinear of it; False where it stays as it is."""
-    from ..packed import PackedLinear
+    from ..runtime.packed import PackedLinear
 
     module_name, linear = _linear_of(net, name)
     if linear is None or weight.dtype != torch.bfloat16:

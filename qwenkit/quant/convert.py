@@ -19,7 +19,7 @@ from fnmatch import fnmatch
 
 from torch import nn
 
-from ..packed import unpack_linears
+from ..runtime.packed import unpack_linears
 from .linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear, QuantizedLinear
 
 QUANT_METHOD = "qwenkit"

@@ -32,8 +32,8 @@ from torch import nn
 
 from ..errors import QwenkitError
 from ..model import Model
-from ..packed import unpack_linears
 from ..progress import progress
+from ..runtime.packed import unpack_linears
 from .convert import _check, quantize_model
 from .linear import Int4Linear, Int8Linear, frozen, pack_int4
 from .rtn import quantize_int4, quantize_int8

@@ -30,8 +30,8 @@ from torch import nn
 from ..errors import AdapterError, CheckpointError
 from ..loading.hf import canonical_modules
 from ..model import Model
-from ..packed import unpack_linears
 from ..quant import QuantizedLinear
+from ..runtime.packed import unpack_linears
 
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The Qwen v1 scripts' target names (spec §7.3): their c_proj matches both attention and MLP output.
@@ -99,7 +99,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain nn.Linear computing base + update. A float base is that linear, updated in place (its
-        weight may be a block of a joint q/k/v or gate/up tensor, qwenkit.fused, which stays whole). A
+        weight may be a block of a joint q/k/v or gate/up tensor, qwenkit.runtime.fused, which stays whole). A
         quantized base is dequantized: the result is a float linear in the dtype of its scales
         (quantize the merged model again if wanted)."""
         base = self.base_layer

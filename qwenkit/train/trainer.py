@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..allocator import keep_all_freed_memory
 from ..errors import QwenkitError
 from ..progress import bars_enabled, progress
+from ..runtime.allocator import keep_all_freed_memory
 from .checkpoint import (
     checkpoint_dir,
     prune,

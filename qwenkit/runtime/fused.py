@@ -10,7 +10,7 @@ another device or dtype, reassigned, sharded for training) runs as separate prod
 
 Measured (Qwen-7B shape, bf16, batch-1 decode, H100): 118 -> 127 tok/s with CUDA graphs, 142 ->
 146-150 with the compiled step as well; one launch and one split-K reduction instead of three for
-q/k/v. On the CPU, bf16 linears are packed for oneDNN instead (qwenkit.packed); for float32 ones
+q/k/v. On the CPU, bf16 linears are packed for oneDNN instead (qwenkit.runtime.packed); for float32 ones
 the layout made no measurable difference on our 2-core machine.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant.linear import frozen
+from ..quant.linear import frozen
 
 SIBLINGS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 

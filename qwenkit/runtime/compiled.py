@@ -18,7 +18,7 @@ tok/s in bf16 against 118 for graphs of the eager step, and int4 at 250 against 
 compile; on our 2-core CPU the demo model decodes at 74.8 tok/s in int4 against 60.5 eager, and
 50.1 against 43.8 in int8 (benchmarks/peers.py), after a 20-120 s compile, while the bf16 one is slower
 (40-50 against 25 ms), because it runs on plain weights where eager uses oneDNN-packed ones
-(qwenkit/packed.py). So it stays opt-in. The quantized linears hand their kernels' tensors over as
+(qwenkit/runtime/packed.py). So it stays opt-in. The quantized linears hand their kernels' tensors over as
 frozen Parameters, whose shapes dynamic=True keeps static (quant.linear._operands): as plain tensors
 their ~430 sizes were symbols, and the compiled int4 step was no faster than eager.
 
@@ -43,7 +43,7 @@ from collections.abc import Iterable
 import torch
 from torch.fx.experimental import _config as fx_config
 
-from .model import Model
+from ..model import Model
 from .packed import PackedLinear, unpack_linears
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import KVCache, Model, Transformer
+from ..model import KVCache, Model, Transformer
 
 LENGTH_STEP = 256  # attended positions are rounded up to this: few captures, little masked work
 
@@ -84,7 +84,7 @@ class _CapturedStep:
         torch.cuda.current_stream().wait_stream(side)
         self.first_output.record_stream(torch.cuda.current_stream())
         # The weights it reads too (the quantized layers' kernels, made by the step above, and the
-        # joint q/k/v and gate/up tensors of qwenkit.fused): swapped for new tensors later, they leave
+        # joint q/k/v and gate/up tensors of qwenkit.runtime.fused): swapped for new tensors later, they leave
         # this graph stale rather than reading freed memory.
         self.weights = list(net.parameters()) + [getattr(m, name) for m in net.modules() for name in
                                                  ("_kernel", "_fused", "fused_with") if getattr(m, name, None)]
