@@ -17,7 +17,7 @@ from qwenkit.loading.gguf import StoredTensor, TensorInfo
 from qwenkit.model import Model
 from qwenkit.quant import Int4Linear, Int8Linear, quantize_model
 from qwenkit.quant.embedding import Int8Embedding
-from qwenkit.quant.on_load import int4_from_blocks, quantized_linear, requantize
+from qwenkit.loading.on_load import int4_from_blocks, quantized_linear, requantize
 from tests.conftest import assert_a_fibonacci_function, randomize, write_checkpoint
 from tests.test_gguf import model_meta, quantized_bytes, write_gguf
 from tests.test_quant import tiny_config
@@ -51,7 +51,7 @@ def reference(data: np.ndarray, qtype: Q) -> torch.Tensor:
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K], ids=lambda q: q.name)
 def test_four_bit_blocks_become_int4_exactly(qtype, monkeypatch, torch_quant_kernels):
-    monkeypatch.setattr("qwenkit.quant.on_load._CHUNK_VALUES", 5 * COLS)  # several chunks, the last partial
+    monkeypatch.setattr("qwenkit.loading.on_load._CHUNK_VALUES", 5 * COLS)  # several chunks, the last partial
     data = blocks(qtype)
     ref = reference(data, qtype)
     layer = int4_from_blocks(stored(data, qtype, (ROWS, COLS)))

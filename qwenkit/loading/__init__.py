@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..checkpoint_names import canonical_names
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from ..model import Model
@@ -65,7 +66,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
     `quantize`: "auto", None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it
-    is read, so the float model never exists (qwenkit.quant.on_load has the table): "int8" and "int4"
+    is read, so the float model never exists (qwenkit.loading.on_load has the table): "int8" and "int4"
     round to nearest (int4 group 128, lm_head int8), except that a GGUF file's 4-bit blocks become
     int4 exactly; "gguf" keeps a GGUF file's own precision mix (4-bit blocks int4 exactly, wider
     blocks int8, float tensors float). "auto" (the default) is "gguf" for a .gguf file on the CPU
@@ -86,7 +87,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     ~1.35x faster, same results. The layers are then for inference; pack=False keeps plain nn.Linear
     (fine-tuning does; quantizers and LoRA unpack a model themselves).
     """
-    from ..quant.on_load import QUANTIZE_MODES
+    from .on_load import QUANTIZE_MODES
 
     if quantize not in (None, "auto", "none", *QUANTIZE_MODES):
         raise ValueError(f"quantize={quantize!r}: use 'auto', None, {', '.join(map(repr, QUANTIZE_MODES))}")
@@ -117,7 +118,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         tensors = hf.checkpoint_tensors(files)
         if gptq is not None:
             tensors = autogptq.repacked(tensors, gptq, dtype)
-        net = build_model(config, hf.canonical_names(tensors, config), dtype, device,
+        net = build_model(config, canonical_names(tensors, config), dtype, device,
                           description=f"loading {path.name}", total_bytes=total, prepare=prepare,
                           quantize=quantize, pack=pack_now)
         net.generation_config = _read_json(path / "generation_config.json")
@@ -218,7 +219,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
 
     `prepare(model)` runs on the meta-built model first, e.g. to swap in empty quantized linears.
     Float tensors are cast to `dtype`; integer ones (quantized weights) keep theirs; GGUF
-    StoredTensors are dequantized to `dtype`. `quantize` (see qwenkit.quant.on_load) turns each
+    StoredTensors are dequantized to `dtype`. `quantize` (see qwenkit.loading.on_load) turns each
     linear into its quantized layer the moment its weight arrives; a tied head gets its own copy.
     `pack` turns each bf16 linear into a PackedLinear (qwenkit.runtime.packed) as its weight arrives, where
     the CPU runs those; otherwise float q/k/v and gate/up weights are copied into one tensor per
@@ -289,7 +290,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
 def _quantize_linear(net: Model, name: str, weight: torch.Tensor | StoredTensor, mode: str,
                      dtype: torch.dtype, device: torch.device) -> bool:
     """Swap the nn.Linear whose weight `name` is for its quantized form; False where it stays as it is."""
-    from ..quant.on_load import quantized_linear
+    from .on_load import quantized_linear
 
     module_name, linear = _linear_of(net, name)
     if linear is None:
@@ -324,8 +325,8 @@ def _linear_of(net: Model, name: str) -> tuple[str, nn.Linear | None]:
 def _quantize_embedding(net: Model, name: str, weight: torch.Tensor | StoredTensor, mode: str,
                         dtype: torch.dtype, device: torch.device) -> bool:
     """A tied head becomes its own quantized layer, from the embedding's weight; the embedding becomes
-    an int8 table where qwenkit.quant.on_load says so (False where it stays float)."""
-    from ..quant.on_load import quantized_embedding
+    an int8 table where qwenkit.loading.on_load says so (False where it stays float)."""
+    from .on_load import quantized_embedding
 
     tied = net.config.tie_word_embeddings
     head_quantized = tied and _quantize_linear(net, "lm_head.weight", weight, mode, dtype, device)

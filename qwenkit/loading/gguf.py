@@ -155,7 +155,7 @@ def _bits_le32(qh: torch.Tensor) -> torch.Tensor:
 
 # The 4-bit formats hold, per group of 32 values, a code q in 0..15 and w = scale·q − offset.
 # Their decoders return (q uint8 [n, block], scale and offset float32 [n, block / 32]) so that
-# qwenkit.quant.on_load can keep them as int4 exactly; dequantizing is the same arithmetic.
+# qwenkit.loading.on_load can keep them as int4 exactly; dequantizing is the same arithmetic.
 def _q4_0_groups(b):
     d, qs = b.split([2, 16], 1)
     d = _f16(d)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint_names import canonical_modules
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 from .linear import INT4_GROUP_SIZES, Int4Linear, Int8Linear, pack_int4
@@ -107,8 +108,6 @@ def int4_group_size(in_features: int, gptq: dict) -> int:
 def swap_in_layers(model: nn.Module, gptq: dict, tensor_names: Iterable[str]) -> nn.Module:
     """Replace the linears the checkpoint quantizes (those with a `qweight`) by empty Int4Linear /
     Int8Linear modules, in place, for the repacked tensors to be assigned to; returns the model."""
-    from ..loading.hf import canonical_modules
-
     modules = {canonical for name in tensor_names if name.endswith(".qweight")
                for canonical in canonical_modules(name.removesuffix(".qweight"), model.config)}
     for name in sorted(modules):

@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.linear import frozen
-
 SIBLINGS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
@@ -35,7 +33,7 @@ class JointWeights:
     def __init__(self, linears: tuple[nn.Linear, ...], weight: torch.Tensor, bias: torch.Tensor | None):
         # Frozen Parameters because torch.compile(dynamic=True) keeps a Parameter's shape static (see
         # quant.linear._operands); requires_grad=False as training never takes the joint product.
-        self.weight, self.bias = (None if t is None else frozen(t) for t in (weight, bias))
+        self.weight, self.bias = (None if t is None else nn.Parameter(t, requires_grad=False) for t in (weight, bias))
         self.linears = linears
         self.params = tuple(p for m in linears for p in (m.weight, m.bias) if p is not None)
         self.addresses = tuple(p.data_ptr() for p in self.params)
@@ -78,10 +76,10 @@ def lay_out_siblings(model: nn.Module, dtype: torch.dtype, device: torch.device)
         bias = None if linears[0].bias is None else torch.empty(sum(rows), dtype=dtype, device=device)
         for child, m, w, b in zip(SIBLINGS[kind], linears, weight.split(rows),
                                   bias.split(rows) if bias is not None else [None] * len(rows)):
-            m.weight = frozen(w)
+            m.weight = nn.Parameter(w, requires_grad=False)
             laid_out.add(f"{name}.{child}.weight")
             if b is not None:
-                m.bias = frozen(b)
+                m.bias = nn.Parameter(b, requires_grad=False)
                 laid_out.add(f"{name}.{child}.bias")
         linears[0].fused_with = JointWeights(linears, weight, bias)
     return laid_out

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint_names import canonical_modules
 from ..errors import AdapterError, CheckpointError
-from ..loading.hf import canonical_modules
 from ..model import Model
 from ..quant import QuantizedLinear
 from ..runtime.packed import unpack_linears

@@ -36,10 +36,10 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from torch import nn
 
-from ..loading.gguf import FLOAT_TYPES, FOUR_BIT_GROUPS, StoredTensor
-from .embedding import Int8Embedding
-from .linear import Int4Linear, Int8Linear, QuantizedLinear, pack_int4
-from .rtn import quantize_int4, quantize_int8
+from ..quant.embedding import Int8Embedding
+from ..quant.linear import Int4Linear, Int8Linear, QuantizedLinear, pack_int4
+from ..quant.rtn import quantize_int4, quantize_int8
+from .gguf import FLOAT_TYPES, FOUR_BIT_GROUPS, StoredTensor
 
 QUANTIZE_MODES = ("int8", "int4", "gguf")
 RTN_GROUP_SIZE = 128  # int4 group size when rounding (exact GGUF blocks keep their 32)
