@@ -42,9 +42,9 @@ def kernels(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setattr("qwenkit.quant.linear._qwenkit_ops", lambda device, dtype: None)
     else:
-        from qwenkit.kernels import ops
+        from qwenkit.runtime.cpu_plan import kernel_ops
 
-        if ops() is None:
+        if kernel_ops() is None:
             pytest.skip("qwenkit's CPU kernels are not built here")
     return KERNEL_TOL[request.param]
 

@@ -4,11 +4,11 @@ torch's weight-only int4/int8 CPU kernels have a vector path only for bf16 activ
 are limited by their own arithmetic elsewhere; cpu.cpp quantizes the activations to int8 per block
 of 32 and runs integer dot products (AVX2 maddubs, AVX-512 VNNI dpbusd), as llama.cpp does.
 
-`ops()` returns `torch.ops.qwenkit_cpu` once the library is built and loaded, or None: no compiler,
-or `QWENKIT_KERNELS=0`. Then the quantized layers use torch's own kernels (always correct, slower),
+`ops(isa)` returns `torch.ops.qwenkit_cpu` once the library is built for `isa` and loaded, or None:
+no compiler, or `QWENKIT_KERNELS=0`. Which instruction set is the CPU plan's choice
+(runtime/cpu_plan.py `kernel_ops`); this package knows only how to build and load. Then the quantized layers use torch's own kernels (always correct, slower),
 after one warning saying why and what would fix it. The library is compiled with g++ against the
-installed torch, once per source, torch version and instruction set (the CPU plan's class,
-runtime/cpu_plan.py), into `~/.cache/qwenkit/kernels` (`QWENKIT_CACHE` moves it); a build takes ~15 s.
+installed torch, once per source, torch version and instruction set, into `~/.cache/qwenkit/kernels` (`QWENKIT_CACHE` moves it); a build takes ~15 s.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from ..runtime.cpu_plan import KERNEL_ISA, cpu_class
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 FLAGS = {
@@ -70,11 +68,11 @@ def _build(isa: str, target: Path) -> None:
 
 
 @functools.cache
-def ops():
-    """torch.ops.qwenkit_cpu with the library loaded, or None (and one warning) when it cannot be."""
+def ops(isa: str):
+    """torch.ops.qwenkit_cpu built for `isa` (a key of FLAGS) and loaded, or None (and one warning)
+    when it cannot be."""
     if os.environ.get("QWENKIT_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
         return None
-    isa = KERNEL_ISA[cpu_class()]
     target = _library_path(isa)
     try:
         if not target.exists():
@@ -89,11 +87,6 @@ def ops():
         return None
     _register_fakes()
     return torch.ops.qwenkit_cpu
-
-
-def built_isa() -> str | None:
-    """The instruction set the loaded kernels were built for, or None when they are not in use."""
-    return None if ops() is None else ops().isa()
 
 
 def _register_fakes() -> None:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.cpu_plan import kernel_ops
 from .rtn import quantize_int4, quantize_int8
 
 aten = torch.ops.aten
@@ -73,9 +74,7 @@ def _qwenkit_ops(device: torch.device, dtype: torch.dtype):
     """qwenkit's CPU kernels for activations of `dtype` on `device`, or None (torch's kernels then)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None
-    from ..kernels import ops
-
-    return ops()
+    return kernel_ops()
 
 
 def _joint_bias(layers) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QwenkitError
+from ..kernels import ops
 
 CLASSES = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")  # lowest first
 # What qwenkit's kernels are built for in each class (bf16 and AMX add nothing they use).
@@ -114,7 +115,11 @@ class Plan:
                          + [f"{product}: {how}" for product, how in self.rows()])
 
 
-def plan() -> Plan:
-    from ..kernels import built_isa
+def kernel_ops():
+    """qwenkit's CPU kernels built for this class (torch.ops.qwenkit_cpu), or None (see qwenkit.kernels)."""
+    return ops(KERNEL_ISA[cpu_class()])
 
-    return Plan(cpu_class(), auto_dtype(), built_isa())
+
+def plan() -> Plan:
+    kernels = kernel_ops()
+    return Plan(cpu_class(), auto_dtype(), None if kernels is None else kernels.isa())

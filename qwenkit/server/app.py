@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import FastAPI
@@ -38,8 +39,8 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__, tools
 from ..engine import Engine, EngineFailedError
 from ..errors import QwenkitError
-from ..model import Model
 from ..tokenizer import Tokenizer
+from .gate import PROTECTED, Gate, error_response, http_protocol
 from .generation import (
     Choice,
     chat_event_delta,
@@ -53,7 +54,6 @@ from .generation import (
     submit,
     usage,
 )
-from .gate import PROTECTED, Gate, error_response, http_protocol
 from .protocol import (
     BODIES,
     MAX_JSON_DEPTH,
@@ -66,6 +66,9 @@ from .protocol import (
     error_body,
     parse,
 )
+
+if TYPE_CHECKING:  # the server holds a model only through the engine
+    from ..model import Model
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures this one, so our lines show beside its own
 
