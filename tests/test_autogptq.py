@@ -14,11 +14,11 @@ from torch import nn
 import qwenkit
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError, UnsupportedModelError
-from qwenkit.loading.save import save_checkpoint
+from qwenkit.saving import save_checkpoint
 from qwenkit.model import Model
 from qwenkit.quant import Int4Linear, Int8Linear, quantization_config
 
-from .conftest import randomize, write_checkpoint
+from .conftest import load_fp32, random_tokens, randomize, write_checkpoint
 
 # These tests check that checkpoints map to the last bit: on torch's kernels, which do not round the
 # activations as qwenkit's do.
@@ -164,17 +164,11 @@ def gptq_checkpoint(tmp_path, arch, bits, group_size, sym, act_order, head=False
     return path, model
 
 
-def tokens(n=12):
-    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(3))
+IDS = random_tokens(VOCAB, seed=3)  # the prompt every logits comparison runs
 
 
 def max_diff(a, b):
     return (a - b).abs().max().item()
-
-
-def load_fp32(path):
-    model, _ = qwenkit.load(path, dtype="float32", device="cpu")
-    return model
 
 
 def quantized_layers(model):
@@ -213,7 +207,7 @@ def test_4bit_checkpoint_loads_exactly(tmp_path, monkeypatch, arch, group_size, 
         # The packing round trip: our tensors stand for exactly the weights GPTQ's stand for.
         assert torch.equal(layer.dequantize(), reference.get_submodule(name).weight), name
 
-    x = tokens()
+    x = IDS
     with torch.no_grad():
         expected = reference(x)
         kernel = model(x)
@@ -229,7 +223,7 @@ def test_quantized_head_of_a_tied_model_gets_its_own_weights(tmp_path):
     model = load_fp32(path)
     assert type(model.lm_head) is Int4Linear and not model.config.tie_word_embeddings
     with torch.no_grad():
-        assert max_diff(model(tokens()), reference(tokens())) < LOGIT_TOL
+        assert max_diff(model(IDS), reference(IDS)) < LOGIT_TOL
 
 
 def test_act_order_round_trips_through_our_format(tmp_path):
@@ -242,7 +236,7 @@ def test_act_order_round_trips_through_our_format(tmp_path):
     saved = load_fp32(tmp_path / "saved")
     assert saved.model.layers[1].self_attn.k_proj.perm.dtype == torch.int32
     with torch.no_grad():
-        assert torch.equal(saved(tokens()), model(tokens()))
+        assert torch.equal(saved(IDS), model(IDS))
 
 
 def test_bfloat16_load(tmp_path):
@@ -251,7 +245,7 @@ def test_bfloat16_load(tmp_path):
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.qweight.dtype == torch.uint8 and layer.perm.dtype == torch.int32 and layer.scales.dtype == torch.bfloat16
     with torch.no_grad():
-        logits, expected = model(tokens()).float(), reference(tokens())
+        logits, expected = model(IDS).float(), reference(IDS)
     assert ((logits - expected).norm() / expected.norm()).item() < 0.02  # bf16 activations
 
 
@@ -263,7 +257,7 @@ def test_8bit_symmetric_per_channel_is_exact(tmp_path):
         assert type(layer) is Int8Linear
         assert torch.equal(layer.dequantize(), reference.get_submodule(name).weight), name
     with torch.no_grad():
-        assert max_diff(model(tokens()), reference(tokens())) < LOGIT_TOL
+        assert max_diff(model(IDS), reference(IDS)) < LOGIT_TOL
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen"])
@@ -276,7 +270,7 @@ def test_8bit_grouped_is_requantized_per_channel(tmp_path, arch):
         step = w.abs().amax(dim=1, keepdim=True) / 127  # symmetric per-channel int8 of the GPTQ weights
         assert ((layer.dequantize() - w).abs() <= step / 2 + 1e-7).all(), name
     with torch.no_grad():
-        logits, expected = model(tokens()), reference(tokens())
+        logits, expected = model(IDS), reference(IDS)
     # Per-channel int8 rounding on top of GPTQ's: about 0.6 % of each linear's output on random
     # weights (see test_quant), compounding over the layers of the model.
     assert ((logits - expected).norm() / expected.norm()).item() < 0.05
@@ -359,4 +353,4 @@ def test_modules_left_in_float_and_checkpoints_without_g_idx(written, tmp_path):
     assert type(model.model.layers[1].mlp.down_proj) is nn.Linear
     assert type(model.model.layers[0].mlp.down_proj) is Int4Linear
     with torch.no_grad():
-        assert max_diff(model(tokens()), quantized(tokens())) < LOGIT_TOL
+        assert max_diff(model(IDS), quantized(IDS)) < LOGIT_TOL

@@ -1,6 +1,7 @@
 """The command line, driven as a user drives it: a subprocess with piped standard input."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -36,23 +37,35 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.real
-def test_chat_session_with_history(demo_path):
+def test_chat_session_with_history(demo_path, demo_tok):
+    introduction = "My name is Alice and I live in Paris. Reply with one word: OK."
+    question = "What is my name? Answer with the name only."
     script = "\n".join([
         ":conf temperature=0 repetition_penalty=1.0",
-        "My name is Alice and I live in Paris. Reply with one word: OK.",
-        "What is my name? Answer with the name only.",
+        ":verbose",  # each reply's prompt length goes to stderr
+        introduction,
+        question,
         ":history",
         ":clear-history",
-        "What is my name? Answer with the name only.",
+        question,
         ":exit",
         "this line is never read",
     ]) + "\n"
     first = qwenkit_cli("chat", "-m", "demo", "--max-new-tokens", "24", stdin=script)
     assert first.returncode == 0, first.stderr
-    replies = first.stdout.split("[history cleared]")
-    assert "Alice" in replies[0].split("User[1]")[0]  # the second answer needs the first turn
-    assert "User[0]: My name is Alice" in replies[0]
-    assert "Alice" not in replies[1]  # forgotten after :clear-history
+    remembered, forgotten = first.stdout.split("[history cleared]\n")
+    history = remembered[remembered.index("User[0]: "):]
+    assert history.startswith(f"User[0]: {introduction}\nQwen[0]: ")
+    first_reply = history.split("\nQwen[0]: ")[1].split("\nUser[1]: ")[0]
+    second_reply = history.split("\nQwen[1]: ")[1]  # what the model said when asked the first time
+    # The prompts that reached the model: the question with the first turn before it, then, after
+    # :clear-history, alone.
+    user, assistant = ({"role": "user", "content": introduction}, {"role": "assistant", "content": first_reply})
+    asked = {"role": "user", "content": question}
+    want = [demo_tok.apply_chat_template(m) for m in ([user], [user, assistant, asked], [asked])]
+    assert re.findall(r"\[(\d+) prompt tokens", first.stderr) == [str(len(ids)) for ids in want], first.stderr
+    assert "Alice" in second_reply  # recalled from the first turn
+    assert "Alice" not in forgotten  # forgotten after :clear-history
     again = qwenkit_cli("chat", "-m", "demo", "--max-new-tokens", "24", stdin=script)
     assert again.stdout == first.stdout  # temperature 0 set with :conf makes replies deterministic
 

@@ -11,24 +11,22 @@ import pytest
 import torch
 
 import qwenkit
-from qwenkit.config import ModelConfig
 from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
 from qwenkit.quant.linear import Int8Linear
-from qwenkit.tokenizer import Tokenizer
+from qwenkit.runtime.decode import decode_setup, decode_step
 
-from .conftest import qwen_tiktoken_path, randomize
+from .conftest import randomize, tiny_config
 
 pytestmark = pytest.mark.skipif(not os.environ.get("QWENKIT_TEST_COMPILE"),
                                 reason="minutes of torch.compile: set QWENKIT_TEST_COMPILE=1 to run")
 
 
-def tiny_model(kind: str) -> Model:
+def loaded_tiny(kind: str) -> Model:
     """Built as load() builds it: float q/k/v and gate/up as joint tensors (qwenkit.runtime.fused), or, for
     "int4", int4 blocks (group 32) and an int8 head, both kernels running inside the compiled step."""
-    config = ModelConfig(arch="qwen2", vocab_size=151936, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    config = tiny_config(vocab_size=151936, hidden_size=64, intermediate_size=128, head_dim=16)
     state = randomize(Model(config), seed=5, scale=0.3).state_dict()
     model = build_model(config, state.items(), torch.float32, torch.device("cpu"))
     model.generation_config = {}
@@ -39,19 +37,19 @@ def tiny_model(kind: str) -> Model:
 # arithmetic rounds less often than eager's op-by-op bf16, and logits differ by ~1 %).
 @pytest.fixture(scope="module", params=["int4", "float"])
 def compiled(request):
-    model = tiny_model(request.param)
+    model = loaded_tiny(request.param)
     seconds = qwenkit.compile_decode(model, batch_sizes=(1, 3))
     assert seconds > 0 and qwenkit.compile_decode(model) == 0  # idempotent
     return model
 
 
 def eager_and_compiled(model, fn):
-    blocks = model.model.compiled_decode_blocks
-    model.model.compiled_decode_blocks = None
+    setup = decode_setup(model)
+    compiled, setup.compiled = setup.compiled, None
     try:
         eager = fn()
     finally:
-        model.model.compiled_decode_blocks = blocks
+        setup.compiled = compiled
     return eager, fn()
 
 
@@ -59,6 +57,7 @@ def decode_logits(model, batch, max_len):
     """Prefill rows of different lengths, then three one-token steps; the logits of every step."""
     gen = torch.Generator().manual_seed(batch)
     cache = model.new_cache(batch, max_len)
+    step = decode_step(model, cache)  # as a Decoder holds it
     lengths = [5 + 3 * i for i in range(batch)]
     out = []
     with torch.inference_mode():
@@ -68,7 +67,7 @@ def decode_logits(model, batch, max_len):
         pos = torch.tensor(lengths)[:, None]
         tokens = torch.randint(0, 5000, (batch, 1), generator=gen)
         for _ in range(3):
-            logits = model(tokens, pos, cache)
+            logits = step(tokens, pos, cache)
             out.append(logits.float())
             tokens, pos = logits[:, -1].argmax(-1, keepdim=True), pos + 1
     return torch.cat(out, dim=1)
@@ -90,8 +89,7 @@ def test_no_recompile_after_warm_up(compiled):
     assert counters["stats"]["unique_graphs"] == before
 
 
-def test_generate_through_the_compiled_step(compiled):
-    tok = Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
+def test_generate_through_the_compiled_step(compiled, tok):
     prompts = [tok.encode("def fib(n):"), tok.encode("hello there, how are you")]
     eager, fast = eager_and_compiled(compiled, lambda: [
         r.token_ids for r in qwenkit.generate_batch(compiled, tok, prompts, temperature=0, max_new_tokens=6)])
@@ -100,14 +98,14 @@ def test_generate_through_the_compiled_step(compiled):
 
 def test_a_changed_model_decodes_eagerly_until_compiled_again():
     """The compiled step skips torch.compile's per-call guards on the model's modules; it checks
-    them itself once per KV cache instead."""
-    model = tiny_model("float")
+    them itself once per decode loop's step instead."""
+    model = loaded_tiny("float")
     qwenkit.compile_decode(model)
     mlp = model.model.layers[1].mlp
     mlp.down_proj = Int8Linear.from_float(mlp.down_proj)
     with pytest.warns(UserWarning, match="changed after qwenkit.compile_decode"):
         changed = decode_logits(model, 1, 64)
-    assert model.model.compiled_decode_blocks is None
+    assert decode_setup(model).compiled is None
     assert torch.equal(changed, decode_logits(model, 1, 64))  # eager from then on
     assert qwenkit.compile_decode(model) > 0
     assert torch.allclose(decode_logits(model, 1, 64), changed, atol=1e-4 * changed.abs().max(), rtol=0)

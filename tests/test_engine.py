@@ -8,21 +8,20 @@ import pytest
 
 import qwenkit
 from qwenkit.engine import Engine, EngineFailedError, QueueFullError
-from qwenkit.generate import ContextLengthError, Decoder, make_request
+from qwenkit.errors import ContextLengthError, RequestError
+from qwenkit.generate import Decoder, make_request
 from qwenkit.sampling import MAX_TOP_K, SamplingParams
-
-from .test_generate import tiny, tok  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-def engine(tiny, tok):  # noqa: F811
+def engine(tiny, tok):
     eng = Engine(tiny, tok, max_batch=4, max_queue=6, context_length=200)
     eng.start()
     yield eng
     eng.shutdown()
 
 
-def request(model, tok, text, n=12, **kw):  # noqa: F811
+def request(model, tok, text, n=12, **kw):
     return make_request(model, tok, text, max_new_tokens=n, temperature=0, stop_token_ids=[], **kw)
 
 
@@ -31,7 +30,7 @@ def collect(stream):
     return [d.token_id for d in deltas if d.token_id is not None], deltas[-1].finish_reason
 
 
-def test_batched_streams_equal_single_generation(engine, tiny, tok):  # noqa: F811
+def test_batched_streams_equal_single_generation(engine, tiny, tok):
     prompts = ["first prompt", "a second, longer prompt with more words", "三", "four", "five five", "six"]
     streams = [engine.submit(request(tiny, tok, p)) for p in prompts]
     results = [collect(s) for s in streams]
@@ -45,7 +44,7 @@ def test_batched_streams_equal_single_generation(engine, tiny, tok):  # noqa: F8
     assert single < int(values["qwenkit_decode_steps_total"])  # some steps decoded more than one sequence
 
 
-def test_cancel_frees_the_row(engine, tiny, tok, monkeypatch):  # noqa: F811
+def test_cancel_frees_the_row(engine, tiny, tok, monkeypatch):
     forward = tiny.forward
 
     def slow_forward(*args, **kwargs):  # so the request is surely still running when cancelled
@@ -64,17 +63,35 @@ def test_cancel_frees_the_row(engine, tiny, tok, monkeypatch):  # noqa: F811
     assert collect(engine.submit(request(tiny, tok, "next")))[1] in ("stop", "length")
 
 
-def test_queue_full_and_context_errors(tiny, tok):  # noqa: F811
+def test_queue_full(tiny, tok):
     eng = Engine(tiny, tok, max_batch=1, max_queue=2, context_length=64)  # not started: nothing drains
     eng.submit(request(tiny, tok, "a"))
     eng.submit(request(tiny, tok, "b"))
     with pytest.raises(QueueFullError):
         eng.submit(request(tiny, tok, "c"))
-    with pytest.raises(ContextLengthError, match="max_tokens is 100, more than the context of 64"):
-        eng.submit(request(tiny, tok, "d", n=100))
 
 
-def test_async_iteration_and_prefix_reuse(engine, tiny, tok):  # noqa: F811
+def test_context_rules_live_in_make_request(tiny, tok):
+    prompt = tok.encode("d")
+    with pytest.raises(ContextLengthError, match=f"100 new tokens were asked for but the context holds 64 tokens "
+                                                 f"and the prompt uses {len(prompt)}") as e:
+        request(tiny, tok, "d", n=100, context_length=64, max_new_tokens_must_fit=True)
+    assert e.value.param == "max_new_tokens"
+    with pytest.raises(ContextLengthError, match="the prompt has 70 tokens but the context holds 64") as e:
+        request(tiny, tok, [1] * 70, context_length=64)
+    assert e.value.param == "prompt"
+    # Without must_fit the new tokens are cut to the room left; a too-long prompt can be truncated.
+    assert request(tiny, tok, "d", n=100, context_length=64).max_new_tokens == 64 - len(prompt)
+    assert len(request(tiny, tok, [1] * 70, n=4, context_length=64, truncate=True).prompt_ids) == 60
+    with pytest.raises(RequestError, match="token id 999999 is not in the vocabulary") as e:
+        request(tiny, tok, [1, 999999])
+    assert e.value.param == "prompt"
+    with pytest.raises(RequestError, match="top_p") as e:
+        request(tiny, tok, "d", top_p=2.0)
+    assert e.value.param == "top_p"
+
+
+def test_async_iteration_and_prefix_reuse(engine, tiny, tok):
     first = request(tiny, tok, "the start of a conversation", n=5)
 
     async def run(req):
@@ -88,7 +105,7 @@ def test_async_iteration_and_prefix_reuse(engine, tiny, tok):  # noqa: F811
     assert stream.cached_tokens == len(first.prompt_ids) + len(ids) - 1
 
 
-def test_embeddings_are_normalized(engine, tok):  # noqa: F811
+def test_embeddings_are_normalized(engine, tok):
     vectors = engine.embed([tok.encode("hello"), tok.encode("a longer text to embed")])
     assert len(vectors) == 2 and len(vectors[0]) == 32
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in vectors)
@@ -96,7 +113,7 @@ def test_embeddings_are_normalized(engine, tok):  # noqa: F811
 
 # ---------------------------------------------------------------------- failures and cancellation
 
-def reference(model, tok, text, n=12, **kw):  # noqa: F811
+def reference(model, tok, text, n=12, **kw):
     """What `collect` gives for the same request run alone (the stop token that ends a reply counted)."""
     result = qwenkit.generate(model, tok, text, max_new_tokens=n, temperature=0, stop_token_ids=[], **kw)
     return result.token_ids + ([None] if result.finish_reason == "stop" else []), result.finish_reason
@@ -124,7 +141,7 @@ class Tripwire:
         return self.forward(tokens, *args, **kwargs)
 
 
-def test_a_failing_prefill_ends_only_its_request(engine, tiny, tok, monkeypatch):  # noqa: F811
+def test_a_failing_prefill_ends_only_its_request(engine, tiny, tok, monkeypatch):
     wire = Tripwire(tiny, monkeypatch)
     poison = tok.encode(" poison prompt here")
     wire.fail_when = lambda tokens: tokens.shape[1] > 1 and tokens[0, -len(poison):].tolist() == poison
@@ -142,7 +159,7 @@ def test_a_failing_prefill_ends_only_its_request(engine, tiny, tok, monkeypatch)
     assert all(held[:len(poisoned) - 1] != poisoned[:-1] for held in engine.decoder.slot_tokens)
 
 
-def test_a_failing_step_ends_its_batch_and_the_engine_goes_on(engine, tiny, tok, monkeypatch):  # noqa: F811
+def test_a_failing_step_ends_its_batch_and_the_engine_goes_on(engine, tiny, tok, monkeypatch):
     wire = Tripwire(tiny, monkeypatch)
     streams = [engine.submit(request(tiny, tok, p, n=40)) for p in ("one", "two")]
     for s in streams:
@@ -155,7 +172,7 @@ def test_a_failing_step_ends_its_batch_and_the_engine_goes_on(engine, tiny, tok,
 
 
 @pytest.mark.parametrize("when", ["queued", "prefilling", "first row", "last row", "several"])
-def test_cancel_at_any_point_leaves_the_others_untouched(tiny, tok, monkeypatch, when):  # noqa: F811
+def test_cancel_at_any_point_leaves_the_others_untouched(tiny, tok, monkeypatch, when):
     eng = Engine(tiny, tok, max_batch=3, max_queue=8, context_length=200)
     wire = Tripwire(tiny, monkeypatch)
     prompts = ["alpha beta", "gamma", "delta epsilon zeta", "eta", "theta iota"]
@@ -183,7 +200,7 @@ def test_cancel_at_any_point_leaves_the_others_untouched(tiny, tok, monkeypatch,
         eng.shutdown()
 
 
-def test_cancel_mid_decode_moves_penalized_rows(tiny, tok, monkeypatch):  # noqa: F811
+def test_cancel_mid_decode_moves_penalized_rows(tiny, tok, monkeypatch):
     """Cancelling the first of several decoding rows that carry penalties (the server's old killer)."""
     eng = Engine(tiny, tok, max_batch=4, max_queue=8, context_length=200)
     Tripwire(tiny, monkeypatch)
@@ -207,7 +224,7 @@ def test_cancel_mid_decode_moves_penalized_rows(tiny, tok, monkeypatch):  # noqa
         eng.shutdown()
 
 
-def test_a_dead_scheduler_is_run_again_then_given_up(tiny, tok, monkeypatch):  # noqa: F811
+def test_a_dead_scheduler_is_run_again_then_given_up(tiny, tok, monkeypatch):
     stopped = []
     eng = Engine(tiny, tok, max_batch=2, max_queue=8, context_length=200, on_failure=stopped.append)
     monkeypatch.setattr(eng, "FAILURE_WINDOW", 60.0)
@@ -227,6 +244,7 @@ def test_a_dead_scheduler_is_run_again_then_given_up(tiny, tok, monkeypatch):  #
         deaths["left"] = 10**6
         stream = eng.submit(request(tiny, tok, "never served"))
         assert collect(stream)[1] == "error" and "3 failures" in stream.error
+        eng._thread.join(5)  # the streams hear of the failure before on_failure is called
         assert not eng.alive and stopped and "a scheduler bug" in stopped[0]
         with pytest.raises(EngineFailedError, match="restart the server"):
             eng.submit(request(tiny, tok, "refused"))
@@ -242,7 +260,7 @@ def test_sampling_bounds_keep_numbers_machine_sized():
     SamplingParams(top_k=MAX_TOP_K, seed=2**64 - 1).validate()
 
 
-def test_the_decoder_can_cancel_outside_inference_mode(tiny, tok):  # noqa: F811
+def test_the_decoder_can_cancel_outside_inference_mode(tiny, tok):
     """Any caller, not only the engine's thread, may drop a row whose batch carries penalties."""
     decoder = Decoder(tiny, tok, 2, 100)
     requests = [request(tiny, tok, p, n=10, presence_penalty=0.5) for p in ("one two", "three")]

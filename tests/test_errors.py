@@ -8,8 +8,7 @@ import qwenkit
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError, ConfigError, DownloadError, UnsupportedModelError
 
-from .test_model import hf_config, hf_qwen2, hf_state
-from .conftest import write_checkpoint
+from .conftest import hf_config, hf_qwen2, hf_state, write_checkpoint
 
 
 @pytest.fixture

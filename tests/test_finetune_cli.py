@@ -20,7 +20,6 @@ import qwenkit
 from qwenkit.cli import main
 from qwenkit.config import ModelConfig
 from qwenkit.model import Model
-from qwenkit.train import apply_lora
 
 from .conftest import randomize, write_checkpoint
 
@@ -38,7 +37,7 @@ def conversations(path: Path, names=NAMES) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_ckpt(tmp_path_factory):
     """A 2-layer Qwen2 with the full 151,936-token vocabulary (hidden 128: int4 groups of 128 fit)."""
     root = tmp_path_factory.mktemp("finetune")
     config = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=128,
@@ -49,8 +48,8 @@ def tiny(tmp_path_factory):
     return root / "model", conversations(root / "data.json")
 
 
-def args(tiny, out, *extra):
-    model, data = tiny
+def args(tiny_ckpt, out, *extra):
+    model, data = tiny_ckpt
     return ["finetune", "-m", str(model), "--data", str(data), "--out", str(out), "--lora-r", "8", "--lr", "1e-2",
             "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--dtype", "float32", *extra]
 
@@ -78,12 +77,12 @@ def finished(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]
     return process.returncode, out + err
 
 
-def test_config_file_with_flag_override(tiny, tmp_path, capsys):
+def test_config_file_with_flag_override(tiny_ckpt, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("lora-r: 4\nlora_alpha: 32\nweight-decay: 3e-3\nmax-steps: 2\nsave-every: 1\nkeep: 1\n"
                       "train-head: true\n")
     out = tmp_path / "run"
-    assert main(args(tiny, out, "-c", str(config), "--lora-r", "2", "--no-train-head")) == 0
+    assert main(args(tiny_ckpt, out, "--config", str(config), "--lora-r", "2", "--no-train-head")) == 0
     saved = json.loads((out / "train_args.json").read_text())
     # (YAML reads 3e-3 as a string: it is converted as the flag would be)
     assert (saved["lora_r"], saved["lora_alpha"], saved["weight_decay"], saved["max_steps"]) == (2, 32.0, 0.003, 2)
@@ -91,26 +90,44 @@ def test_config_file_with_flag_override(tiny, tmp_path, capsys):
     assert adapter["r"] == 2 and adapter["lora_alpha"] == 32 and adapter["modules_to_save"] is None
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # --keep 1
     assert [r["step"] for r in rows(out)] == ["1", "2"]
-    model, _ = qwenkit.load(tiny[0], dtype="float32", device="cpu", adapter=out)  # what chat --adapter does
+    # What chat --adapter loads: each adapted weight is the base's plus the saved B @ A times alpha / r,
+    # every other weight is the base's.
+    merged, _ = qwenkit.load(tiny_ckpt[0], dtype="float32", device="cpu", adapter=out)
+    base, _ = qwenkit.load(tiny_ckpt[0], dtype="float32", device="cpu")
+    adapter_file = load_file(str(out / "adapter_model.safetensors"))
+    lora = {k.removeprefix("base_model.model."): v for k, v in adapter_file.items()}
+    adapted = {k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}
+    assert len(adapted) == 2 * 7  # q, k, v, o, gate, up and down of both layers
+    changed = set()
+    for name, weight in merged.named_parameters():
+        module = name.removesuffix(".weight")
+        if module in adapted and name.endswith(".weight"):
+            update = 32 / 2 * lora[f"{module}.lora_B.weight"] @ lora[f"{module}.lora_A.weight"]
+            torch.testing.assert_close(weight, base.get_parameter(name) + update)
+            if update.abs().max() > 0:
+                changed.add(module)
+        else:
+            assert torch.equal(weight, base.get_parameter(name)), name
+    assert changed == adapted  # two steps trained every adapter
 
     config.write_text("lora-rank: 4\n")
-    assert main(args(tiny, tmp_path / "bad", "-c", str(config))) == 2
+    assert main(args(tiny_ckpt, tmp_path / "bad", "--config", str(config))) == 2
     assert "unknown option 'lora-rank'" in capsys.readouterr().err
     config.write_text("method: dora\n")
-    assert main(args(tiny, tmp_path / "bad", "-c", str(config))) == 2
+    assert main(args(tiny_ckpt, tmp_path / "bad", "--config", str(config))) == 2
     assert "'dora' is not one of full, lora, qlora" in capsys.readouterr().err
 
 
-def test_refuses_to_start_over_an_existing_run(tiny, tmp_path, capsys):
+def test_refuses_to_start_over_an_existing_run(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(args(tiny, out, "--max-steps", "1")) == 0
+    assert main(args(tiny_ckpt, out, "--max-steps", "1")) == 0
     before = (out / "adapter_model.safetensors").read_bytes()
-    assert main(args(tiny, out, "--max-steps", "1")) == 2
+    assert main(args(tiny_ckpt, out, "--max-steps", "1")) == 2
     err = capsys.readouterr().err
     assert "already holds files" in err and "--resume auto" in err and "--overwrite" in err
     assert (out / "adapter_model.safetensors").read_bytes() == before
-    assert main(args(tiny, out, "--max-steps", "1", "--resume", "auto", "--overwrite")) == 2
-    assert main(args(tiny, out, "--max-steps", "1", "--overwrite", "--seed", "5")) == 0
+    assert main(args(tiny_ckpt, out, "--max-steps", "1", "--resume", "auto", "--overwrite")) == 2
+    assert main(args(tiny_ckpt, out, "--max-steps", "1", "--overwrite", "--seed", "5")) == 0
     assert (out / "adapter_model.safetensors").read_bytes() != before
 
 
@@ -125,9 +142,9 @@ def wait_for(condition, process, timeout=240):
         time.sleep(0.05)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_ckpt, tmp_path):
     out = tmp_path / "run"
-    process = cli(*args(tiny, out, "--max-steps", "200", "--save-every", "1000", "--batch-size", "1"))
+    process = cli(*args(tiny_ckpt, out, "--max-steps", "200", "--save-every", "1000", "--batch-size", "1"))
     wait_for(lambda: (out / "loss.csv").is_file() and len(rows(out)) >= 2, process)
     process.send_signal(signal.SIGINT)
     code, output = finished(process)
@@ -137,9 +154,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
     assert json.loads((out / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").read_text())["step"] == step
 
 
-def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tiny, tmp_path):
+def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tiny_ckpt, tmp_path):
     out = tmp_path / "run"
-    run = args(tiny, out, "--max-steps", "24", "--save-every", "1", "--keep", "0", "--batch-size", "1")
+    options = ("--max-steps", "24", "--save-every", "1", "--keep", "0", "--batch-size", "1")
+    run = args(tiny_ckpt, out, *options)
     process = cli(*run)
     wait_for(lambda: len(list((out / "checkpoints").glob("step-*"))) >= 2, process)
     process.send_signal(signal.SIGKILL)
@@ -157,13 +175,19 @@ def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tiny, tmp_path):
     assert f"resuming after step {last}" in output
     assert [int(r["step"]) for r in rows(out)] == list(range(1, 25))
     assert not list((out / "checkpoints").glob(".*"))  # a save cut short by the kill is cleaned up
+    # The resumed run ends where one never killed does: the same losses and adapter (the same
+    # subprocess settings, so the same arithmetic).
+    whole = tmp_path / "whole"
+    code, output = finished(cli(*args(tiny_ckpt, whole, *options)))
+    assert code == 0, output
+    assert_same_run(out, whole)
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny, tmp_path_factory):
+def one_process(tiny_ckpt, tmp_path_factory):
     """Three LoRA steps of two conversations in one process, the reference for the multi-process runs."""
     out = tmp_path_factory.mktemp("one") / "run"
-    assert main(args(tiny, out, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2")) == 0
+    assert main(args(tiny_ckpt, out, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2")) == 0
     return out
 
 
@@ -176,16 +200,17 @@ def assert_same_run(out, reference, tol=1e-4):
     assert max((theirs[k] - mine[k]).abs().max().item() for k in mine) < tol
 
 
-def test_fsdp_two_processes_match_one(tiny, tmp_path, one_process):
+def test_fsdp_two_processes_match_one(tiny_ckpt, tmp_path, one_process):
     """torchrun, gloo, FSDP2: each process takes one conversation of the two-conversation batch."""
     out = tmp_path / "fsdp"
-    run = args(tiny, out, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2", "--batch-size", "1", "--fsdp")
+    run = args(tiny_ckpt, out, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2", "--batch-size", "1",
+               "--fsdp")
     code, output = finished(cli(*run, torchrun=2))
     assert code == 0, output
     assert_same_run(out, one_process)
     # an FSDP checkpoint resumes in one process
     resumed = tmp_path / "resumed"
-    assert main(args(tiny, resumed, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2", "--resume",
+    assert main(args(tiny_ckpt, resumed, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2", "--resume",
                      str(out / "checkpoints" / "step-00000002"))) == 0
     assert_same_run(resumed, one_process)
 
@@ -208,13 +233,13 @@ SEED_ZERO3 = {
 }
 
 
-def test_deepspeed_zero3_two_processes(tiny, tmp_path, one_process):
+def test_deepspeed_zero3_two_processes(tiny_ckpt, tmp_path, one_process):
     """The seed's ds_config_zero3.json ("auto" filled from our options) on the CPU with gloo."""
     pytest.importorskip("deepspeed", reason='DeepSpeed is not installed (pip install "qwenkit[deepspeed]")')
     config = tmp_path / "ds_config_zero3.json"
     config.write_text(json.dumps(SEED_ZERO3))
     out = tmp_path / "ds"
-    run = args(tiny, out, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2", "--batch-size", "1",
+    run = args(tiny_ckpt, out, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2", "--batch-size", "1",
                "--deepspeed", str(config))
     code, output = finished(cli(*run, torchrun=2), timeout=600)
     assert code == 0, output
@@ -222,36 +247,63 @@ def test_deepspeed_zero3_two_processes(tiny, tmp_path, one_process):
     assert (out / "checkpoints" / "step-00000003" / "deepspeed").is_dir()
 
 
-def parameter_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def nbytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each counted once."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def test_qlora_trains_with_less_memory_than_lora(tiny, tmp_path):
-    """Memory is compared as the bytes of the models' parameters (frozen base + adapter), which is
-    what differs between the two; benchmarks/finetune.py measures peak RSS on the demo model."""
-    out = tmp_path / "qlora"
-    assert main(args(tiny, out, "--method", "qlora", "--max-steps", "6", "--dtype", "bfloat16")) == 0
-    losses = [float(r["loss"]) for r in rows(out)]
-    assert losses[-1] < losses[0] - 0.5, losses
-
-    lora, _ = qwenkit.load(tiny[0], dtype="bfloat16", device="cpu")
-    qlora, _ = qwenkit.load(tiny[0], dtype="bfloat16", device="cpu", quantize="int4")
-    for model in (lora, qlora):
-        apply_lora(model, r=8)
-    assert parameter_bytes(qlora) < 0.8 * parameter_bytes(lora)
-    blocks = lambda m: sum(p.numel() * p.element_size() for n, p in m.named_parameters() if ".layers." in n)  # noqa: E731
-    assert blocks(qlora) < 0.5 * blocks(lora)
+def held_bytes(trainer) -> dict[str, int]:
+    """What a training step holds for the model: in all (weights, buffers, gradients, optimizer state),
+    the decoder blocks' frozen weights, and the trainable weights with their gradients and optimizer state."""
+    model, optimizer = trainer.model, trainer.backend.optimizer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += [p.grad for p in trainable if p.grad is not None] + [
+        v for p in trainable for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    frozen_blocks = [t for n, t in [*model.named_parameters(), *model.named_buffers()]
+                     if ".layers." in n and not t.requires_grad]
+    return {"all": nbytes([*model.parameters(), *model.buffers(), *trainable]),
+            "frozen blocks": nbytes(frozen_blocks), "trainable": nbytes(trainable)}
 
 
-def test_full_fine_tuning_writes_a_model_that_loads(tiny, tmp_path):
+def test_qlora_trains_with_less_memory_than_lora(tiny_ckpt, tmp_path, monkeypatch):
+    """What each training step holds for the model, measured inside the steps of real runs: Q-LoRA's
+    int4 blocks and int8 head against LoRA's bfloat16 ones (benchmarks/finetune.py measures peak RSS
+    on the demo model)."""
+    from qwenkit.train.trainer import Trainer
+
+    held = []  # held_bytes after each step's backward, when gradients and optimizer state both exist
+    step = Trainer.train_step
+
+    def measured_step(self, micro_batches):
+        result = step(self, micro_batches)
+        held.append(held_bytes(self))
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", measured_step)
+    peak = {}
+    for method in ("lora", "qlora"):
+        out = tmp_path / method
+        assert main(args(tiny_ckpt, out, "--method", method, "--max-steps", "6", "--dtype", "bfloat16")) == 0
+        assert len(held) == 6
+        losses = [float(r["loss"]) for r in rows(out)]
+        assert losses[-1] < losses[0] - 0.5, (method, losses)  # both learn
+        peak[method] = {part: max(h[part] for h in held) for part in held[0]}
+        held.clear()
+    lora, qlora = peak["lora"], peak["qlora"]
+    assert qlora["trainable"] == lora["trainable"], peak  # the same adapters, trained the same way
+    assert qlora["frozen blocks"] < 0.5 * lora["frozen blocks"], peak  # int4 against bfloat16
+    assert qlora["all"] < 0.8 * lora["all"], peak  # with the head in int8 too
+
+
+def test_full_fine_tuning_writes_a_model_that_loads(tiny_ckpt, tmp_path):
     out = tmp_path / "full"
-    run = args(tiny, out, "--method", "full", "--lr", "1e-3", "--max-steps", "2")
+    run = args(tiny_ckpt, out, "--method", "full", "--lr", "1e-3", "--max-steps", "2")
     assert main(run) == 2  # LoRA options do not go with full fine-tuning
     run.remove("--lora-r")
     run.remove("8")
     assert main(run) == 0
     trained, _ = qwenkit.load(out / "model", dtype="float32", device="cpu")
-    base, _ = qwenkit.load(tiny[0], dtype="float32", device="cpu")
+    base, _ = qwenkit.load(tiny_ckpt[0], dtype="float32", device="cpu")
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert len(changed) == len(list(base.parameters()))
     saved = load_file(str(out / "checkpoints" / "step-00000002" / "trainable.safetensors"))
@@ -264,7 +316,7 @@ def test_demo_model_learns_a_made_up_fact(demo_path, tmp_path):
     adapter into the weights then gives the logits of base + adapter."""
     import copy
 
-    from qwenkit.chat import apply_chat_template
+    from qwenkit.prompts import apply_chat_template
     from qwenkit.generate import generate
     from qwenkit.train import load_adapter, merge_lora
 

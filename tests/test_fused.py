@@ -8,12 +8,11 @@ from torch import nn
 
 import qwenkit
 from qwenkit.errors import CheckpointError
-from qwenkit.loading.save import save_checkpoint
+from qwenkit.saving import save_checkpoint
 from qwenkit.runtime.fused import JointWeights
 from qwenkit.train import apply_lora, merge_lora
 
-from .conftest import write_checkpoint
-from .test_model import assert_close, hf_config, hf_qwen2, hf_state, tokens
+from .conftest import assert_close, hf_config, hf_qwen2, hf_state, tokens, write_checkpoint
 
 LAYERS = 2
 

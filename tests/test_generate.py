@@ -6,38 +6,17 @@ import pytest
 import torch
 
 import qwenkit
-from qwenkit.config import ModelConfig
-from qwenkit.generate import ContextLengthError
+from qwenkit.errors import ContextLengthError
 from qwenkit.model import Model
-from qwenkit.tokenizer import Tokenizer
 
-from .conftest import qwen_tiktoken_path, randomize
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
-
-
-def tiny_config(**kw):
-    return ModelConfig(**{**dict(arch="qwen2", vocab_size=151936, hidden_size=32, intermediate_size=48,
-                                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                                 max_position_embeddings=256), **kw})
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = randomize(Model(tiny_config()), seed=3, scale=0.5).eval()
-    model.generation_config = {}
-    return model
+from .conftest import V1_TINY, tiny_config
 
 
 class Scripted(Model):
     """A model whose greedy continuation of any prompt is `script` (drives the loop deterministically)."""
 
     def __init__(self, script, prompt_len):
-        super().__init__(tiny_config())
+        super().__init__(tiny_config(**V1_TINY))
         self.script, self.prompt_len = script, prompt_len
         self.generation_config = {}
 

@@ -4,7 +4,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 
 import gguf
 import numpy as np
@@ -16,20 +15,7 @@ import qwenkit.loading.gguf as gguf_mod
 from qwenkit.errors import CheckpointError, ConfigError, UnsupportedModelError
 from qwenkit.loading.gguf import SUPPORTED_TYPES, GGUFFile, canonical_name, dequantize
 
-# Byte ranges of the fp16 scales in K-quant blocks (random bytes there could be NaN/Inf).
-_K_SCALES = {Q.Q2_K: [(80, 82), (82, 84)], Q.Q4_K: [(0, 2), (2, 4)], Q.Q5_K: [(0, 2), (2, 4)],
-             Q.Q6_K: [(208, 210)]}
-
-
-def quantized_bytes(values: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
-    """[rows, cols] float32 -> [rows, row_bytes] uint8 stored as `qtype`."""
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    if block_size == gguf.QK_K:  # gguf.quants cannot quantize K types: random blocks with sane scales
-        blocks = rng.integers(0, 256, (values.size // block_size, type_size), dtype=np.uint8)
-        for start, stop in _K_SCALES.get(qtype, ()):
-            blocks[:, start:stop] = (rng.standard_normal((len(blocks), 1)) * 0.01).astype(np.float16).view(np.uint8)
-        return blocks.reshape(values.shape[0], -1)
-    return gguf.quants.quantize(values, qtype).view(np.uint8).reshape(values.shape[0], -1)
+from .conftest import GGUF_FFN, GGUF_H, GGUF_HEADS, GGUF_LAYERS, GGUF_VOCAB, model_meta, quantized_bytes, write_gguf
 
 
 @pytest.mark.parametrize("qtype", sorted(SUPPORTED_TYPES), ids=lambda q: q.name)
@@ -47,54 +33,7 @@ def test_dequantize_matches_gguf_reference(qtype, monkeypatch):
 
 
 # ---------------------------------------------------------------------- tiny files
-H, HEADS, FFN, VOCAB, LAYERS = 64, 4, 96, 128, 2
-
-
-def write_gguf(path, arch, meta, tensors, seed=0, scale=1.0):
-    """Write a GGUF; tensors: GGUF name -> (shape, qtype), values `scale` x N(0, 1). Returns GGUF name ->
-    stored float32 values."""
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in meta.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
-    stored = {}
-    for name, (shape, qtype) in tensors.items():
-        values = (scale * rng.standard_normal(shape)).astype(np.float32)
-        if qtype == Q.F32:
-            writer.add_tensor(name, values)
-            stored[name] = values
-        elif qtype == Q.F16:
-            writer.add_tensor(name, values.astype(np.float16))
-            stored[name] = values.astype(np.float16).astype(np.float32)
-        else:
-            data = quantized_bytes(values.reshape(-1, shape[-1]), qtype, rng)
-            writer.add_tensor(name, data, raw_dtype=qtype)
-            stored[name] = gguf.quants.dequantize(data, qtype).reshape(shape)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return stored
-
-
-def model_meta(arch, **extra):
-    meta = {f"{arch}.block_count": LAYERS, f"{arch}.context_length": 4096, f"{arch}.embedding_length": H,
-            f"{arch}.feed_forward_length": FFN, f"{arch}.attention.head_count": HEADS,
-            f"{arch}.rope.freq_base": 1000000.0, f"{arch}.attention.layer_norm_rms_epsilon": 1e-6,
-            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)],
-            "tokenizer.ggml.eos_token_id": 5, "tokenizer.ggml.bos_token_id": 4,
-            "tokenizer.chat_template": "{{ messages }}"}
-    meta.update({f"{arch}.{k}": v for k, v in extra.items()})
-    return meta
+H, HEADS, FFN, VOCAB, LAYERS = GGUF_H, GGUF_HEADS, GGUF_FFN, GGUF_VOCAB, GGUF_LAYERS  # model_meta's sizes
 
 
 def layer_tensors(arch, q_width, kv_width, head_dim):
@@ -339,7 +278,8 @@ def test_demo_damaged_packages(tmp_path, monkeypatch, attr, value, message):
 
 
 @pytest.mark.real
-def test_demo_file_is_verified_and_cached(demo_path):
+def test_demo_file_is_verified_and_cached(demo_path, monkeypatch):
+    from qwenkit.loading import demo
     from qwenkit.loading.demo import DEMO_SHA256, DEMO_SIZE, demo_gguf_path
 
     assert demo_path.stat().st_size == DEMO_SIZE
@@ -349,9 +289,10 @@ def test_demo_file_is_verified_and_cached(demo_path):
             digest.update(chunk)
     assert digest.hexdigest() == DEMO_SHA256
     assert demo_path.with_name(demo_path.name + ".sha256").read_text().strip() == DEMO_SHA256
-    start = time.perf_counter()
+    # Cached: found again without looking at the packages or hashing the file.
+    monkeypatch.setattr(demo, "_part_files", lambda: pytest.fail("the demo packages were read again"))
+    monkeypatch.setattr(demo.hashlib, "sha256", lambda *args: pytest.fail("the demo file was hashed again"))
     assert demo_gguf_path() == demo_path
-    assert time.perf_counter() - start < 0.5  # cached: no re-hashing
 
 
 @pytest.mark.real

@@ -18,9 +18,8 @@ from qwenkit.model import Model
 from qwenkit.quant import Int4Linear, Int8Linear, quantize_model
 from qwenkit.quant.embedding import Int8Embedding
 from qwenkit.loading.on_load import int4_from_blocks, quantized_linear, requantize
-from tests.conftest import assert_a_fibonacci_function, randomize, write_checkpoint
-from tests.test_gguf import model_meta, quantized_bytes, write_gguf
-from tests.test_quant import tiny_config
+from tests.conftest import (FIB, assert_a_fibonacci_function, model_meta, quantized_bytes, randomize, rel_err,
+                            tiny_config, write_checkpoint, write_gguf)
 
 ROWS, COLS = 24, 512
 
@@ -149,10 +148,6 @@ def logits_of(path, **kw):
         return model, model(torch.arange(128).view(4, -1) * 2)
 
 
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 def test_four_bit_file_kept_quantized_computes_the_float_model(tmp_path):
     path = write_model(tmp_path / "q4.gguf", FOUR_BIT)
     _, ref = logits_of(path)
@@ -222,8 +217,6 @@ def test_checkpoint_quantized_while_loading_equals_quantized_after(tmp_path, bit
 
 
 # ---------------------------------------------------------------------- the demo model
-FIB = "Write a Python function that returns the n-th Fibonacci number."
-
 _LOAD = """
 import json, re, sys, torch
 from pathlib import Path

@@ -7,57 +7,14 @@ import pytest
 import torch
 
 import qwenkit
-from qwenkit.config import ModelConfig
-from qwenkit.loading.save import save_checkpoint
+from qwenkit.saving import save_checkpoint
 from qwenkit.model import Model
 from qwenkit.quant import Int4Linear, Int8Linear, quantization_config, quantize_model, unpack_int4
 from qwenkit.quant.calibration import calibration_ids, heldout_ids, stdlib_files
 from qwenkit.quant.gptq import gptq_quantize, gptq_quantize_model
-from qwenkit.tokenizer import _BYTE_OF_CHAR, Tokenizer
+from qwenkit.tokenizer import Tokenizer
 
-from .conftest import qwen_tiktoken_path, randomize
-
-# ---------------------------------------------------------------------------------- fixtures
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def write_byte_tokenizer(directory):
-    """A Qwen2-style byte-level tokenizer with a handful of merges, ChatML tokens and a chat template:
-    every text encodes to ids below 300, so tiny models can read real text."""
-    char_of = {b: c for c, b in _BYTE_OF_CHAR.items()}
-    space = char_of[ord(" ")]
-    merges = [("e", "r"), (space, "t"), ("i", "n"), (space + "t", "h"), ("o", "n"), (space, "a"), ("r", "e")]
-    vocab = {char_of[b]: b for b in range(256)} | {a + b: 256 + i for i, (a, b) in enumerate(merges)}
-    added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": CHATML,
-              "added_tokens_decoder": {str(len(vocab) + i): {"content": t, "special": True} for i, t in enumerate(added)}}
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
-
-
-@pytest.fixture(scope="module")
-def byte_tokenizer(tmp_path_factory):
-    return Tokenizer.from_pretrained(write_byte_tokenizer(tmp_path_factory.mktemp("tok")))
-
-
-def tiny_config(**kw):
-    return ModelConfig(**{"arch": "qwen2", "vocab_size": 320, "hidden_size": 128, "intermediate_size": 256,
-                          "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32,
-                          "max_position_embeddings": 256, "eos_token_id": 265, **kw})
-
-
-def tiny_model(seed=5, **kw):
-    return randomize(Model(tiny_config(**kw)), seed=seed, scale=0.1).eval()
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
+from .conftest import BYTE_VOCAB, CHATML, qwen_tiktoken_path, randomize, rel_err, tiny_config, tiny_model
 
 # ---------------------------------------------------------------------------------- the algorithm
 
@@ -163,9 +120,9 @@ def structured_ids(n, length, seed, vocab=320):
 def test_gptq_model_has_lower_output_error_than_rtn(bits, act_order):
     calib, test = structured_ids(16, 64, seed=0), structured_ids(8, 64, seed=1)
     with torch.no_grad():
-        ref = tiny_model()(test)
-        rtn = quantize_model(tiny_model(), bits=bits, group_size=32, lm_head_bits=None)(test)
-        model = gptq_quantize_model(tiny_model(), calib, bits=bits, group_size=32, act_order=act_order,
+        ref = tiny_model(**BYTE_VOCAB)(test)
+        rtn = quantize_model(tiny_model(**BYTE_VOCAB), bits=bits, group_size=32, lm_head_bits=None)(test)
+        model = gptq_quantize_model(tiny_model(**BYTE_VOCAB), calib, bits=bits, group_size=32, act_order=act_order,
                                     lm_head_bits=None, show_progress=False)
         gptq = model(test)
     assert type(model.model.layers[1].mlp.down_proj) is (Int4Linear if bits == 4 else Int8Linear)
@@ -204,8 +161,8 @@ def test_conversation_calibration_uses_the_chat_template(byte_tokenizer, tmp_pat
 
 @pytest.mark.parametrize("bits,act_order,tied", [(4, True, True), (4, False, False), (8, False, True)])
 def test_saved_quantized_checkpoint_loads_with_identical_logits(tmp_path, byte_tokenizer, bits, act_order, tied):
-    model = gptq_quantize_model(tiny_model(tie_word_embeddings=tied), structured_ids(8, 32, seed=0), bits=bits,
-                                group_size=64, act_order=act_order, show_progress=False)
+    model = gptq_quantize_model(tiny_model(**BYTE_VOCAB, tie_word_embeddings=tied), structured_ids(8, 32, seed=0),
+                                bits=bits, group_size=64, act_order=act_order, show_progress=False)
     model.generation_config = {"temperature": 0.7, "max_new_tokens": 9}
     recipe = {"method": "gptq", "gptq": {"desc_act": act_order, "calibration": "test"}}
     save_checkpoint(model, byte_tokenizer, tmp_path / "q", quantization=recipe)
@@ -233,9 +190,9 @@ def test_existing_output_is_kept_unless_forced(tmp_path, byte_tokenizer):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(qwenkit.errors.QwenkitError, match="not empty"):
-        save_checkpoint(tiny_model(), byte_tokenizer, out)
+        save_checkpoint(tiny_model(**BYTE_VOCAB), byte_tokenizer, out)
     assert (out / "keep.txt").read_text() == "mine"
-    save_checkpoint(tiny_model(), byte_tokenizer, out, force=True)
+    save_checkpoint(tiny_model(**BYTE_VOCAB), byte_tokenizer, out, force=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directories left
 
@@ -244,7 +201,7 @@ def test_existing_output_is_kept_unless_forced(tmp_path, byte_tokenizer):
 def test_saved_float_checkpoint_matches_transformers(tmp_path, byte_tokenizer, arch):
     transformers = pytest.importorskip("transformers")
     kw = {"qkv_bias": False, "o_bias": False, "qk_norm": True} if arch == "qwen3" else {}
-    model = tiny_model(arch=arch, tie_word_embeddings=True, **kw)
+    model = tiny_model(**BYTE_VOCAB, arch=arch, tie_word_embeddings=True, **kw)
     save_checkpoint(model, byte_tokenizer, tmp_path / "f")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f", dtype=torch.float32).eval()
     ids = structured_ids(2, 24, seed=4)
@@ -256,10 +213,10 @@ def test_saved_float_checkpoint_matches_transformers(tmp_path, byte_tokenizer, a
     assert their_tok.eos_token == "<|im_end|>" and their_tok.chat_template == CHATML
 
 
-def test_qwen_v1_saves_in_qwen2_form_and_keeps_its_long_context_settings(tmp_path):
-    config = tiny_config(arch="qwen", num_kv_heads=4, seq_length=64, use_dynamic_ntk=True, use_logn_attn=True)
+def test_qwen_v1_saves_in_qwen2_form_and_keeps_its_long_context_settings(tmp_path, tok):
+    config = tiny_config(**BYTE_VOCAB, arch="qwen", num_kv_heads=4, seq_length=64, use_dynamic_ntk=True,
+                         use_logn_attn=True)
     model = randomize(Model(config), seed=2, scale=0.1).eval()
-    tok = Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
     save_checkpoint(model, tok, tmp_path / "v1")
     assert (tmp_path / "v1" / "qwen.tiktoken").read_bytes() == qwen_tiktoken_path().read_bytes()
     loaded, loaded_tok = qwenkit.load(tmp_path / "v1", dtype="float32", device="cpu")
@@ -272,12 +229,10 @@ def test_qwen_v1_saves_in_qwen2_form_and_keeps_its_long_context_settings(tmp_pat
 
 
 @pytest.mark.real
-def test_demo_tokenizer_round_trips_through_saved_files(demo_path, tmp_path):
-    from qwenkit.loading.gguf import GGUFFile
-
+def test_demo_tokenizer_round_trips_through_saved_files(demo_tok, tmp_path):
     from .test_tokenizer import GGUF_SAMPLES, random_texts
 
-    tok = Tokenizer.from_gguf_fields(GGUFFile(demo_path).tokenizer_fields())
+    tok = demo_tok
     tok.save_pretrained(tmp_path)
     saved = Tokenizer.from_pretrained(tmp_path)
     assert saved.special_tokens == tok.special_tokens and saved.chat_template == tok.chat_template

@@ -15,6 +15,8 @@ from torch import nn
 from qwenkit.quant.linear import Int4Linear, Int8Linear
 from qwenkit.runtime.cpu_plan import CLASSES, KERNEL_ISA, detected_class, kernel_ops
 
+from .conftest import rel_err
+
 ops = kernel_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="qwenkit's CPU kernels could not be built here")
 
@@ -40,10 +42,6 @@ def emulated(layers, x: torch.Tensor) -> torch.Tensor:
     weight = torch.cat([layer.dequantize(torch.float64) for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias.double() for layer in layers])
     return F.linear(quantized_activations(x), weight, bias)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def random_int4(k: int, n: int, group_size: int, dtype: torch.dtype, bias: bool, seed: int) -> Int4Linear:
@@ -157,8 +155,8 @@ def test_every_buildable_instruction_set_computes_the_same(cpu_class, tmp_path):
     """Each lower class's build (scalar, AVX2, AVX-512 without VNNI) gives the emulation's results too."""
     script = f"""
 import torch, sys
-sys.path.insert(0, {os.path.dirname(__file__)!r})
-import test_kernels as t
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+from tests import test_kernels as t
 assert t.ops.isa() == {KERNEL_ISA[cpu_class]!r}, t.ops.isa()
 for kind in ("int8", "int4"):
     for dtype in (torch.float32, torch.bfloat16):

@@ -15,17 +15,8 @@ from qwenkit.train import (Example, LoRALinear, apply_lora, collate, lm_loss, lo
                            save_adapter, trainable_parameters)
 from qwenkit.train.lora import resolve_targets
 
-from .conftest import write_checkpoint
-from .test_model import (
-    TINY,
-    assert_close,
-    hf_config,
-    hf_qwen2,
-    hf_state,
-    load_fp32,
-    tokens,
-    v1_checkpoint,
-)
+from .conftest import (TINY, assert_close, assert_greedy, hf_config, hf_qwen2, hf_state, load_fp32, tokens,
+                       v1_checkpoint, write_checkpoint)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -255,7 +246,13 @@ def test_cli_merge_and_adapter(base, tmp_path, capsys):
     with torch.no_grad():
         assert_close(load_fp32(out)(x), model.eval()(x))
     # (the prompt "0" is token 15: the tiny model knows only 256 tokens)
+    capsys.readouterr()
     assert main(["generate", *args, "--prompt", "0", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    # It prints what the adapted model says: the greedy tokens of base + adapter.
+    adapted, tok = qwenkit.load(path, dtype="float32", device="cpu", adapter=tmp_path / "adapter")
+    want = qwenkit.generate(adapted, tok, "0", max_new_tokens=2, temperature=0)
+    assert capsys.readouterr().out == want.text + "\n"
+    assert_greedy(model, tok, tok.encode("0"), want.token_ids, tol=1e-4)  # the unmerged LoRA model agrees
     assert main(["generate", "-m", str(path), "--adapter", str(tmp_path / "nothing"), "--prompt", "hi"]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
 

@@ -5,52 +5,18 @@ import math
 import pytest
 import torch
 
-import qwenkit
 from qwenkit.model import logn_scale, ntk_alpha
 
-from .conftest import randomize, write_checkpoint
+from .conftest import (TINY, assert_close, hf_config, hf_qwen2, hf_state, load_fp32, randomize, tokens, v1_checkpoint,
+                       write_checkpoint)
 
 transformers = pytest.importorskip("transformers")
-
-TOL = 1e-4
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6)
-
-
-def hf_qwen2(tie: bool, kv_heads: int = 2, seed: int = 0):
-    config = transformers.Qwen2Config(**TINY, num_key_value_heads=kv_heads, tie_word_embeddings=tie)
-    return randomize(transformers.Qwen2ForCausalLM(config).eval(), seed)
 
 
 def hf_qwen3(tie: bool = True):
     config = transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=32, tie_word_embeddings=tie,
                                       attention_bias=False)
     return randomize(transformers.Qwen3ForCausalLM(config).eval(), 1)
-
-
-def tokens(n=24, batch=2, seed=0):
-    return torch.randint(0, TINY["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_state(model):
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
-
-
-def hf_config(model):
-    return model.config.to_dict()
-
-
-def load_fp32(path):
-    model, _ = qwenkit.load(path, dtype="float32", device="cpu")
-    return model
-
-
-def assert_close(ours, ref, tol=TOL):
-    diff = (ours - ref).abs().max().item()
-    assert diff <= tol, f"max |delta| {diff:.3g} > {tol}"
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -81,42 +47,6 @@ def test_qwen3_matches_transformers(tmp_path, tie):
 
 
 # ----------------------------------------------------------------------------- Qwen v1
-def v1_checkpoint(ref, old_names: bool, seq_length: int = 2048) -> tuple[dict, dict]:
-    """Qwen v1 names and config keys for the weights of a Qwen2 model with MHA and qkv bias."""
-    c = ref.config
-    width = c.num_attention_heads * (c.hidden_size // c.num_attention_heads)
-    sizes = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                 num_attention_heads=c.num_attention_heads, intermediate_size=2 * c.intermediate_size,
-                 max_position_embeddings=c.max_position_embeddings)
-    if old_names:
-        renames = dict(hidden_size="n_embd", num_hidden_layers="n_layer", num_attention_heads="n_head",
-                       intermediate_size="ffn_hidden_size", vocab_size="padded_vocab_size",
-                       max_position_embeddings="n_positions")
-        sizes = {renames[k]: v for k, v in sizes.items()}
-    config = dict(sizes, architectures=["QWenLMHeadModel"], kv_channels=c.hidden_size // c.num_attention_heads,
-                  layer_norm_epsilon=c.rms_norm_eps, rotary_emb_base=10000, rotary_pct=1.0, no_bias=True,
-                  seq_length=seq_length, use_dynamic_ntk=True, use_logn_attn=True, tie_word_embeddings=False)
-    if not old_names:
-        config["model_type"] = "qwen"
-    s = ref.state_dict()
-    out = {"transformer.wte.weight": s["model.embed_tokens.weight"], "transformer.ln_f.weight": s["model.norm.weight"],
-           "lm_head.weight": s["lm_head.weight"]}
-    for i in range(c.num_hidden_layers):
-        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
-        a = p + "self_attn."
-        out[q + "ln_1.weight"] = s[p + "input_layernorm.weight"]
-        out[q + "ln_2.weight"] = s[p + "post_attention_layernorm.weight"]
-        for kind in ("weight", "bias"):
-            out[q + f"attn.c_attn.{kind}"] = torch.cat([s[a + f"{x}_proj.{kind}"] for x in "qkv"])
-        assert out[q + "attn.c_attn.weight"].shape[0] == 3 * width
-        out[q + "attn.c_proj.weight"] = s[a + "o_proj.weight"]
-        out[q + "mlp.w1.weight"] = s[p + "mlp.up_proj.weight"]
-        out[q + "mlp.w2.weight"] = s[p + "mlp.gate_proj.weight"]  # w2 goes through SiLU
-        out[q + "mlp.c_proj.weight"] = s[p + "mlp.down_proj.weight"]
-        out[q + "attn.rotary_emb.inv_freq"] = torch.ones(8)  # a buffer old checkpoints carry
-    return config, out
-
-
 @pytest.mark.parametrize("old_names,fmt", [(False, "safetensors"), (True, "bin")])
 def test_qwen_v1_matches_transformers_qwen2(tmp_path, old_names, fmt):
     ref = hf_qwen2(tie=False, kv_heads=4, seed=5)

@@ -6,15 +6,14 @@ import torch
 from torch import nn
 
 import qwenkit
-from qwenkit.bench import decode_bytes_per_token
 from qwenkit.errors import QwenkitError
-from qwenkit.loading.save import save_checkpoint
+from qwenkit.evals.speed import decode_bytes_per_token
+from qwenkit.saving import save_checkpoint
 from qwenkit.quant import quantize_model
 from qwenkit.runtime.packed import PackedLinear, packing_works, unpack_linears
 from qwenkit.train import apply_lora
 
-from .conftest import write_checkpoint
-from .test_model import hf_config, hf_qwen2, hf_state, tokens
+from .conftest import hf_config, hf_qwen2, hf_state, tokens, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not packing_works(), reason="this CPU has no bit-identical packed bf16 kernel")
 

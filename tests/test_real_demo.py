@@ -5,13 +5,12 @@ import torch
 
 import qwenkit
 
-from tests.conftest import assert_a_fibonacci_function
+from tests.conftest import FIB, assert_a_fibonacci_function
 
 pytestmark = pytest.mark.real
 
 transformers = pytest.importorskip("transformers")
 
-FIB = "Write a Python function that returns the n-th Fibonacci number."
 # transformers bf16 and llama.cpp agree on these 20 greedy tokens (shared/reference/baselines.md).
 FIB_IDS = [8420, 594, 264, 13027, 729, 311, 11047, 279, 308, 7563, 79683, 1372, 1447, 73594, 12669, 198,
            750, 75698, 1445, 982]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from qwenkit.sampling import MAX_TOP_K, MIN_REPETITION_PENALTY
 from qwenkit.server import Settings, create_app
 
-from .test_server import CHAT, KEY, WEATHER, Puppet, chat, events, live, metric, tok  # noqa: F401  (tok: a fixture)
+from .conftest import CHAT, KEY, WEATHER, Puppet, chat, events, live, metric
 
 # A Qwen2.5-style template with a tools section, so chats take the Hermes path and render_template.
 HERMES = """{%- if tools %}<|im_start|>system
@@ -65,7 +65,7 @@ TIMEOUT = 1.0  # the test server's request timeout, seconds
 
 
 @pytest.fixture(scope="module", params=["qwen-v1", "hermes-template"])
-def server(request, tok):  # noqa: F811
+def server(request, tok):
     """A tiny puppet model served with short timeouts and small limits, under both prompt formats."""
     tokenizer = copy.copy(tok)
     if request.param == "hermes-template":
@@ -108,7 +108,7 @@ def wait_until_idle(client, cancelled: int | None = None):
 # ----------------------------------------------------------------------------- clients that leave
 
 def test_disconnects_while_others_decode_with_penalties(server, client):
-    """The issue's first engine killer: clients leaving while other penalized sequences decode. The
+    """The first engine killer found: clients leaving while other penalized sequences decode. The
     leavers hold the first cache rows, so dropping them moves the others' rows."""
     url, model, _ = server
     model.delay = 0.01
@@ -362,7 +362,7 @@ def test_the_authorization_scheme_is_checked(server):
 
 # ----------------------------------------------------------------------------- the supervisor
 
-def test_engine_failures_are_survived_then_reported(tok):  # noqa: F811
+def test_engine_failures_are_survived_then_reported(tok):
     """A scheduler that dies is run again (its running requests fail, queued ones go on); one that
     keeps dying stops for good: /health says why, everything waiting fails, serve's callback fires."""
     model = Puppet(tok.vocab_size)

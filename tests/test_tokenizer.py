@@ -31,11 +31,6 @@ def spelled(text: str) -> str:
     return "".join(char_of[b] for b in text.encode())
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    return Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
-
-
 # ---------------------------------------------------------------------- Qwen v1 (qwen.tiktoken)
 
 @pytest.mark.parametrize("text, ids", [
@@ -53,100 +48,100 @@ def qwen():
     ("12345", [16, 17, 18, 19, 20]),
     ("你好", [108386]),
 ])
-def test_v1_verified_ids(qwen, text, ids):
-    assert qwen.encode(text) == ids
-    assert qwen.encode(text, allowed_special=set()) == ids
+def test_v1_verified_ids(tok, text, ids):
+    assert tok.encode(text) == ids
+    assert tok.encode(text, allowed_special=set()) == ids
 
 
-def test_v1_special_token_text(qwen):
+def test_v1_special_token_text(tok):
     text = 'print("<|endoftext|>")'
-    assert qwen.encode(text, allowed_special=set()) == [1350, 9639, 91, 8691, 723, 427, 91, 82598]
-    assert qwen.encode(text) == [1350, 445, 151643, 899]
-    assert qwen.encode(text, allowed_special={"<|im_start|>"}) == [1350, 9639, 91, 8691, 723, 427, 91, 82598]
+    assert tok.encode(text, allowed_special=set()) == [1350, 9639, 91, 8691, 723, 427, 91, 82598]
+    assert tok.encode(text) == [1350, 445, 151643, 899]
+    assert tok.encode(text, allowed_special={"<|im_start|>"}) == [1350, 9639, 91, 8691, 723, 427, 91, 82598]
     with pytest.raises(ValueError):
-        qwen.encode(text, allowed_special=set(), disallowed_special="all")
+        tok.encode(text, allowed_special=set(), disallowed_special="all")
 
 
-def test_v1_chat_prompt(qwen):
+def test_v1_chat_prompt(tok):
     # make_context: roles and contents are encoded as plain text, the markers inserted as ids.
     def turn(role, content):
-        return [qwen.im_start_id, *qwen.encode(f"{role}\n{content}", allowed_special=set()), qwen.im_end_id]
+        return [tok.im_start_id, *tok.encode(f"{role}\n{content}", allowed_special=set()), tok.im_end_id]
 
-    nl = qwen.encode("\n")
+    nl = tok.encode("\n")
     prompt = turn("system", "You are a helpful assistant.") + nl + turn("user", "你好") + nl
-    prompt += [qwen.im_start_id, *qwen.encode("assistant\n")]
+    prompt += [tok.im_start_id, *tok.encode("assistant\n")]
     assert prompt == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198,
                       151644, 872, 198, 108386, 151645, 198, 151644, 77091, 198]
 
 
-def test_v1_vocabulary(qwen):
-    assert qwen.kind == "qwen" and qwen.chat_template is None
-    assert qwen.vocab_size == 151851
-    assert (qwen.endoftext_id, qwen.im_start_id, qwen.im_end_id) == (151643, 151644, 151645)
-    assert qwen.eos_token_id == qwen.pad_token_id == 151643 and qwen.bos_token_id is None
-    assert len(qwen.special_tokens) == 208
-    assert qwen.special_tokens["<|extra_0|>"] == 151646 and qwen.special_tokens["<|extra_204|>"] == 151850
-    assert all(qwen.is_special(i) for i in range(151643, 151851)) and not qwen.is_special(151642)
-    assert qwen.token_to_id("<|im_end|>") == 151645
-    assert qwen.token_to_id("你好") == 108386 and qwen.token_to_id(" A") == 362
-    assert qwen.token_to_id("no such token at all") is None
-    assert qwen.id_to_bytes(108386) == "你好".encode() and qwen.id_to_bytes(151644) == b"<|im_start|>"
+def test_v1_vocabulary(tok):
+    assert tok.kind == "qwen" and tok.chat_template is None
+    assert tok.vocab_size == 151851
+    assert (tok.endoftext_id, tok.im_start_id, tok.im_end_id) == (151643, 151644, 151645)
+    assert tok.eos_token_id == tok.pad_token_id == 151643 and tok.bos_token_id is None
+    assert len(tok.special_tokens) == 208
+    assert tok.special_tokens["<|extra_0|>"] == 151646 and tok.special_tokens["<|extra_204|>"] == 151850
+    assert all(tok.is_special(i) for i in range(151643, 151851)) and not tok.is_special(151642)
+    assert tok.token_to_id("<|im_end|>") == 151645
+    assert tok.token_to_id("你好") == 108386 and tok.token_to_id(" A") == 362
+    assert tok.token_to_id("no such token at all") is None
+    assert tok.id_to_bytes(108386) == "你好".encode() and tok.id_to_bytes(151644) == b"<|im_start|>"
     for bad in (151851, -1):
         with pytest.raises(ValueError, match="not in this tokenizer's vocabulary"):
-            qwen.id_to_bytes(bad)
+            tok.id_to_bytes(bad)
 
 
-def test_v1_nfc(qwen):
+def test_v1_nfc(tok):
     decomposed = "cafe\u0301 e\u0301"  # e + combining acute: NFC makes it é
-    assert qwen.encode(decomposed) == qwen.encode("café é")
-    assert qwen.decode(qwen.encode(decomposed)) == "café é"
+    assert tok.encode(decomposed) == tok.encode("café é")
+    assert tok.decode(tok.encode(decomposed)) == "café é"
 
 
 @pytest.mark.parametrize("text", SAMPLES)
-def test_v1_roundtrip(qwen, text):
-    assert qwen.decode(qwen.encode(text)) == text
-    assert qwen.decode(qwen.encode(text, allowed_special=set())) == text
+def test_v1_roundtrip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, allowed_special=set())) == text
 
 
-def test_decode_options(qwen):
-    ids = qwen.encode("<|im_start|>user\n你好<|im_end|>")
-    assert qwen.decode(ids) == "<|im_start|>user\n你好<|im_end|>"
-    assert qwen.decode(ids, skip_special_tokens=True) == "user\n你好"
-    cut = qwen.encode("🫠")[:2]  # 🫠 is three tokens: stopping early leaves half a character
-    assert qwen.decode(cut) == "\ufffd"
-    assert qwen.decode(cut, errors="ignore") == ""
+def test_decode_options(tok):
+    ids = tok.encode("<|im_start|>user\n你好<|im_end|>")
+    assert tok.decode(ids) == "<|im_start|>user\n你好<|im_end|>"
+    assert tok.decode(ids, skip_special_tokens=True) == "user\n你好"
+    cut = tok.encode("🫠")[:2]  # 🫠 is three tokens: stopping early leaves half a character
+    assert tok.decode(cut) == "\ufffd"
+    assert tok.decode(cut, errors="ignore") == ""
     with pytest.raises(UnicodeDecodeError):
-        qwen.decode(cut, errors="strict")
+        tok.decode(cut, errors="strict")
 
 
 # ---------------------------------------------------------------------- streaming
 
-def test_stream_decoder_holds_back_partial_characters(qwen):
+def test_stream_decoder_holds_back_partial_characters(tok):
     text = "你好，世界 🫠🦜👨‍👩‍👧 ok 龘鱻쀍"
-    ids = qwen.encode(text)
-    assert any("\ufffd" in qwen.decode([i]) for i in ids)  # some characters span several tokens
-    stream = qwen.stream_decoder()
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some characters span several tokens
+    stream = tok.stream_decoder()
     pieces = [stream.add(i) for i in ids] + [stream.flush()]
     assert all("\ufffd" not in piece for piece in pieces)
-    assert "".join(pieces) == qwen.decode(ids) == text
+    assert "".join(pieces) == tok.decode(ids) == text
 
 
-def test_stream_decoder_any_split(qwen):
-    ids = qwen.encode("<|im_start|>assistant\n表情🫠🦜 and 龘鱻<|im_end|>")
+def test_stream_decoder_any_split(tok):
+    ids = tok.encode("<|im_start|>assistant\n表情🫠🦜 and 龘鱻<|im_end|>")
     rng = random.Random(0)
     for skip in (True, False):
         for _ in range(20):
-            stream, pieces, start = qwen.stream_decoder(skip_special_tokens=skip), [], 0
+            stream, pieces, start = tok.stream_decoder(skip_special_tokens=skip), [], 0
             while start < len(ids):
                 end = start + rng.randint(1, 4)
                 pieces.append(stream.add(ids[start:end]))
                 start = end
-            assert "".join(pieces) + stream.flush() == qwen.decode(ids, skip_special_tokens=skip)
+            assert "".join(pieces) + stream.flush() == tok.decode(ids, skip_special_tokens=skip)
 
 
-def test_stream_decoder_flush_replaces_unfinished_character(qwen):
-    stream = qwen.stream_decoder()
-    assert stream.add(qwen.encode("🫠")[:2]) == ""
+def test_stream_decoder_flush_replaces_unfinished_character(tok):
+    stream = tok.stream_decoder()
+    assert stream.add(tok.encode("🫠")[:2]) == ""
     assert stream.flush() == "\ufffd"
 
 
@@ -278,12 +273,6 @@ def gguf_tok(gguf_fields):
     return Tokenizer.from_gguf_fields(gguf_fields)
 
 
-@pytest.fixture(scope="session")
-def reference(demo_path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(demo_path.parent, gguf_file=demo_path.name)
-
-
 @pytest.mark.real
 def test_gguf_vocabulary(gguf_tok, gguf_fields):
     assert gguf_tok.kind == "bpe" and gguf_tok.vocab_size == 151936
@@ -298,19 +287,19 @@ def test_gguf_vocabulary(gguf_tok, gguf_fields):
 
 @pytest.mark.real
 @pytest.mark.parametrize("text", GGUF_SAMPLES)
-def test_gguf_matches_transformers(gguf_tok, reference, text):
+def test_gguf_matches_transformers(gguf_tok, demo_hf_tok, text):
     ids = gguf_tok.encode(text)
-    assert ids == reference.encode(text, add_special_tokens=False)
+    assert ids == demo_hf_tok.encode(text, add_special_tokens=False)
     assert gguf_tok.decode(ids) == text
-    assert gguf_tok.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    assert gguf_tok.decode(ids, skip_special_tokens=True) == demo_hf_tok.decode(ids, skip_special_tokens=True)
     assert gguf_tok.decode(gguf_tok.encode(text, allowed_special=set())) == text
 
 
 @pytest.mark.real
-def test_gguf_matches_transformers_on_random_unicode(gguf_tok, reference):
+def test_gguf_matches_transformers_on_random_unicode(gguf_tok, demo_hf_tok):
     for text in random_texts(100):
         ids = gguf_tok.encode(text)
-        assert ids == reference.encode(text, add_special_tokens=False), repr(text)
+        assert ids == demo_hf_tok.encode(text, add_special_tokens=False), repr(text)
         assert gguf_tok.decode(ids) == text
 
 
@@ -330,11 +319,11 @@ def test_gguf_stream_decoder(gguf_tok):
 
 
 @pytest.fixture(scope="session")
-def saved_hf_dir(reference, tmp_path_factory):
+def saved_hf_dir(demo_hf_tok, tmp_path_factory):
     """What transformers saves for the GGUF tokenizer: tokenizer.json, tokenizer_config.json and
     chat_template.jinja (no vocab.json / merges.txt)."""
     directory = tmp_path_factory.mktemp("saved")
-    reference.save_pretrained(directory)
+    demo_hf_tok.save_pretrained(directory)
     return directory
 
 

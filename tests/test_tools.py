@@ -5,27 +5,17 @@ import json
 
 import pytest
 
-from qwenkit.chat import apply_chat_template, render_qwen_v1
-from qwenkit.tokenizer import Tokenizer
+from qwenkit.prompts import apply_chat_template, render_qwen_v1
 from qwenkit.tools import (ContentDelta, HermesParser, PlainParser, ReActParser, ToolCallArgs, ToolCallStart,
                            build_prompt, forced_prefix, new_parser)
 
-from .conftest import qwen_tiktoken_path
+from .conftest import WEATHER
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市"}},
-                   "required": ["city"]}}}
 PARIS_CALL = {"id": "call_1", "type": "function",
               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 ROUND_TRIP = [{"role": "user", "content": "Weather in Paris?"},
               {"role": "assistant", "content": None, "tool_calls": [PARIS_CALL]},
               {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'}]
-
-
-@pytest.fixture(scope="module")
-def v1():
-    return Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
 
 
 def run(parser, chunks):
@@ -145,11 +135,11 @@ def test_react_plain_text_and_broken_arguments_are_content():
     assert same_streamed(ReActParser, text) == (text, [], ["ContentDelta"])
 
 
-def test_new_parser_choice(v1):
-    assert isinstance(new_parser(v1, [WEATHER]), ReActParser)
-    assert isinstance(new_parser(v1, [WEATHER], "none"), PlainParser)
-    assert isinstance(new_parser(v1, None), PlainParser)
-    plain = new_parser(v1, [WEATHER], "none")
+def test_new_parser_choice(tok):
+    assert isinstance(new_parser(tok, [WEATHER]), ReActParser)
+    assert isinstance(new_parser(tok, [WEATHER], "none"), PlainParser)
+    assert isinstance(new_parser(tok, None), PlainParser)
+    plain = new_parser(tok, [WEATHER], "none")
     assert plain.stop == [] and run(plain, ["<tool_call>", "x"]) == ("<tool_call>x", [], ["ContentDelta"])
 
 
@@ -182,48 +172,48 @@ def chatml(system, *turns, open_turn=None):
     return text + "\n<|im_start|>assistant\n" + (open_turn or "")
 
 
-def test_react_prompt_matches_spec(v1):
-    ids = build_prompt(v1, [{"role": "user", "content": "Weather in Paris?"}], [WEATHER])
+def test_react_prompt_matches_spec(tok):
+    ids = build_prompt(tok, [{"role": "user", "content": "Weather in Paris?"}], [WEATHER])
     question = f"{SPEC_INSTRUCTION}\n\nQuestion: Weather in Paris?"
-    assert v1.decode(ids) == chatml("You are a helpful assistant.", (question, None))
-    assert ids == render_qwen_v1(v1, question)
+    assert tok.decode(ids) == chatml("You are a helpful assistant.", (question, None))
+    assert ids == render_qwen_v1(tok, question)
 
 
-def test_react_observation_continues_the_turn(v1):
-    ids = build_prompt(v1, ROUND_TRIP, [WEATHER])
+def test_react_observation_continues_the_turn(tok):
+    ids = build_prompt(tok, ROUND_TRIP, [WEATHER])
     open_turn = 'Thought: \nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: {"temp": 3}\nThought:'
     question = f"{SPEC_INSTRUCTION}\n\nQuestion: Weather in Paris?"
-    assert v1.decode(ids) == chatml("You are a helpful assistant.", (question, None), open_turn=open_turn)
-    assert ids[-1] != v1.im_end_id
-    assert ids == render_qwen_v1(v1, question) + v1.encode(open_turn, allowed_special=set())
+    assert tok.decode(ids) == chatml("You are a helpful assistant.", (question, None), open_turn=open_turn)
+    assert ids[-1] != tok.im_end_id
+    assert ids == render_qwen_v1(tok, question) + tok.encode(open_turn, allowed_special=set())
     # A system message after the tool result still leaves the turn open.
-    late_system = build_prompt(v1, [*ROUND_TRIP, {"role": "system", "content": "Be brief."}], [WEATHER])
-    assert v1.decode(late_system) == chatml("Be brief.", (question, None), open_turn=open_turn)
+    late_system = build_prompt(tok, [*ROUND_TRIP, {"role": "system", "content": "Be brief."}], [WEATHER])
+    assert tok.decode(late_system) == chatml("Be brief.", (question, None), open_turn=open_turn)
 
 
-def test_react_history_and_systems_anywhere(v1):
+def test_react_history_and_systems_anywhere(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "system", "content": "Use metric units."},
                 {"role": "user", "content": "Weather in Paris?"}]
-    ids = build_prompt(v1, messages, [WEATHER])
+    ids = build_prompt(tok, messages, [WEATHER])
     want = chatml("Be brief.\nUse metric units.",
                   ("Hi", "Thought: I now know the final answer.\nFinal Answer: Hello!"),
                   (f"{SPEC_INSTRUCTION}\n\nQuestion: Weather in Paris?", None))
-    assert v1.decode(ids) == want
+    assert tok.decode(ids) == want
     # tool_choice "none": no instruction, and plain answers stay plain.
-    assert v1.decode(build_prompt(v1, messages, [WEATHER], "none")) == chatml(
+    assert tok.decode(build_prompt(tok, messages, [WEATHER], "none")) == chatml(
         "Be brief.\nUse metric units.", ("Hi", "Hello!"), ("Weather in Paris?", None))
 
 
-def test_react_forced_call(v1):
+def test_react_forced_call(tok):
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    ids = build_prompt(v1, ROUND_TRIP[:1], [WEATHER], choice)
-    assert v1.decode(ids).endswith("<|im_start|>assistant\nThought:")
-    assert v1.decode(build_prompt(v1, ROUND_TRIP, [WEATHER], "required")).endswith('{"temp": 3}\nThought:')
-    prefix = forced_prefix(v1, choice)
+    ids = build_prompt(tok, ROUND_TRIP[:1], [WEATHER], choice)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\nThought:")
+    assert tok.decode(build_prompt(tok, ROUND_TRIP, [WEATHER], "required")).endswith('{"temp": 3}\nThought:')
+    prefix = forced_prefix(tok, choice)
     assert prefix == "\nAction: get_weather\nAction Input:"
-    assert forced_prefix(v1, "required") == "\nAction:" and forced_prefix(v1, "auto") is None
-    assert run(new_parser(v1, [WEATHER], choice), [prefix, ' {"city": "Paris"}\n']) == (
+    assert forced_prefix(tok, "required") == "\nAction:" and forced_prefix(tok, "auto") is None
+    assert run(new_parser(tok, [WEATHER], choice), [prefix, ' {"city": "Paris"}\n']) == (
         "", [("get_weather", '{"city": "Paris"}')], ["ToolCallStart", "ToolCallArgs"])
 
 
@@ -236,26 +226,16 @@ def test_react_forced_call(v1):
     ([{"role": "user", "content": "x"}], None, "required", "needs tools"),
     ([{"role": "user", "content": "x"}], [{"name": "f"}], None, "tools\\[0\\]"),
 ])
-def test_bad_requests_name_the_problem(v1, messages, tools, choice, error):
+def test_bad_requests_name_the_problem(tok, messages, tools, choice, error):
     with pytest.raises(ValueError, match=error):
-        build_prompt(v1, messages, tools, choice)
+        build_prompt(tok, messages, tools, choice)
 
 
 # ----------------------------------------------------------------------------- Qwen2.5 template (demo model)
 
-@pytest.fixture(scope="module")
-def demo_tokenizers(demo_path):
-    transformers = pytest.importorskip("transformers")
-    from qwenkit.loading.gguf import GGUFFile
-
-    ours = Tokenizer.from_gguf_fields(GGUFFile(demo_path).tokenizer_fields())
-    theirs = transformers.AutoTokenizer.from_pretrained(str(demo_path.parent), gguf_file=demo_path.name)
-    return ours, theirs
-
-
 @pytest.mark.real
-def test_template_round_trip_equals_transformers(demo_tokenizers):
-    ours, theirs = demo_tokenizers
+def test_template_round_trip_equals_transformers(demo_tok, demo_hf_tok):
+    ours, theirs = demo_tok, demo_hf_tok
     # What a transformers user writes: arguments as an object, content text.
     hf_messages = [{"role": "system", "content": "Be brief."}, ROUND_TRIP[0],
                    {"role": "assistant", "content": "", "tool_calls": [
@@ -276,8 +256,8 @@ def test_template_round_trip_equals_transformers(demo_tokenizers):
 
 
 @pytest.mark.real
-def test_template_forced_prefix_parses(demo_tokenizers):
-    ours, _ = demo_tokenizers
+def test_template_forced_prefix_parses(demo_tok):
+    ours = demo_tok
     assert isinstance(new_parser(ours, [WEATHER]), HermesParser)
     choice = {"type": "function", "function": {"name": "get_weather"}}
     prefix = forced_prefix(ours, choice)
@@ -291,15 +271,15 @@ def test_template_forced_prefix_parses(demo_tokenizers):
         "", [("get_weather", '{"city": "Paris"}')], ["ToolCallStart", "ToolCallArgs"])
 
 
-def test_tools_nested_too_deep_are_a_clear_error(v1):
+def test_tools_nested_too_deep_are_a_clear_error(tok):
     parameters = {"type": "object", "properties": {}}
     for _ in range(40):  # 80 levels
         parameters = {"type": "object", "properties": {"x": parameters}}
     tools = [{"type": "function", "function": {"name": "deep", "parameters": parameters}}]
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match="nest deeper than 64 levels"):
-        build_prompt(v1, messages, tools)
-    templated = copy.copy(v1)
+        build_prompt(tok, messages, tools)
+    templated = copy.copy(tok)
     templated.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}{{ tools }}"
     with pytest.raises(ValueError, match="nest deeper than 64 levels"):
         apply_chat_template(templated, messages, tools=tools)

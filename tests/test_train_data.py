@@ -1,25 +1,20 @@
 """Fine-tuning data: the seed's Qwen v1 label mask, training prompts equal to inference prompts,
 templated models (Qwen2.5, a history-rewriting template), bad records with file and line, collate."""
 
+import copy
 import json
 
 import pytest
 import torch
 
-from qwenkit.chat import apply_chat_template
+from qwenkit.prompts import apply_chat_template
 from qwenkit.errors import DataError
-from qwenkit.tokenizer import Tokenizer
 from qwenkit.tools import build_prompt
 from qwenkit.train import Example, collate, load_dataset
 
-from .conftest import qwen_tiktoken_path
+from .conftest import WEATHER
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def v1():
-    return Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
 
 
 def write(path, records, jsonl=False):
@@ -57,10 +52,10 @@ def as_messages(conversation):
     return [{"role": t["from"], "content": t["value"]} for t in conversation]
 
 
-def test_v1_labels_equal_the_seed_rule(v1, tmp_path):
+def test_v1_labels_equal_the_seed_rule(tok, tmp_path):
     examples, stats = load_dataset(write(tmp_path / "c.json", [{"id": "identity_0", "conversations": TWO_TURNS}]),
-                                   v1, max_length=512)
-    want_ids, want_labels = seed_preprocess(v1, TWO_TURNS)
+                                   tok, max_length=512)
+    want_ids, want_labels = seed_preprocess(tok, TWO_TURNS)
     assert examples[0].input_ids == want_ids
     assert examples[0].labels == want_labels  # position by position
     assert (stats.records, stats.examples, stats.truncated, stats.skipped) == (1, 1, 0, 0)
@@ -80,12 +75,12 @@ def assert_prompts_are_prefixes(tok, messages, example, tools=None):
             assert example.labels[len(prompt) - 1] == IGNORE  # the prompt's last token is context only
 
 
-def test_v1_training_prompt_equals_inference_prompt(v1, tmp_path):
+def test_v1_training_prompt_equals_inference_prompt(tok, tmp_path):
     messages = [{"role": "system", "content": "你是一个助手。"}] + as_messages(TWO_TURNS)
-    examples, _ = load_dataset(write(tmp_path / "m.jsonl", [{"messages": messages}], jsonl=True), v1, 512)
-    assert_prompts_are_prefixes(v1, messages, examples[0])
+    examples, _ = load_dataset(write(tmp_path / "m.jsonl", [{"messages": messages}], jsonl=True), tok, 512)
+    assert_prompts_are_prefixes(tok, messages, examples[0])
     # With a system message given, the seed's segments carry it instead of the default one.
-    ids, labels = seed_preprocess(v1, TWO_TURNS, system="你是一个助手。")
+    ids, labels = seed_preprocess(tok, TWO_TURNS, system="你是一个助手。")
     assert (examples[0].input_ids, examples[0].labels) == (ids, labels)
 
 
@@ -101,9 +96,6 @@ def trained_text(tok, example):
     return runs + ([tok.decode(run)] if run else [])
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TOOL_CONVERSATION = [
     {"role": "user", "content": "Weather in 北京?"},
     {"role": "assistant", "content": None, "tool_calls": [
@@ -113,10 +105,8 @@ TOOL_CONVERSATION = [
 
 
 @pytest.mark.real
-def test_qwen25_template_training_prompt_equals_inference_prompt(demo_path, tmp_path):
-    from qwenkit.loading.gguf import GGUFFile
-
-    tok = Tokenizer.from_gguf_fields(GGUFFile(demo_path).tokenizer_fields())
+def test_qwen25_template_training_prompt_equals_inference_prompt(demo_tok, tmp_path):
+    tok = demo_tok
     messages = as_messages(TWO_TURNS)
     records = [{"messages": messages}, {"messages": TOOL_CONVERSATION, "tools": [WEATHER]}]
     examples, stats = load_dataset(write(tmp_path / "m.jsonl", records, jsonl=True), tok, 4096)
@@ -140,8 +130,8 @@ HISTORY_REWRITING = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
-def test_history_rewriting_template_gives_one_example_per_reply(tmp_path):
-    tok = Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
+def test_history_rewriting_template_gives_one_example_per_reply(tok, tmp_path):
+    tok = copy.copy(tok)  # the session's tokenizer, given another template
     tok.chat_template = HISTORY_REWRITING
     messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>easy</think>2"},
                 {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>also</think>4"},
@@ -156,7 +146,7 @@ def test_history_rewriting_template_gives_one_example_per_reply(tmp_path):
     assert trained_text(tok, examples[1]) == ["<think>also</think>4<|im_end|>"]
 
 
-def test_bad_records_name_file_and_line(v1, tmp_path):
+def test_bad_records_name_file_and_line(tok, tmp_path):
     good = {"conversations": TWO_TURNS[:2]}
     lines = [json.dumps(good),
              '{"conversations": [ oops',
@@ -172,8 +162,8 @@ def test_bad_records_name_file_and_line(v1, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"{path}:2: not valid JSON.*skip-bad"):
-        load_dataset(path, v1, 512)
-    examples, stats = load_dataset(path, v1, 512, skip_bad=True)
+        load_dataset(path, tok, 512)
+    examples, stats = load_dataset(path, tok, 512, skip_bad=True)
     assert (stats.records, stats.examples, stats.skipped) == (10, len(examples), 8) == (10, 2, 8)
     expected = [(2, "not valid JSON"), (3, "unknown role 'bot'"), (4, "user turn follows a user turn"),
                 (5, "string values"), (6, "non-empty list"), (7, "must start with a user turn"),
@@ -183,37 +173,37 @@ def test_bad_records_name_file_and_line(v1, tmp_path):
     assert "8 bad records skipped" in stats.summary()
 
 
-def test_bad_record_in_json_array_names_its_first_line(v1, tmp_path):
+def test_bad_record_in_json_array_names_its_first_line(tok, tmp_path):
     records = [{"id": "a", "conversations": TWO_TURNS[:2]}, {"id": "b", "conversations": [
         {"from": "user", "value": "x"}, {"from": "system", "value": "late"}]}]
     path = write(tmp_path / "c.json", records)
     lines = path.read_text().splitlines()
     start = [n for n, line in enumerate(lines, 1) if line == "  {"][1]  # the second record's opening line
     with pytest.raises(DataError, match=rf"{path}:{start}: a system message may only come first"):
-        load_dataset(path, v1, 512)
+        load_dataset(path, tok, 512)
     path.write_text(path.read_text().replace('"late"', "'late'"))
     late = next(n for n, line in enumerate(lines, 1) if "late" in line)
     with pytest.raises(DataError, match=rf"{path}:{late}: not valid JSON.*cannot be skipped"):
-        load_dataset(path, v1, 512, skip_bad=True)
+        load_dataset(path, tok, 512, skip_bad=True)
 
 
-def test_v1_rejects_tool_calls(v1, tmp_path):
+def test_v1_rejects_tool_calls(tok, tmp_path):
     path = write(tmp_path / "t.jsonl", [{"messages": TOOL_CONVERSATION}], jsonl=True)
     with pytest.raises(DataError, match=r":1: tool calls need a chat template.*ReAct"):
-        load_dataset(path, v1, 512)
+        load_dataset(path, tok, 512)
 
 
-def test_truncation_and_weight_zero(v1, tmp_path):
+def test_truncation_and_weight_zero(tok, tmp_path):
     long = {"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "word " * 100}]}
     messages = as_messages(TWO_TURNS)
     messages[1]["weight"] = 0
     path = write(tmp_path / "m.jsonl", [long, {"messages": messages}], jsonl=True)
-    examples, stats = load_dataset(path, v1, max_length=64)
+    examples, stats = load_dataset(path, tok, max_length=64)
     assert stats.truncated == 1 and len(examples[0].input_ids) == len(examples[0].labels) == 64
-    full = load_dataset(path, v1, max_length=4096)[0][0]
+    full = load_dataset(path, tok, max_length=4096)[0][0]
     assert examples[0].input_ids == full.input_ids[:64] and examples[0].labels == full.labels[:64]
-    assert "我是通义千问" not in "".join(trained_text(v1, examples[1]))  # weight 0: not trained
-    assert "Anything else?" in "".join(trained_text(v1, examples[1]))
+    assert "我是通义千问" not in "".join(trained_text(tok, examples[1]))  # weight 0: not trained
+    assert "Anything else?" in "".join(trained_text(tok, examples[1]))
 
 
 def test_collate_pads_right():

@@ -7,29 +7,26 @@ import json
 import math
 import os
 import signal
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwenkit.config import ModelConfig
-from qwenkit.model import Model
 from qwenkit.quant import Int4Linear, Int8Linear
 from qwenkit.train import Example, apply_lora
 from qwenkit.train.checkpoint import list_checkpoints
 from qwenkit.train.trainer import TrainConfig, Trainer, TrainingInterrupted, cosine_schedule
 
-from .conftest import randomize
+from .conftest import tiny_model
 
 VOCAB = 256
 
 
-def tiny_model(seed=0, lora=True, dropout=0.1):
-    config = ModelConfig.from_dict(dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6))
+def trainable_model(seed=0, lora=True, dropout=0.1):
+    """A tiny random model in training mode with a LoRA adapter (or every weight trainable)."""
     torch.manual_seed(seed)
-    model = randomize(Model(config), seed)
+    model = tiny_model(seed, scale=0.2, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, head_dim=16).train()
     if lora:
         apply_lora(model, r=8, alpha=16, dropout=dropout)
     else:
@@ -51,7 +48,7 @@ def examples(n=12, seed=7):
 
 def trainer(tmp_path, model=None, **options):
     config = dict(out=tmp_path, lr=1e-2, epochs=3, batch_size=2, grad_accum=2, save_every=2, keep=0, seed=3)
-    return Trainer(model or tiny_model(), examples(), TrainConfig(**(config | options)), pad_id=0,
+    return Trainer(model or trainable_model(), examples(), TrainConfig(**(config | options)), pad_id=0,
                    eval_examples=examples(4, seed=8))
 
 
@@ -66,7 +63,26 @@ def test_lora_drives_the_loss_down(tmp_path):
     assert len(train) == 6 * 3 and train[-1] < 0.5 * train[0], train
     evals = [r["eval_loss"] for r in state.history if r["eval_loss"] is not None]
     assert evals[-1] < evals[0]
-    assert (tmp_path / "loss.png").stat().st_size > 1000 or pytest.importorskip("matplotlib") is None
+
+
+@pytest.mark.parametrize("has_matplotlib", [True, False], ids=["matplotlib", "no-matplotlib"])
+def test_loss_curve_is_a_png_or_only_the_csv(tmp_path, monkeypatch, capsys, has_matplotlib):
+    """loss.csv always holds the curve; loss.png is drawn when matplotlib imports, and skipped with a
+    note when it does not."""
+    if has_matplotlib:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    state = trainer(tmp_path, max_steps=2).train()
+    rows = losses(tmp_path)
+    assert [step for step, _, _ in rows] == ["1", "2"]
+    assert [float(loss) for _, loss, _ in rows] == [r["loss"] for r in state.history]
+    png = tmp_path / "loss.png"
+    if has_matplotlib:
+        assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 1000
+    else:
+        assert not png.exists()
+        assert "loss.png skipped: matplotlib is not installed" in capsys.readouterr().err
 
 
 class InterruptedAt(Trainer):
@@ -90,14 +106,14 @@ def test_interrupt_saves_and_resume_is_exact(tmp_path):
     part = tmp_path / "part"
     handler = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     config = TrainConfig(out=part, lr=1e-2, epochs=3, batch_size=2, grad_accum=2, save_every=2, keep=0, seed=3)
-    first = InterruptedAt(tiny_model(), examples(), config, pad_id=0, eval_examples=examples(4, seed=8), at=3)
+    first = InterruptedAt(trainable_model(), examples(), config, pad_id=0, eval_examples=examples(4, seed=8), at=3)
     with pytest.raises(TrainingInterrupted) as stopped:
         first.train()
     assert stopped.value.signum == signal.SIGINT and stopped.value.checkpoint.name == "step-00000003"
     assert signal.getsignal(signal.SIGINT) is handler  # the handler is put back
     assert [p.name for p in list_checkpoints(part)] == ["step-00000002", "step-00000003"]
 
-    model = tiny_model()  # the same base; the adapter and every RNG must come from the checkpoint
+    model = trainable_model()  # the same base; the adapter and every RNG must come from the checkpoint
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -113,7 +129,7 @@ def test_accumulation_and_batch_give_the_same_update(tmp_path):
     differ in length, so a mean of micro-batch means would give other values)."""
     firsts = []
     for batch_size, grad_accum in ((4, 1), (1, 4), (2, 2)):
-        t = trainer(tmp_path / f"{batch_size}x{grad_accum}", tiny_model(dropout=0.0), batch_size=batch_size,
+        t = trainer(tmp_path / f"{batch_size}x{grad_accum}", trainable_model(dropout=0.0), batch_size=batch_size,
                     grad_accum=grad_accum, max_steps=1)
         row = t.train().history[0]
         firsts.append((row["loss"], row["grad_norm"]))
@@ -124,7 +140,7 @@ def test_checkpoints_are_complete_and_pruned(tmp_path):
     stale = tmp_path / "checkpoints" / ".step-00000099.tmp"  # what a kill during a save leaves
     stale.mkdir(parents=True)
     (stale / "trainable.safetensors").write_bytes(b"half")
-    model = tiny_model(lora=False)
+    model = trainable_model(lora=False)
     trainer(tmp_path, model, save_every=1, keep=2, epochs=1).train()
     assert not stale.exists()
     kept = list_checkpoints(tmp_path)

@@ -1,14 +1,13 @@
 """The chat page `qwenkit serve` hosts at /, driven in headless Chromium against the demo model."""
 
 import json
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .conftest import demo_serve, free_port
 
 pytestmark = pytest.mark.real
 
@@ -24,41 +23,11 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(demo_path, tmp_path_factory):
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "qwenkit", "serve", "-m", "demo", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120  # loading the model on a slow CPU takes a while
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"qwenkit serve exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if LOCAL.open(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"qwenkit serve did not answer /health in 120 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
+    with demo_serve(tmp_path_factory.mktemp("serve") / "serve.log", port, "--port", str(port)) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
