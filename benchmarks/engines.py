@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from qwenkit.bench import peak_rss_mib
+from qwenkit.evals.speed import peak_rss_mib
 
 
 def rss_mib() -> float:
@@ -61,7 +61,7 @@ def prompt_ids(n: int) -> list[int]:
 def run_qwenkit(dtype: str, n_prompt: int, n_new: int, quantize: str | None = None, compile: bool = False,
                 source: str = "demo") -> dict:
     import qwenkit
-    from qwenkit.bench import run_bench
+    from qwenkit.evals.speed import run_bench
     from qwenkit.loading.demo import demo_gguf_path
 
     demo_gguf_path()  # assemble outside the timed load
@@ -83,6 +83,7 @@ def run_qwenkit(dtype: str, n_prompt: int, n_new: int, quantize: str | None = No
 
 def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
     import transformers
+
     from qwenkit.loading.demo import demo_gguf_path
 
     path = demo_gguf_path()
@@ -116,6 +117,7 @@ def llama_cpp_gguf(dtype: str):
     import ctypes
 
     import llama_cpp
+
     from qwenkit.loading.demo import demo_gguf_path
 
     path = demo_gguf_path()

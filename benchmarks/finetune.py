@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from qwenkit.bench import peak_rss_mib
+from qwenkit.evals.speed import peak_rss_mib
 
 LR = {"full": 1e-5, "lora": 3e-4, "qlora": 3e-4}
 LORA = dict(r=64, alpha=16, dropout=0.05)
@@ -60,7 +60,7 @@ def examples(tokenizer, n: int, seq_len: int):
 
 
 def run_qwenkit(method: str, steps: int, batch_size: int, seq_len: int) -> dict:
-    from qwenkit.finetune import prepare_model
+    from qwenkit.train.finetune import prepare_model
     from qwenkit.train.trainer import TrainConfig, Trainer
 
     start = time.perf_counter()

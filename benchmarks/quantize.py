@@ -2,12 +2,13 @@
 
     python benchmarks/quantize.py [--calib-samples 128] [--seq-len 512] [--eval-tokens 8192]
 
-For each recipe, `qwenkit.quantize.quantize` writes a checkpoint (GPTQ wall time recorded); then
-each model, the original included, is measured in a fresh process: perplexity on the held-out
-standard-library text, prefill/decode speed and peak RSS (as `qwenkit quantize` does), and whether
-its greedy reply to the Fibonacci prompt holds Python that computes Fibonacci numbers.
+For each recipe, `qwenkit.evals.quantization.quantize_checkpoint` writes a checkpoint (GPTQ wall
+time recorded); then each model, the original included, is measured in a fresh process: perplexity
+on the held-out standard-library text, prefill/decode speed and peak RSS (as `qwenkit quantize`
+does), and whether its greedy reply to the Fibonacci prompt holds Python that computes Fibonacci
+numbers.
 The demo GGUF is itself Q4_K_M: "original" means its weights dequantized to bf16.
-Goals (issue 5): perplexity +3 % at most for int4, +0.5 % for int8. Results go to
+Goals: perplexity +3 % at most for int4, +0.5 % for int8. Results go to
 benchmarks/results/quantize-DATE.json.
 """
 
@@ -38,7 +39,7 @@ assert all(c == a + b for a, b, c in zip(values, values[1:], values[2:])) and f(
 def measure(path: str, ids: list[int]) -> dict:
     """In a fresh process: what `qwenkit quantize` measures, plus the Fibonacci reply."""
     import qwenkit
-    from qwenkit.quantize import measure as measure_model
+    from qwenkit.evals.quantization import measure as measure_model
 
     model, tok = qwenkit.load(path, device="cpu")
     row = measure_model(model, tok, ids)
@@ -70,9 +71,9 @@ def main():
     args = parser.parse_args()
 
     import qwenkit
+    from qwenkit.evals.quantization import quantize_checkpoint
     from qwenkit.loading import resolve_source
     from qwenkit.quant.calibration import heldout_ids
-    from qwenkit.quantize import quantize
 
     source = resolve_source("demo")
     _, tok = qwenkit.load(source, device="cpu")  # the tokenizer; the model is dropped
@@ -86,7 +87,8 @@ def main():
             print(f"{name} ...", file=sys.stderr, flush=True)
             extra = {"act_order": act_order, "calib_samples": args.calib_samples, "seq_len": args.seq_len} \
                 if method == "gptq" else {}
-            report = quantize(str(source), out, bits=bits, method=method, evaluate=False, device="cpu", **extra)
+            report = quantize_checkpoint(str(source), out, bits=bits, method=method, evaluate=False, device="cpu",
+                                         **extra)
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             rows.append(dict(name=name, size_bytes=size, quantize_seconds=report["quantize_seconds"],
                              quantization=report.get("gptq"), **in_fresh_process(measure, str(out), ids)))

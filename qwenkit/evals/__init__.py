@@ -1,5 +1,6 @@
-"""Evaluations of a loaded model: perplexity (more to come: mmlu, ceval, gsm8k, humaneval, tool use)."""
+"""Evaluations of a loaded model: perplexity and speed (more to come: mmlu, ceval, gsm8k, humaneval, tool use)."""
 
 from .perplexity import perplexity
+from .speed import run_bench
 
-__all__ = ["perplexity"]
+__all__ = ["perplexity", "run_bench"]

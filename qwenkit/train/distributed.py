@@ -48,6 +48,11 @@ def init_process_group() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def is_main_process() -> bool:
+    """Whether this process is the one that reports: torchrun's rank 0, or a process on its own."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,13 +62,13 @@ def _free_port() -> int:
 def adamw(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
           betas: tuple[float, float]) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (biases and norm weights are not decayed, as in the
-    seed's Hugging Face Trainer)."""
+    Qwen-7B scripts' Hugging Face Trainer)."""
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel updates a parameter in one pass: 0.23 s instead of 1.9 s for the demo's 0.5B
-    # float32 weights on our CPU (a quarter of a full fine-tuning step). Plain tensors only: FSDP's
-    # sharded DTensors take the default implementation.
+    # The fused kernel updates a parameter in one pass instead of several, far faster on the CPU
+    # (benchmarks/results/README.md, "Fine-tuning against transformers + peft"). Plain tensors only:
+    # FSDP's sharded DTensors take the default implementation.
     fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for _, p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=1e-8,
@@ -206,7 +211,7 @@ class FSDP(SingleProcess):
 
 
 class DeepSpeed(SingleProcess):
-    """DeepSpeed ZeRO (stage 2 or 3) from a DeepSpeed config file, such as the seed's ds_config_zero2.json.
+    """DeepSpeed ZeRO (stage 2 or 3) from a DeepSpeed config file, such as the Qwen-7B scripts' ds_config_zero2.json.
 
     `"auto"` values are filled from the trainer's options as Hugging Face's integration does. An
     optimizer or scheduler section whose values are all "auto" becomes ours (AdamW, cosine with

@@ -9,11 +9,11 @@ import time
 import torch
 from torch import nn
 
-from .generate import Decoder, Request
-from .model import Model
-from .runtime.packed import packed_bytes
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from ..generate import Decoder, Request
+from ..model import Model
+from ..runtime.packed import packed_bytes
+from ..sampling import SamplingParams
+from ..tokenizer import Tokenizer
 
 
 def decode_bytes_per_token(model: Model, context: int) -> int:
@@ -70,7 +70,7 @@ def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_
 
 
 def _cpu_plan() -> dict:
-    from .runtime.cpu_plan import plan
+    from ..runtime.cpu_plan import plan
 
     p = plan()
     return {"cpu_class": p.cpu_class, "quantized_kernels": p.kernels or "torch"}

