@@ -13,7 +13,7 @@ decode, Q4_K_M and its Q8_0, measured in the same run, as in peers.py. `--qwenki
 whole compiled decode step in the same run (`--quantize int8`/`int4`, or a checkpoint `qwenkit
 quantize` wrote), for the time its step spends beside the kernels.
 
-Why (issue 5): its goals compare qwenkit's whole decode step with llama.cpp's. This splits our
+Why: the goals compare qwenkit's whole decode step with llama.cpp's. This splits our
 step's time into what the kernels need and what is left for everything else (attention, norms,
 RoPE, dispatch). Results go to benchmarks/results/decode-floor-DATE.json
 (decode-floor-no-peer-DATE.json with --no-peer).

@@ -3,7 +3,7 @@
     python benchmarks/generate.py [--dtype bfloat16] [--prompt-tokens 512] [--new-tokens 128]
 
 Greedy decode after a random prompt, eos ignored, each engine in its own process (engines.py).
-Goals (issue 3): decode >= 1.25x and prefill >= 1.5x transformers at bf16. Results go to
+Goals: decode >= 1.25x and prefill >= 1.5x transformers at bf16. Results go to
 benchmarks/results/generate-DTYPE-DATE.json.
 """
 

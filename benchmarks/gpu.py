@@ -4,7 +4,7 @@
                              [--new-tokens 128] [--compile] [--profile] [--device cuda] [--deadline S]
                              [--tokenizer QWEN_TIKTOKEN] [--out FILE]
 
-One prepared script for a machine with a GPU (issue 5): it needs no checkpoint or network. The
+One prepared script for a machine with a GPU: it needs no checkpoint or network. The
 model is the seed's Qwen-7B shape (32 layers, hidden 4096, 32 heads, SwiGLU 11008, vocabulary
 151936, q/k/v biases) with N(0, 0.02) weights, built on the device in bf16; `int4`
 is qwenkit's round-to-nearest int4 (group 128) of the same weights with the head left in bf16,
@@ -15,7 +15,7 @@ a GPU: steps replayed as CUDA graphs; `first_step_ms` is the step that captured 
 with --compile, `compiled` (qwenkit.compile_decode, then graphs of the compiled step; its warm-up
 time reported). The steps are queued without waiting for each other: positions are known on
 the host, and each step's argmax stays on the GPU. With --tokenizer (a Qwen v1 `qwen.tiktoken`),
-each way is also timed through qwenkit's decode loop (`qwenkit.bench.run_bench`: the Decoder,
+each way is also timed through qwenkit's decode loop (`qwenkit.evals.speed.run_bench`: the Decoder,
 which reads every token back for streaming and stops), with its steps queued one ahead (the
 default on a GPU) and one by one. Modes past --deadline seconds are skipped. Prints and writes
 benchmarks/results/gpu-SHAPE-DATE.json (and --out): tokens/s, ms per token, the weight bandwidth
@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 
 import qwenkit
-from qwenkit.bench import decode_bytes_per_token, run_bench
 from qwenkit.config import ModelConfig
+from qwenkit.evals.speed import decode_bytes_per_token, run_bench
 from qwenkit.loading import build_model
 from qwenkit.model import Model
 from qwenkit.quant import quantize_model
 from qwenkit.runtime.cuda_graphs import use_cuda_graphs
+from qwenkit.runtime.decode import decode_step
 from qwenkit.tokenizer import Tokenizer
 
 SHAPES = {
@@ -91,8 +92,9 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def timed_decode(model: Model, cache, prompt_tokens: int, new_tokens: int) -> dict:
-    """Prefill a random prompt into `cache`, then `new_tokens` greedy steps; seconds of each part."""
+def timed_decode(model: Model, cache, step, prompt_tokens: int, new_tokens: int) -> dict:
+    """Prefill a random prompt into `cache`, then `new_tokens` greedy steps through `step` (the decode
+    step a loop holds for that cache: graphs, compiled); seconds of each part."""
     device = model.device
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=device)
     sync(device)
@@ -104,7 +106,7 @@ def timed_decode(model: Model, cache, prompt_tokens: int, new_tokens: int) -> di
     steps = []
     for i in range(new_tokens):
         start = time.perf_counter()
-        token = model(token, positions[i:i + 1], cache).argmax(-1)
+        token = step(token, positions[i:i + 1], cache).argmax(-1)
         if i == 0:  # the step that captures a graph, timed alone
             sync(device)
         steps.append(time.perf_counter() - start)
@@ -114,7 +116,7 @@ def timed_decode(model: Model, cache, prompt_tokens: int, new_tokens: int) -> di
 
 
 @torch.inference_mode()
-def kernel_profile(model: Model, cache, args, steps: int = 8) -> dict:
+def kernel_profile(model: Model, cache, step, args, steps: int = 8) -> dict:
     """The kernels `steps` decode steps run (inside graphs too): how many, and the top ones by time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -122,7 +124,7 @@ def kernel_profile(model: Model, cache, args, steps: int = 8) -> dict:
     positions = torch.arange(args.prompt_tokens, args.prompt_tokens + steps, device=model.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            token = model(token, positions[i:i + 1], cache).argmax(-1)
+            token = step(token, positions[i:i + 1], cache).argmax(-1)
         sync(model.device)
     kernels = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     kernels.sort(key=lambda e: -e.self_device_time_total)
@@ -138,8 +140,9 @@ def measure(model: Model, args, way: str, tokenizer: Tokenizer | None) -> dict:
     if way == "compiled":
         row["compile_s"] = round(qwenkit.compile_decode(model), 1)
     cache = model.new_cache(1, args.prompt_tokens + args.new_tokens)
-    first = timed_decode(model, cache, args.prompt_tokens, args.new_tokens)  # warm-up: kernels, allocator, graph
-    run = timed_decode(model, cache, args.prompt_tokens, args.new_tokens)
+    step = decode_step(model, cache)
+    first = timed_decode(model, cache, step, args.prompt_tokens, args.new_tokens)  # warm-up: kernels, allocator, graph
+    run = timed_decode(model, cache, step, args.prompt_tokens, args.new_tokens)
     per_token = run["decode_s"] / (args.new_tokens - 1)
     row.update({
         "prefill_tok_s": round(args.prompt_tokens / run["prefill_s"], 1),
@@ -155,7 +158,7 @@ def measure(model: Model, args, way: str, tokenizer: Tokenizer | None) -> dict:
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(model.device) / 2**30, 2)
     if args.profile:
         try:
-            row["profile"] = kernel_profile(model, cache, args)
+            row["profile"] = kernel_profile(model, cache, step, args)
         except Exception as e:  # the profiler is a guest here: its failure costs no figures
             row["profile"] = f"{type(e).__name__}: {e}"[:500]
     return row

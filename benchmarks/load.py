@@ -2,7 +2,7 @@
 
     python benchmarks/load.py [--dtype bfloat16]
 
-Each engine runs in its own process (engines.py). Goal (issue 2): peak memory while loading
+Each engine runs in its own process (engines.py). Goal: peak memory while loading
 stays within 1.3x the final weights. Results go to benchmarks/results/load-DTYPE-DATE.json.
 """
 

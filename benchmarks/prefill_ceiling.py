@@ -8,7 +8,7 @@ GEMMs (torch._int_mm, VNNI), adds attention's products at the same rate, and pri
 tok/s an engine would reach if nothing else took any time: a ceiling, not a forecast. Next to it
 (unless --no-peer) transformers' and qwenkit's bf16 prefill measured in the same run (engines.py).
 
-Why (issue 3): its goal, bf16 prefill >= 1.5x transformers on this machine, is only reachable if
+Why: the goal, bf16 prefill >= 1.5x transformers on this machine, is only reachable if
 that figure is under the bf16 ceiling. Results go to benchmarks/results/prefill-ceiling-DATE.json.
 """
 

@@ -6,7 +6,7 @@ The server runs in its own process; each client streams chat completions of exac
 tokens (the end-of-text tokens are banned with logit_bias), all clients of a level starting
 together, for enough rounds that every level sees at least 8 requests. Reported per level:
 aggregate generated tokens/s, tokens/s per stream, time to first token p50/p95.
-Goal (issue 4): the aggregate with 8 clients >= 4x a single stream. Results go to
+Goal: the aggregate with 8 clients >= 4x a single stream. Results go to
 benchmarks/results/serve_load-DATE.json.
 """
 

@@ -2,11 +2,12 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .chat import apply_chat_template, chat, stream_chat
+from .chat import chat, stream_chat
 from .config import ModelConfig
 from .generate import GenerationResult, generate, generate_batch, stream_generate
 from .loading import load
 from .model import KVCache, Model
+from .prompts import apply_chat_template
 from .runtime.compiled import compile_decode
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer

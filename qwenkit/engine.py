@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import QwenkitError
-from .generate import ContextLengthError, Decoder, Delta, Request
+from .generate import Decoder, Delta, Request
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -212,13 +212,8 @@ class Engine:
             self._thread.join()
 
     def submit(self, request: Request) -> Stream:
-        """Queue a request; raises for one that can never run or when the queue is full."""
-        self.decoder.check_fits(len(request.prompt_ids))
-        request.params.validate(self.model.config.vocab_size)
-        if len(request.prompt_ids) + request.max_new_tokens > self.context_length:
-            raise ContextLengthError(
-                f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.max_new_tokens}, "
-                f"more than the context of {self.context_length}: lower max_tokens or shorten the prompt")
+        """Queue a request (made by make_request for this engine's context_length); raises when the
+        queue is full or the engine has stopped."""
         stream = Stream(request)
         with self._wake:
             if self.failure:

@@ -25,5 +25,17 @@ class DataError(QwenkitError, ValueError):
     """A training data file or one of its records is malformed; the message names the file and line."""
 
 
+class RequestError(QwenkitError, ValueError):
+    """A generation request breaks a rule (qwenkit.generate.make_request); `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(RequestError):
+    """The prompt, or the prompt plus the new tokens asked for, does not fit the model's context."""
+
+
 class AdapterError(QwenkitError, ValueError):
     """A LoRA setting is invalid, or an adapter directory is unreadable or does not fit the model."""

@@ -14,17 +14,15 @@ that stops then has had one step computed for nothing.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from .errors import ContextLengthError, RequestError
 from .model import Model, ntk_alpha
+from .runtime.decode import decode_step
 from .sampling import SamplingParams, TokenHistory, logprobs_of, make_generator, process_logits, sample
 from .tokenizer import Tokenizer
-
-
-class ContextLengthError(ValueError):
-    """The prompt (plus at least one new token) does not fit the model's context."""
 
 
 @dataclass
@@ -114,6 +112,7 @@ class Decoder:
         self.queued: _Sampled | None = None  # the step launched ahead, its tokens not yet read
         self.max_len = min(max_len or model.config.context_length, model.config.context_length)
         self.cache = model.new_cache(max_batch, self.max_len)
+        self.decode_step = decode_step(model, self.cache)  # plain, or compiled / CUDA graphs (runtime/decode.py)
         self.rows: list[_Row] = []
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each free row holds
         self.history: TokenHistory | None = None  # made when a request uses penalties
@@ -123,19 +122,12 @@ class Decoder:
     def free_slots(self) -> int:
         return self.cache.batch_size - len(self.rows)
 
-    def check_fits(self, prompt_len: int) -> None:
-        if prompt_len + 1 > self.max_len:
-            raise ContextLengthError(
-                f"the prompt has {prompt_len} tokens but the context holds {self.max_len} "
-                f"(prompt plus at least one new token): shorten the prompt or ask for truncation")
-
     @torch.inference_mode()
     def add(self, request: Request) -> tuple[_Row, Delta]:
-        """Prefill `request` into a free row and sample its first token."""
+        """Prefill `request` (made by make_request for at most this decoder's max_len) into a free row
+        and sample its first token."""
         if not self.free_slots:
             raise RuntimeError("no free cache row: wait for a sequence to finish")
-        self.check_fits(len(request.prompt_ids))
-        request.params.validate(self.model.config.vocab_size)
         slot = len(self.rows)
         reuse = self._take_best_free_row(request.prompt_ids)
         row = _Row(request, self.tokenizer, self.model.device)
@@ -193,7 +185,7 @@ class Decoder:
         ahead = {id(r) for r in unread.rows} if unread is not None else set()
         pos = torch.tensor([[r.pos if id(r) in ahead else r.pos - 1] for r in self.rows])  # on the host: see model.py
         n = len(self.rows)
-        logits = self.model(self.last_tokens[:n, None], pos, self.cache.rows(0, n))
+        logits = self.decode_step(self.last_tokens[:n, None], pos, self.cache.rows(0, n))
         return self._sample(0, n, logits[:, -1])
 
     def _continues(self, current: _Sampled) -> bool:
@@ -347,17 +339,19 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def default_stop_ids(model: Model, tokenizer: Tokenizer) -> frozenset[int]:
     """The model's eos ids, plus every ChatML control token: a Qwen v1 chat model must stop at them."""
-    eos = getattr(model, "generation_config", {}).get("eos_token_id")
+    eos = model.generation_config.get("eos_token_id")
     ids = set(eos if isinstance(eos, list) else [eos])
     ids |= {tokenizer.eos_token_id, tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.endoftext_id}
     return frozenset(i for i in ids if i is not None)
 
 
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+
+
 def sampling_defaults(model: Model) -> dict:
     """Sampling settings from the checkpoint's generation_config (do_sample false means greedy)."""
-    gc = getattr(model, "generation_config", {}) or {}
-    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-    out = {k: gc[k] for k in keys if gc.get(k) is not None}
+    gc = model.generation_config
+    out = {k: gc[k] for k in SAMPLING_FIELDS if gc.get(k) is not None}
     if gc.get("do_sample") is False:
         out["temperature"] = 0.0
     return out
@@ -366,33 +360,52 @@ def sampling_defaults(model: Model) -> dict:
 def make_request(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], *,
                  max_new_tokens: int | None = None, stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None, logprobs: bool = False, top_logprobs: int = 0,
-                 truncate: bool = False, context_length: int | None = None, **sampling) -> Request:
-    """Build a Request: defaults from generation_config, then the caller's settings.
+                 truncate: bool = False, context_length: int | None = None, max_new_tokens_must_fit: bool = False,
+                 **sampling) -> Request:
+    """Build and check a Request: defaults from generation_config, then the caller's settings. The one
+    place the rules live; the decode loop, the engine and the server take what it returns as it is.
+    Every rule raises a RequestError (ContextLengthError for the context's) naming its field.
 
-    `truncate` keeps the newest tokens of a prompt that does not fit instead of raising.
+    The prompt must leave room for one new token in the context (`context_length`, default the
+    model's); `truncate` keeps its newest tokens instead. `max_new_tokens` is cut to the room left,
+    unless `max_new_tokens_must_fit` (the server's max_tokens, as OpenAI has it), which refuses it.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    vocab = model.config.vocab_size
     if not ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    gc = getattr(model, "generation_config", {}) or {}
+        raise RequestError("the prompt is empty: give at least one token", "prompt")
+    check_token_ids(ids, vocab, "prompt")
+    check_token_ids(stop_token_ids or (), vocab, "stop_token_ids")
+    gc = model.generation_config
     max_new = max_new_tokens if max_new_tokens is not None else gc.get("max_new_tokens", 512)
     if max_new < 1:
-        raise ValueError(f"max_new_tokens={max_new} must be at least 1")
+        raise RequestError(f"max_new_tokens={max_new} must be at least 1", "max_new_tokens")
     limit = context_length or model.config.context_length
     if len(ids) + 1 > limit:
         if not truncate:
             raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens but the context holds {limit} "
-                "(prompt plus at least one new token): shorten the prompt or pass truncate=True")
+                f"the prompt has {len(ids)} tokens but the context holds {limit} (the prompt plus at least "
+                "one new token): shorten the prompt", "prompt")
         ids = ids[-max(1, limit - max_new):]
-    unknown = set(sampling) - set(SamplingParams.__dataclass_fields__)
+    room = limit - len(ids)
+    if max_new > room and max_new_tokens_must_fit:
+        raise ContextLengthError(
+            f"{max_new} new tokens were asked for but the context holds {limit} tokens and the prompt uses "
+            f"{len(ids)}, so at most {room} can be generated: ask for fewer or shorten the prompt", "max_new_tokens")
+    unknown = set(sampling) - set(SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown generation option(s) {', '.join(sorted(unknown))}; "
-                        f"known: {', '.join(SamplingParams.__dataclass_fields__)}")
-    params = SamplingParams(**{**sampling_defaults(model), **sampling}).validate(model.config.vocab_size)
+                        f"known: {', '.join(SAMPLING_FIELDS)}")
+    params = SamplingParams(**{**sampling_defaults(model), **sampling}).validate(vocab)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stop_ids = default_stop_ids(model, tokenizer) | frozenset(stop_token_ids or ())
-    return Request(ids, max_new, params, stop_ids, [s for s in stops if s], logprobs, top_logprobs)
+    return Request(ids, min(max_new, room), params, stop_ids, [s for s in stops if s], logprobs, top_logprobs)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"token id {bad} is not in the vocabulary [0, {vocab_size})", param)
 
 
 def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> Iterator[Delta]:

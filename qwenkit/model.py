@@ -14,6 +14,7 @@ attends from them, so a decode loop can queue its next step without waiting for 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +54,6 @@ class KVCache:
         # On the host: every step reads it there, and a copy from the GPU would wait for the GPU.
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32)
         self.max_len = self.length = max_len
-        # What decode runners keep per cache (CUDA graphs that read and write its memory; the compiled
-        # step's check of the model); shared by its views, gone with the cache.
-        self.captured: dict = {}
 
     @property
     def batch_size(self) -> int:
@@ -75,7 +73,7 @@ class KVCache:
     def _view(self, k: list[torch.Tensor], v: list[torch.Tensor], ntk_alpha: torch.Tensor, length: int) -> "KVCache":
         view = object.__new__(KVCache)
         view.k, view.v, view.ntk_alpha, view.length = k, v, ntk_alpha, length
-        view.max_len, view.captured = self.max_len, self.captured
+        view.max_len = self.max_len
         return view
 
 
@@ -140,7 +138,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                input_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
+                write_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, G = self.num_heads, self.num_kv_heads
         qkv = shared_input_linears(x, self.q_proj, self.k_proj, self.v_proj, concatenated=True)
@@ -156,13 +154,13 @@ class Attention(nn.Module):
 
         if cache is not None:
             k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            if input_pos.dim() == 1:  # every row writes the same positions
-                k_cache.index_copy_(2, input_pos, k)
-                v_cache.index_copy_(2, input_pos, v)
+            if write_pos.dim() == 1:  # every row writes the same positions
+                k_cache.index_copy_(2, write_pos, k)
+                v_cache.index_copy_(2, write_pos, v)
             else:
                 rows = torch.arange(B, device=x.device)[:, None]
-                k_cache[rows, :, input_pos] = k.transpose(1, 2)
-                v_cache[rows, :, input_pos] = v.transpose(1, 2)
+                k_cache[rows, :, write_pos] = k.transpose(1, 2)
+                v_cache[rows, :, write_pos] = v.transpose(1, 2)
             k, v = k_cache[:, :, :cache.length], v_cache[:, :, :cache.length]
 
         if T == 1:
@@ -180,13 +178,12 @@ FP32_DECODE_ATTENTION_MAX = 1 << 21
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One query per row against its keys: on the CPU as grouped matmuls with the softmax in fp32.
 
-    For a single query SDPA's CPU kernel costs ~0.3 ms a layer in bf16; this is ~6x faster. On the
-    CPU, small bf16 matmuls cost more than converting k and v and multiplying in fp32 (20 vs 50 us a
-    layer of the demo at 100 positions), until the conversion's memory traffic dominates (a Qwen-7B
-    layer at 4096 positions: 44 vs 29 ms): fp32 up to FP32_DECODE_ATTENTION_MAX cached values.
-    The probabilities are rounded to the model dtype before meeting v, as SDPA's CPU kernel does:
-    bf16 greedy text then matches transformers and llama.cpp (20/20 Fibonacci tokens; 12 without
-    that rounding). GPUs call SDPA (below), whose fused kernels round them so too.
+    SDPA's CPU kernel is slow for a single query. On the CPU small bf16 matmuls cost more than
+    converting k and v to fp32, until that conversion's memory traffic dominates (long contexts of
+    large models): fp32 up to FP32_DECODE_ATTENTION_MAX cached values. The probabilities are rounded
+    to the model dtype before meeting v, as SDPA's kernels do (GPUs call SDPA, below), so that bf16
+    greedy text matches transformers and llama.cpp. Measurements: benchmarks/results/README.md,
+    "Quantized decode against llama.cpp and transformers" (the decode changes of 2026-11-27).
     q [B, H, 1, D], k/v [B, G, L, D] with H a multiple of G (query head h reads kv head h // (H/G)).
     """
     B, H, _, D = q.shape
@@ -244,9 +241,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, input_pos, cache, q_scale):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, input_pos, cache, q_scale)
+    def forward(self, x, rope, mask, write_pos, cache, q_scale):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, write_pos, cache, q_scale)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class StepInputs(NamedTuple):
+    """A forward's inputs beside the tokens, decided on the host (Transformer.step_inputs)."""
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, 1, T, rotary_dim]
+    mask: torch.Tensor | None  # [B, 1, T, attended] where a query must not see every cached position
+    write_pos: torch.Tensor  # the cache positions written: [T] shared by the rows, or [B, T]
+    cache: KVCache | None  # attending to the positions up to the last one written
+    q_scale: torch.Tensor | None  # Qwen v1 LogN
+    positions: torch.Tensor  # [B, T] on the model's device
 
 
 class Transformer(nn.Module):
@@ -256,7 +263,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         # Initialised here, and not at all on the meta device where loading builds the model: there
-        # nn.Embedding's normal_ would import torch._dynamo (a second and ~75 MiB, for nothing).
+        # nn.Embedding's normal_ would import torch._dynamo, for nothing (benchmarks/results/README.md,
+        # "Memory while loading").
         table = torch.empty(config.vocab_size, config.hidden_size)
         if not table.is_meta:
             nn.init.normal_(table)
@@ -266,62 +274,53 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config)
         # Training: recompute each block in the backward pass instead of keeping its activations.
         self.gradient_checkpointing = False
-        # qwenkit.compile_decode sets a compiled `blocks` here for one-token steps with a cache.
-        self.compiled_decode_blocks = None
-        # qwenkit.runtime.cuda_graphs sets a runner here that replays one-token steps with a cache as CUDA
-        # graphs; it returns None for a step it does not take, which then runs as below.
-        self.decode_runner = None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
+        inputs = self.step_inputs(tokens, input_pos, cache)
+        return self.blocks(tokens, inputs.rope, inputs.mask, inputs.write_pos, inputs.cache, inputs.q_scale)
+
+    def step_inputs(self, tokens: torch.Tensor, input_pos: torch.Tensor | None,
+                    cache: KVCache | None) -> StepInputs:
+        """What a forward decides from the positions before any layer runs (reading them on the host,
+        where the caller keeps them): the RoPE angles, the mask, the cache positions written and the
+        cached positions attended."""
         B, T = tokens.shape
         if input_pos is None:
             if cache is not None:
                 raise ValueError("a forward with a KVCache needs input_pos (the positions to write)")
             input_pos = torch.arange(T)
-        # What is decided from the positions is read from them where the caller keeps them (on the
-        # host, no wait for the GPU); the arithmetic uses a device copy (from the host, queued).
+        # Decisions read the positions where the caller keeps them (on the host, no wait for the
+        # GPU); the arithmetic uses a device copy (from the host, queued).
         host_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
         input_pos = input_pos.to(tokens.device, non_blocking=True)
         # Rows that share their positions (batch 1, prefill) write the cache with one index_copy_.
         write_pos = input_pos if input_pos.dim() == 1 else input_pos[0] if B == 1 else input_pos
-        input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+        positions = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+        mask = None
         if cache is not None:
             kv_len = int(host_pos.max()) + 1  # the cached positions this forward attends to
             if kv_len > cache.max_len:
                 raise ValueError(f"position {kv_len - 1} is past the KV cache length {cache.max_len}")
-
-        alphas = self._ntk_alphas(host_pos, cache)
-        rope = self.rotary(input_pos, alphas)
-        q_scale = self._logn_scale(input_pos, host_pos)
-        mask = None
-        if cache is not None:
-            if T == 1 and self.decode_runner is not None:
-                hidden = self.decode_runner(tokens, rope, input_pos, write_pos, cache, kv_len, q_scale)
-                if hidden is not None:
-                    return hidden
             cache = cache.prefix(kv_len)
             if kv_len > T and (B > 1 or T > 1):
                 # Each query sees the cached keys at positions <= its own. (A prefill from position
                 # 0 has kv_len == T and takes SDPA's causal path; one row's one query sees them all.)
-                mask = torch.arange(kv_len, device=tokens.device) <= input_pos[:, None, :, None]
-
-        blocks = self.blocks
-        if T == 1 and cache is not None and self.compiled_decode_blocks is not None:
-            blocks = self.compiled_decode_blocks
-        return blocks(tokens, rope, mask, write_pos, cache, q_scale)
+                mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]
+        rope = self.rotary(positions, self._ntk_alphas(host_pos, cache))
+        return StepInputs(rope, mask, write_pos, cache, self._logn_scale(positions, host_pos), positions)
 
     def blocks(self, tokens: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-               input_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
-        """The tensor work of a forward, once positions, RoPE and the mask are known (no host syncs).
-        `input_pos` is [T] when every row writes the same cache positions, else [B, T]."""
+               write_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
+        """The tensor work of a forward once its StepInputs are known (no host syncs): tokens -> hidden
+        states. `write_pos` is [T] when every row writes the same cache positions, else [B, T]."""
         x = self.embed_tokens(tokens)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpointed:
-                x = checkpoint(layer, x, rope, mask, input_pos, cache, q_scale, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, write_pos, cache, q_scale, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, input_pos, cache, q_scale)
+                x = layer(x, rope, mask, write_pos, cache, q_scale)
         return self.norm(x)
 
     def _ntk_alphas(self, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
@@ -358,6 +357,8 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # The checkpoint's generation_config.json (load() fills it): sampling defaults, eos, chat format.
+        self.generation_config: dict = {}
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, *, last_only: bool = False,
@@ -374,19 +375,6 @@ class Model(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch_size, max_len or self.config.context_length, self.dtype, self.device)
-
-    # The Qwen-7B scripts' chat API, so their callers keep working (implemented in chat.py).
-    def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **kwargs):
-        """-> (response, new history). Options as in qwenkit.generate, plus the seed's stop_words_ids,
-        generation_config and max_window_size."""
-        from .chat import chat_seed
-        return chat_seed(self, tokenizer, query, history, system, **kwargs)
-
-    def chat_stream(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.",
-                    **kwargs):
-        """Yields the cumulative response as it grows, as the seed's chat_stream does."""
-        from .chat import chat_stream_seed
-        return chat_stream_seed(self, tokenizer, query, history, system, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import RequestError
+
 _NEG_INF = float("-inf")
 MAX_TOP_K = 2**31 - 1  # any k past the vocabulary keeps every token; this bound keeps k a machine integer
 GREEDY_BELOW = 1e-5  # a lower temperature is greedy: dividing by it would overflow the logits to inf
@@ -77,7 +79,7 @@ class SamplingParams:
 
 
 def _bad(name: str, value, allowed: str):
-    raise ValueError(f"sampling parameter {name}={value!r} is invalid: must be {allowed}")
+    raise RequestError(f"sampling parameter {name}={value!r} is invalid: must be {allowed}", name.partition("[")[0])
 
 
 class TokenHistory:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..errors import QwenkitError
-from ..model import Model
-from ..quant import QuantizedLinear, quantization_config
-from ..tokenizer import Tokenizer
+from .errors import QwenkitError
+from .model import Model
+from .quant import QuantizedLinear, quantization_config
+from .tokenizer import Tokenizer
 
 
 def save_checkpoint(model: Model, tokenizer: Tokenizer, out_dir: str | Path, force: bool = False,

@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 import tiktoken
 
-from qwenkit.errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError
+from .prompts import apply_chat_template
 
 # Pre-tokenizer split of Qwen v1 (tokenization_qwen.py PAT_STR) and Qwen2/Qwen3 (Qwen2Tokenizer):
 # cl100k's pattern with numbers cut into single digits.
@@ -482,9 +483,7 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **kwargs) -> list[int]:
-        """Messages -> prompt ids: the checkpoint's Jinja template, or Qwen v1 ChatML (see chat.py)."""
-        from .chat import apply_chat_template
-
+        """Messages -> prompt ids: the checkpoint's Jinja template, or Qwen v1 ChatML (see prompts.py)."""
         return apply_chat_template(self, messages, add_generation_prompt, tools, **kwargs)
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:

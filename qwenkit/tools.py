@@ -5,7 +5,7 @@ Two formats exist:
 * **Hermes** (Qwen2.5, Qwen3): the checkpoint's chat template lists the tools, and the model answers
   ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, possibly several, possibly after
   some text. Chosen when the tokenizer's template renders ``tools``.
-* **ReAct** (Qwen v1, and templates without a tools section such as Qwen1.5/Qwen2): the seed's
+* **ReAct** (Qwen v1, and templates without a tools section such as Qwen1.5/Qwen2): the Qwen-7B scripts'
   openai_api.py prompt (shared/reference/qwen-v1-spec.md §5.4-5.5). An instruction listing the APIs
   precedes the last question; the model answers ``Thought: ...\\nAction: NAME\\nAction Input: {...}``
   and generation stops at ``Observation:``, or it writes ``Final Answer: ...``.
@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Protocol
 
-from .chat import DEFAULT_SYSTEM, MAX_JSON_DEPTH, _text_of, apply_chat_template, render_qwen_v1
+from .prompts import DEFAULT_SYSTEM, MAX_JSON_DEPTH, apply_chat_template, render_qwen_v1, text_of
 from .tokenizer import Tokenizer
 
 
@@ -259,17 +259,17 @@ Begin!"""
 
 
 class ReActParser:
-    """The seed's parse_response, made incremental.
+    """The Qwen-7B scripts' parse_response, made incremental.
 
     Whether the reply is a call can only be known at its end, so text is held until ``finish``,
-    which applies the seed's rules: with ``\\nAction:`` before ``\\nAction Input:`` and a non-empty
+    which applies the Qwen-7B scripts' rules: with ``\\nAction:`` before ``\\nAction Input:`` and a non-empty
     name, the content is the thought and the Action Input is the arguments (re-serialized; a reply
     whose input is not a JSON object comes back whole as content, with no call); otherwise the
     content is the text after ``\\nFinal Answer: `` if present, else the whole text.
 
     One deviation lets answers stream: once ``\\nFinal Answer: `` arrives with no ``\\nAction:``
-    before it, everything after it streams as content. So the first Final Answer counts (the seed
-    takes the last), and an Action written after a final answer is part of the answer (the seed
+    before it, everything after it streams as content. So the first Final Answer counts (the Qwen-7B scripts
+    takes the last), and an Action written after a final answer is part of the answer (the Qwen-7B scripts
     would call it). The model writes neither.
     """
 
@@ -309,7 +309,7 @@ class ReActParser:
 
 
 def react_instruction(tools: list[dict]) -> str:
-    """The seed's ReAct instruction for OpenAI tools (Qwen-style *_for_model / *_for_human keys win)."""
+    """The Qwen-7B scripts' ReAct instruction for OpenAI tools (Qwen-style *_for_model / *_for_human keys win)."""
     functions = _functions(tools)
     lines, names = [], []
     for f in functions:
@@ -323,8 +323,8 @@ def react_instruction(tools: list[dict]) -> str:
 
 
 def _strip(text) -> str:
-    """Message text as the seed keeps it: leading newlines and trailing whitespace removed."""
-    return _text_of(text).lstrip("\n").rstrip()
+    """Message text as the Qwen-7B scripts keep it: leading newlines and trailing whitespace removed."""
+    return text_of(text).lstrip("\n").rstrip()
 
 
 def _assistant_calls(message: dict) -> list[tuple[str, str]]:
@@ -342,14 +342,14 @@ def _assistant_calls(message: dict) -> list[tuple[str, str]]:
 
 
 def _react_conversation(messages: list[dict], tools: list[dict] | None) -> tuple[str, list[list[str]]]:
-    """OpenAI messages -> (system, turns), as the seed's parse_messages builds them.
+    """OpenAI messages -> (system, turns), as the Qwen-7B scripts' parse_messages builds them.
 
     Turns are [user, assistant] pairs; the last has assistant None when a user message ends the
     conversation, else the assistant text to continue. System messages may stand anywhere: they
     are joined into the system prompt. An assistant message with several tool calls writes each
     Action in turn, and the tool results follow as Observations in order.
     """
-    systems, kept = [], []  # kept: [role, text] after merging, as the seed's `messages`
+    systems, kept = [], []  # kept: [role, text] after merging, as the Qwen-7B scripts' `messages`
     last_role = None  # of the last message that is not a system message
     for n, m in enumerate(messages):
         role, content = m.get("role"), _strip(m.get("content"))
@@ -402,7 +402,7 @@ def _react_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] 
     *history, (query, open_turn) = turns
     open_turn = open_turn or ""
     if forced and not open_turn.endswith("Thought:"):
-        # forced_prefix continues right after "Thought:", the seed's own completion point.
+        # forced_prefix continues right after "Thought:", the Qwen-7B scripts' own completion point.
         open_turn += ("\n" if open_turn else "") + "Thought:"
     # The whole conversation is sent every time: a prompt that does not fit the context is refused
     # by the caller rather than silently losing turns, so no max_window_size truncation here.
@@ -420,7 +420,7 @@ def _template_messages(messages: list[dict]) -> list[dict]:
     and function results as tool_calls and tool messages."""
     converted = []
     for m in copy.deepcopy(messages):
-        m["content"] = _text_of(m.get("content"))
+        m["content"] = text_of(m.get("content"))
         if m.get("role") == "function":
             m["role"] = "tool"
         if m.get("role") == "assistant" and m.get("function_call") and not m.get("tool_calls"):

@@ -2,13 +2,15 @@
 
 torch's weight-only int4/int8 CPU kernels have a vector path only for bf16 activations on AVX2 and
 are limited by their own arithmetic elsewhere; cpu.cpp quantizes the activations to int8 per block
-of 32 and runs integer dot products (AVX2 maddubs, AVX-512 VNNI dpbusd), as llama.cpp does.
+of 32 and runs integer dot products (AVX2 maddubs, AVX-512 VNNI dpbusd), as llama.cpp does
+(benchmarks/results/README.md, "Every CPU class on qwenkit's own kernels").
 
 `ops(isa)` returns `torch.ops.qwenkit_cpu` once the library is built for `isa` and loaded, or None:
-no compiler, or `QWENKIT_KERNELS=0`. Which instruction set is the CPU plan's choice
-(runtime/cpu_plan.py `kernel_ops`); this package knows only how to build and load. Then the quantized layers use torch's own kernels (always correct, slower),
-after one warning saying why and what would fix it. The library is compiled with g++ against the
-installed torch, once per source, torch version and instruction set, into `~/.cache/qwenkit/kernels` (`QWENKIT_CACHE` moves it); a build takes ~15 s.
+no compiler, or `QWENKIT_KERNELS=0`. Then the quantized layers use torch's own kernels (always
+correct, slower), after one warning saying why and what would fix it. Which instruction set is the
+CPU plan's choice (runtime/cpu_plan.py `kernel_ops`); this package knows only how to build and load.
+The library is compiled with g++ against the installed torch, once per source, torch version and
+instruction set, into `~/.cache/qwenkit/kernels` (`QWENKIT_CACHE` moves it).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from ..errors import CheckpointError, UnsupportedModelError
 from ..model import Model
 from ..progress import progress
 from ..quant import autogptq
+from ..qwen7b import ChatModel
 from ..runtime.allocator import keep_freed_memory, return_freed_memory
 from ..tokenizer import Tokenizer
 from . import hf, hub
@@ -81,10 +82,10 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     warm-up; see qwenkit/runtime/compiled.py for when it pays).
 
     `cuda_graphs`: on a CUDA device, replay one-token decode steps as CUDA graphs (qwenkit/runtime/cuda_graphs.py):
-    several times faster at batch 1 than launching each step's kernels from Python.
+    at batch 1 much faster than launching each step's kernels from Python.
 
-    `pack`: on the CPU, hold bf16 linear weights in oneDNN's blocked layout (qwenkit/runtime/packed.py): decode
-    ~1.35x faster, same results. The layers are then for inference; pack=False keeps plain nn.Linear
+    `pack`: on the CPU, hold bf16 linear weights in oneDNN's blocked layout (qwenkit/runtime/packed.py): faster
+    decode, same results. The layers are then for inference; pack=False keeps plain nn.Linear
     (fine-tuning does; quantizers and LoRA unpack a model themselves).
     """
     from .on_load import QUANTIZE_MODES
@@ -129,8 +130,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
             from ..runtime.packed import pack_linears
             pack_linears(net)
     if device.type == "cpu":
-        # From here on (see qwenkit/runtime/allocator.py: prefill 1.3x on our CPU); not while loading, whose
-        # freed temporaries would stay with the process.
+        # From here on (faster prefill: qwenkit/runtime/allocator.py); not while loading, whose freed
+        # temporaries would stay with the process.
         keep_freed_memory()
     if device.type == "cuda" and cuda_graphs:
         from ..runtime.cuda_graphs import use_cuda_graphs
@@ -229,7 +230,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     from ..runtime.packed import pack_linears, packing_works
 
     with torch.device("meta"):
-        net = Model(config)
+        net = ChatModel(config)
     if prepare is not None:
         prepare(net)
     pack = pack and dtype == torch.bfloat16 and device.type == "cpu" and packing_works()

@@ -16,12 +16,11 @@ What each mode makes of a linear weight, by how it is stored:
 int8 is symmetric per output channel and int4 g128 asymmetric, both round-to-nearest from the
 (dequantized) values. The lm_head is int8 under int8 and int4 (see convert.py for why) and follows
 the table under gguf, which keeps a file's own precision mix: its 4-bit blocks exactly, the wider
-ones in int8. That is nearly lossless for them: on Gaussian weights int8 takes Q5_0's error from
-4.27 % to 4.34 % of the weights' norm (Q8_0's from 0.54 % to 0.93 %); on the demo model the int8
-tensors differ from the stored ones by 0.85 % (Q5_0, Q8_0) to 1.5 % (Q6_K).
+ones in int8, which adds little to their own rounding error (benchmarks/results/README.md, "Quality
+of each quantization").
 
 The token embedding stays float, except under gguf, where a block-quantized table becomes int8 rows
-(Int8Embedding: half of bfloat16, 136 MiB saved on the demo), sharing a tied int8 head's table.
+(Int8Embedding: half the bytes of bfloat16), sharing a tied int8 head's table.
 
 The 4-bit formats store, per group of 32 inputs, codes q in 0..15 with w = scale·q − offset
 (Q4_K: scale = d·sc, offset = dmin·m). Int4Linear's w = (q − zero)·scale holds that exactly with
@@ -99,9 +98,10 @@ def requantize(weight: torch.Tensor | StoredTensor, bits: int, dtype: torch.dtyp
 def int4_from_blocks(weight: StoredTensor) -> Int4Linear:
     """A Q4_0 / Q4_1 / Q4_K weight as Int4Linear with group size 32, exactly (see the module docstring).
 
-    Scales and zeros stay float32: in bfloat16 they would add 0.4 % error to the demo's Q4_K weights
-    (float16: 0.05 %), for 4 bytes per 32 weights saved. The kernels round them to the activation
-    dtype anyway, but then as one (scale, offset) pair, rounded once."""
+    Scales and zeros stay float32: in bfloat16 they would add error to the exact weights (see
+    benchmarks/results/README.md, "Quality of each quantization") to save 4 bytes per 32 weights.
+    The kernels round them to the activation dtype anyway, but then as one (scale, offset) pair,
+    rounded once."""
     n, k = weight.shape
     groups_of, type_size = FOUR_BIT_GROUPS[weight.qtype], GGML_QUANT_SIZES[weight.qtype][1]
     layer = Int4Linear(k, n, bias=False, group_size=32, dtype=torch.float32, device="cpu")

@@ -1,11 +1,10 @@
 """Quantize a model from outside: swap its nn.Linear modules for Int8Linear / Int4Linear.
 
 The lm_head defaults to int8 whatever the block bits. It is the largest single matrix of the
-small Qwen models (151936 x 896 in Qwen2.5-0.5B, a fifth of the weights: ~10 ms of a bf16
-decode step on our CPU, ~4 ms in int8, ~2.5 ms in int4), and the logits are where precision
-shows first. On the demo model an int8 head leaves the int4 model's greedy reply identical to
-bf16 for 20 tokens where an int4 head diverges after 3. `lm_head_bits=4` takes the speed anyway;
-`lm_head_bits=None` keeps the head in float.
+small Qwen models (151936 x 896 in Qwen2.5-0.5B, a fifth of the weights, so a large share of a
+decode step), and the logits are where precision shows first: an int4 head makes greedy text leave
+bf16's much sooner than an int8 one (benchmarks/results/README.md, "Quality of each quantization").
+`lm_head_bits=4` takes the speed anyway; `lm_head_bits=None` keeps the head in float.
 
 Tied embeddings: the embedding lookup needs the float table, so a quantized head gets its own
 copy of the weights and the model is untied (config.tie_word_embeddings becomes False). That

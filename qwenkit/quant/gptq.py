@@ -161,7 +161,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     in the weight's dtype; W ≈ (q − zeros)·scales per group, or q·scales per row.
     """
     n, k = weight.shape
-    # Transposed, [K, N]: each column GPTQ visits is a contiguous row (the CPU loop is 4x faster).
+    # Transposed, [K, N]: each column GPTQ visits is a contiguous row, which the CPU loop reads much faster.
     Wt = weight.detach().float().T.contiguous()
     H = H.float().clone()
     dead = H.diagonal() == 0
@@ -217,7 +217,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
 def _inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damping·I)⁻¹ = UᵀU: row i holds how column i's error spreads
     to the columns after it. U = J·L⁻¹·J where L = cholesky(J·H·J) and J reverses the order, which
-    costs a Cholesky and a triangular solve instead of a full inverse (2-3x faster at K = 4864)."""
+    costs a Cholesky and a triangular solve instead of a full inverse (faster; benchmarks/results/README.md,
+    "Quality of each quantization")."""
     H = H.clone()
     H.diagonal().add_(damp_percent * H.diagonal().mean())
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1))

@@ -16,9 +16,10 @@ activations alike; torch's run only where they are not built (see the CPU plan, 
 
 The kernels are matrix-vector loops whose cost grows linearly with the rows of x, so from
 `gemm_min_rows` rows on (prefill) the layer dequantizes and lets the float GEMM (oneDNN, cuBLAS)
-do the work: 2x faster at 512 rows on our CPU. The same dequantize-and-matmul path covers devices
-and shapes without a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a
-naive one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
+do the work, which is faster there (benchmarks/results/README.md, "Quantized decode against
+llama.cpp and transformers"). The same dequantize-and-matmul path covers devices and shapes without
+a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a naive
+one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
 
 Siblings that read the same input (q/k/v, gate/up) can run as one kernel (`fused_with`, called by
 the model's `shared_input_linears`): at batch-1 decode one pass instead of three. qwenkit's kernels
@@ -65,8 +66,8 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
 def _operands(*tensors: torch.Tensor | None) -> tuple:
     """A kernel's prepared tensors as frozen Parameters. torch.compile(dynamic=True) keeps the shape of
     a Parameter static; a plain tensor captured by the kernel would make each of its sizes a symbol
-    that every compiled step's guards check and its wrapper passes (~430 for the demo at int4: the
-    compiled step took 16.9 ms instead of 15.5, and longer to compile)."""
+    that every compiled step's guards check and its wrapper passes, for a slower step and a longer
+    compile (benchmarks/results/README.md, "Quantized decode against llama.cpp and transformers")."""
     return tuple(t if t is None or isinstance(t, nn.Parameter) else frozen(t) for t in tensors)
 
 
@@ -263,7 +264,7 @@ class Int8Linear(QuantizedLinear):
     bits = 8
     gemm_min_rows = 48
     # torch's kernel reads the stored int8 weight itself: a concatenated copy for it would hold the
-    # weights twice for ~2% of a decode step.
+    # weights twice for a small gain in a decode step.
     concatenated_for_torch = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -362,8 +363,7 @@ class Int4Linear(QuantizedLinear):
         n, k, g = packed.shape[0], self.in_features, self.group_size
         scales, zeros = self.scales[rows].to(dtype)[..., None], self.zeros[rows].to(dtype)[..., None]
         # In place on the one float copy, the nibbles converted as they are written into it: a
-        # prefill dequantizes every layer, and each temporary of a weight's size is memory traffic
-        # (2-4x slower for the same rounding).
+        # prefill dequantizes every layer, and each temporary of a weight's size is memory traffic.
         weight = torch.empty(n, k, dtype=dtype, device=packed.device)
         weight[:, 0::2], weight[:, 1::2] = packed & 0xF, packed >> 4  # pack_int4's layout
         weight = weight.view(n, k // g, g).sub_(zeros).mul_(scales).view(n, k)

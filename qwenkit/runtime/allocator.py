@@ -1,11 +1,11 @@
 """Keep freed activation memory in the process instead of handing it back to the kernel (glibc).
 
 With glibc's defaults a freed activation of a few megabytes is unmapped, or trimmed off the top
-of the heap, and the next layer's tensor of the same size faults it back in page by page. On our
-2-core CPU that made `silu` and `mul` three times slower inside a 512-token prefill than on warm
-memory: bf16 prefill 630 tok/s, 850 with the thresholds below. Keeping the memory is what jemalloc
-or tcmalloc preloaded (the usual advice for PyTorch on CPUs) does too. Peak memory is unchanged;
-memory freed after a long prompt stays with the process (up to the trim threshold) for the next one.
+of the heap, and the next layer's tensor of the same size faults it back in page by page, which
+slows a CPU prefill markedly (benchmarks/results/README.md, "Quantized decode against llama.cpp and
+transformers"). Keeping the memory is what jemalloc or tcmalloc preloaded (the usual advice for
+PyTorch on CPUs) does too. Peak memory is unchanged; memory freed after a long prompt stays with
+the process (up to the trim threshold) for the next one.
 
 `qwenkit.load` calls `keep_freed_memory()` for CPU models, and the trainer `keep_all_freed_memory()`
 on the CPU. QWENKIT_MALLOC_TUNING=0 turns both off; they do nothing where the C library is not glibc.
@@ -44,10 +44,10 @@ def keep_freed_memory() -> bool:
 def keep_all_freed_memory() -> bool:
     """keep_freed_memory, and for training: blocks above glibc's largest mmap threshold (32 MiB) come
     from the heap too (M_MMAP_MAX 0), and the heap is never trimmed (M_TRIM_THRESHOLD -1). A training
-    step frees and makes again gigabytes of activations and vocabulary-sized logits: LoRA on the demo
-    model faulted ~80k pages back in every step after the first without this, 0-25k with it (system
-    time 0.26 -> 0.16 s a step, ~4 % more tokens/s), for ~1 % more peak memory (the memory stays with
-    the process at its peak between steps). True when in effect."""
+    step frees and makes again gigabytes of activations and vocabulary-sized logits, which would
+    otherwise be faulted back in every step; the memory stays with the process at its peak between
+    steps (benchmarks/results/README.md, "Fine-tuning against transformers + peft"). True when in
+    effect."""
     global _training_done
     if _training_done:
         return True
@@ -61,8 +61,8 @@ def keep_all_freed_memory() -> bool:
 def return_freed_memory() -> None:
     """Hand memory that freed blocks hold back to the kernel (glibc's malloc_trim; elsewhere nothing).
     Packing or quantizing weights as they load frees a float copy per weight, in whichever allocator
-    arena the thread that made it used; without this the process kept them (~0.5 GiB of packing
-    temporaries on the demo model, ~90 MiB of int8 quantizing ones)."""
+    arena the thread that made it used; without this the process kept them (benchmarks/results/README.md,
+    "Memory while loading")."""
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
@@ -70,7 +70,7 @@ def return_freed_memory() -> None:
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """The C library, looked up once (find_library runs ldconfig: ~1 ms, and loading calls
+    """The C library, looked up once (find_library runs ldconfig in a subprocess, and loading calls
     return_freed_memory once per weight); None where it cannot be loaded."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -87,7 +87,8 @@ def native_bf16() -> bool:
 
 
 def auto_dtype() -> torch.dtype:
-    """dtype="auto" on the CPU: bf16 where its products are native (about 2x float32 prefill), else float32."""
+    """dtype="auto" on the CPU: bf16 where its products are native (a much faster prefill than float32's;
+    benchmarks/results/README.md, "Every CPU class on qwenkit's own kernels"), else float32."""
     return torch.bfloat16 if native_bf16() else torch.float32
 
 

@@ -3,19 +3,20 @@
     model, tok = qwenkit.load("Qwen/Qwen-7B-Chat", device="cuda")   # graphs on
     qwenkit.load(..., cuda_graphs=False)                           # or --no-cuda-graphs: eager
 
-A batch-1 decode step launches some 1,200 kernels (38 per layer of a 7B model), most of them tiny:
-eagerly, the GPU waits on Python between them, and on an H100 a bf16 step took 18 ms for 5.5 ms
-of weight reads. A captured graph launches them all at once (8 ms; int4 20 -> 5 ms). Each step copies its tokens, positions and
-RoPE angles into the graph's input buffers and replays it.
+A batch-1 decode step launches over a thousand kernels, most of them tiny: eagerly, the GPU waits
+on Python between them for longer than it spends reading the weights. A captured graph launches them
+all at once (benchmarks/results/README.md, "GPU: one H100, 2026-11-27"). Each step copies its
+tokens, positions and RoPE angles into the graph's input buffers and replays it.
 
-A graph holds fixed addresses and shapes, so one is captured per KV cache (it lives in
-`KVCache.captured`, and goes with the cache), per batch of rows, and per attended length rounded
+A graph holds fixed addresses and shapes, so one is captured per KV cache (it lives in the decode
+loop's step for that cache, runtime/decode.py, and goes with it), per batch of rows, and per attended
+length rounded
 up to a multiple of `LENGTH_STEP` positions: the graph attends to that many cached positions and
 masks those past each row's own. The first step into a new length runs eagerly (it also prepares
 the quantized kernels) and captures; later ones replay. Prefill, training and CPU models never
 come here. Float weights changed in place are seen; weights swapped for new tensors, or quantized
 layers changed at all, while a cache is in use are not (its graphs keep what they captured): make a
-new cache (each `generate` call and each `Decoder` makes its own).
+new cache and step (each `generate` call and each `Decoder` makes its own).
 
 With `qwenkit.compile_decode` too, the graphs capture the compiled step.
 """
@@ -24,50 +25,51 @@ from __future__ import annotations
 
 import torch
 
-from ..model import KVCache, Model, Transformer
+from ..model import KVCache, Model, StepInputs, Transformer
+from .decode import decode_setup
 
 LENGTH_STEP = 256  # attended positions are rounded up to this: few captures, little masked work
 
 
 def use_cuda_graphs(model: Model, enabled: bool = True) -> None:
     """Replay `model`'s one-token decode steps on CUDA as graphs (or, with enabled=False, stop)."""
-    net = model.model
-    net.decode_runner = GraphedDecode(net) if enabled else None
+    decode_setup(model).graphs = GraphedBlocks if enabled else None
 
 
-class GraphedDecode:
-    """The Transformer's decode runner: one captured graph per (cache rows, attended length, inputs' form)."""
+class GraphedBlocks:
+    """A decode step's graphs for one cache: one per (cache rows, attended length, inputs' form)."""
 
     def __init__(self, net: Transformer):
         self.net = net
+        self.captured: dict = {}
 
-    def __call__(self, tokens, rope, input_pos, write_pos, cache: KVCache, kv_len: int, q_scale):
+    def __call__(self, tokens: torch.Tensor, inputs: StepInputs, blocks) -> torch.Tensor | None:
+        """The hidden states of the step `inputs` describe, replayed (or captured, and run), or None
+        for a step that is not to be captured: training, the CPU, or a capture of our caller's own."""
         if tokens.device.type != "cuda" or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
-            return None  # training, CPU, or a capture of our caller's own: the eager step
-        length = min(cache.max_len, -(-kv_len // LENGTH_STEP) * LENGTH_STEP)
+            return None
+        cache, write_pos, q_scale = inputs.cache, inputs.write_pos, inputs.q_scale
+        length = min(cache.max_len, -(-cache.length // LENGTH_STEP) * LENGTH_STEP)
         key = (cache.k[0].data_ptr(), tuple(cache.k[0].shape), length, write_pos.dim(), q_scale is None,
-               torch.is_inference_mode_enabled())
-        inputs = (tokens, *rope, input_pos, write_pos) + (() if q_scale is None else (q_scale,))
-        graph = cache.captured.get(key)
+               torch.is_inference_mode_enabled(), blocks)
+        step_inputs = (tokens, *inputs.rope, inputs.positions, write_pos) + (() if q_scale is None else (q_scale,))
+        graph = self.captured.get(key)
         if graph is None:
-            pool = cache.captured.setdefault("pool", torch.cuda.graph_pool_handle())
-            view = cache.prefix(length)
-            view.captured = None  # the graph keeps this view: no cycle back to the dict that keeps the graph
-            graph = cache.captured[key] = _CapturedStep(self.net, view, inputs, pool)
+            pool = self.captured.setdefault("pool", torch.cuda.graph_pool_handle())
+            graph = self.captured[key] = _CapturedStep(self.net, cache.prefix(length), step_inputs, pool, blocks)
             return graph.first_output
-        return graph.replay(inputs)
+        return graph.replay(step_inputs)
 
 
 class _CapturedStep:
     """One decode step captured as a CUDA graph, with the input buffers it reads."""
 
-    def __init__(self, net: Transformer, cache: KVCache, inputs: tuple[torch.Tensor, ...], pool):
+    def __init__(self, net: Transformer, cache: KVCache, inputs: tuple[torch.Tensor, ...], pool, blocks):
         # A graph holds addresses, not tensors: whatever it reads that was made outside it (its
         # inputs, the positions, the cache view) is kept here, or its memory would be reused.
         self.inputs = [t.clone() for t in inputs]
         self.positions = torch.arange(cache.length, device=inputs[0].device)
         self.cache = cache
-        blocks = net.compiled_decode_blocks or net.blocks
 
         def step():
             tokens, cos, sin, input_pos, write_pos, *q_scale = self.inputs

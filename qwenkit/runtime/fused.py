@@ -8,10 +8,9 @@ shapes. The model asks for the joint product through `fused_with` (model.shared_
 the hook the quantized linears offer too. A group whose parameters were replaced since (moved to
 another device or dtype, reassigned, sharded for training) runs as separate products again.
 
-Measured (Qwen-7B shape, bf16, batch-1 decode, H100): 118 -> 127 tok/s with CUDA graphs, 142 ->
-146-150 with the compiled step as well; one launch and one split-K reduction instead of three for
-q/k/v. On the CPU, bf16 linears are packed for oneDNN instead (qwenkit.runtime.packed); for float32 ones
-the layout made no measurable difference on our 2-core machine.
+It pays on a GPU, where q/k/v take one launch and one split-K reduction instead of three
+(benchmarks/results/README.md, "GPU: one H100, 2026-11-27"). On the CPU, bf16 linears are packed for
+oneDNN instead (qwenkit.runtime.packed); for float32 ones the layout made no measurable difference.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@
 
 oneDNN multiplies by a plain [out, in] bf16 weight by reordering it into its blocked layout on
 every call, so a one-token step moves each weight about twice over. Reordered once at load
-(aten's mkldnn._reorder_linear_weight), a weight is read once: on our 2-core CPU the demo's bf16
-matrix-vector products went from ~22 GB/s to 40-65 GB/s and its decode from 21.7 to 29.3 tok/s.
-It is the same kernel, so results are bit-identical to F.linear (checked once per process: where
-they are not, or the CPU lacks what the packed kernel needs, nothing is packed). float32 models keep
-F.linear, whose MKL kernels the packed path does not reproduce bit for bit.
+(aten's mkldnn._reorder_linear_weight), a weight is read once, and bf16 decode is that much faster
+(benchmarks/results/README.md, the opening section). It is the same kernel, so results are
+bit-identical to F.linear (checked once per process: where they are not, or the CPU lacks what the
+packed kernel needs, nothing is packed). float32 models keep F.linear, whose MKL kernels the
+packed path does not reproduce bit for bit.
 
 A PackedLinear keeps only the packed weight: the loader packs each weight as it arrives and frees
 the dense one (a tied head gets its own packed copy; the embedding keeps the dense table). Its state

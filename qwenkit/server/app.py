@@ -84,7 +84,7 @@ class Settings:
     served_model_name: str = "qwenkit"
     model_aliases: tuple[str, ...] = ()  # other names a request's `model` may use (the -m argument)
     api_key: str | None = None  # Bearer token required on the API
-    api_auth: str | None = None  # "user:pass" for HTTP Basic, as the seed's --api-auth
+    api_auth: str | None = None  # "user:pass" for HTTP Basic, as the Qwen-7B scripts' --api-auth
     max_batch: int = 8
     max_queue: int = 64
     context_length: int | None = None  # None: min(the model's context, DEFAULT_CONTEXT)
@@ -412,7 +412,6 @@ async def completions(request: HTTPRequest):
     requests = []
     for prompt in body.prompts:
         ids = await run_in_threadpool(tok.encode, prompt) if isinstance(prompt, str) else prompt
-        check_token_ids(ids, engine.model.config.vocab_size, "prompt")
         requests += engine_requests(engine, body, ids, body.max_tokens, CompletionRequest.DEFAULT_MAX_TOKENS,
                                     prompt_param="prompt", stop=body.stops, logprobs=body.logprobs is not None,
                                     top_logprobs=body.logprobs or 0)

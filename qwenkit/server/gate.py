@@ -38,7 +38,7 @@ class Gate:
         self.app, self.service = app, service
         s = service.settings
         self.bearer = [x for x in (s.api_key, s.api_auth and _basic(s.api_auth)) if x]
-        # HTTP Basic carries USER:PASS only. As a Bearer token it is accepted too, as the seed's
+        # HTTP Basic carries USER:PASS only. As a Bearer token it is accepted too, as the Qwen-7B scripts'
         # --api-auth does: the openai client can send nothing but a Bearer key.
         self.basic = [_basic(s.api_auth)] if s.api_auth else []
         self.challenge = 'Basic realm="qwenkit"' if s.api_auth else "Bearer"

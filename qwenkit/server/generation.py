@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Sequence
 from starlette.requests import Request as HTTPRequest
 
 from ..engine import Engine, EngineFailedError, QueueFullError, Stream
-from ..generate import ContextLengthError, Delta, Request, make_request
+from ..errors import ContextLengthError, RequestError
+from ..generate import Delta, Request, make_request
+from ..generate import check_token_ids as check_in_vocabulary
 from ..tokenizer import Tokenizer
 from ..tools import ContentDelta, Event, ToolCallArgs, ToolCallStart, ToolParser
 from .protocol import APIError, GenerationRequest
@@ -22,34 +24,24 @@ from .protocol import APIError, GenerationRequest
 # ----------------------------------------------------------------------------- requests in
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"token id {bad} is not in the vocabulary [0, {vocab_size})", param=param)
+    try:
+        check_in_vocabulary(ids, vocab_size, param)
+    except RequestError as e:
+        raise APIError(400, str(e), param=param) from None
 
 
 def engine_requests(engine: Engine, body: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
                     default_max_tokens: int | None, *, prompt_param: str, stop: list[str],
                     logprobs: bool = False, top_logprobs: int = 0) -> list[Request]:
-    """The body's n engine requests for one prompt, checked against the context.
+    """The body's n engine requests for one prompt, each built and checked by make_request.
 
     max_tokens None means `default_max_tokens` (None: the rest of the context), cut to what fits;
     a max_tokens the client chose must fit whole, as OpenAI has it.
     """
-    context = engine.context_length
-    room = context - len(prompt_ids)
-    if room < 1:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens but the context holds {context} "
-                            "(the prompt plus at least one new token): shorten the prompt",
-                       param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
-        max_tokens = min(room, default_max_tokens or room)
-    elif max_tokens > room:
-        raise APIError(400, f"max_tokens is {max_tokens} but the context holds {context} tokens and the prompt "
-                            f"uses {len(prompt_ids)}, so at most {room} can be generated: lower max_tokens",
-                       param="max_tokens", code="context_length_exceeded")
-    vocab = engine.model.config.vocab_size
-    check_token_ids([int(k) for k in body.logit_bias or {}], vocab, "logit_bias")
-    check_token_ids(body.stop_token_ids or [], vocab, "stop_token_ids")
+        max_tokens, must_fit = default_max_tokens or engine.context_length, False
+    else:
+        must_fit = True
     sampling = body.sampling()
     requests = []
     for i in range(body.n):
@@ -57,11 +49,14 @@ def engine_requests(engine: Engine, body: GenerationRequest, prompt_ids: list[in
             sampling["seed"] = body.seed + i
         try:
             requests.append(make_request(
-                engine.model, engine.tokenizer, prompt_ids, max_new_tokens=max_tokens, stop=stop,
+                engine.model, engine.tokenizer, prompt_ids, max_new_tokens=max_tokens, max_new_tokens_must_fit=must_fit, stop=stop,
                 stop_token_ids=body.stop_token_ids, logprobs=logprobs, top_logprobs=top_logprobs,
-                context_length=context, **sampling))
-        except ValueError as e:  # make_request names the field
-            raise APIError(400, str(e)) from None
+                context_length=engine.context_length, **sampling))
+        except RequestError as e:
+            # make_request's field names, as the body names them
+            param = {"prompt": prompt_param, "max_new_tokens": "max_tokens"}.get(e.param, e.param)
+            raise APIError(400, str(e), param=param,
+                           code="context_length_exceeded" if isinstance(e, ContextLengthError) else None) from None
     return requests
 
 
@@ -79,10 +74,6 @@ def submit(engine: Engine, requests: list[Request]) -> list[Stream]:
             stream.cancel()
         raise APIError(503, f"the server is busy: {e}", code="queue_full",
                        headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}) from None
-    except (ContextLengthError, ValueError) as e:
-        for stream in streams:
-            stream.cancel()
-        raise APIError(400, str(e)) from None
     except EngineFailedError as e:
         for stream in streams:
             stream.cancel()

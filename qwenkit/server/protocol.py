@@ -18,7 +18,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
-from ..chat import MAX_JSON_DEPTH
+from ..generate import SAMPLING_FIELDS
+from ..prompts import MAX_JSON_DEPTH
 from ..sampling import MAX_TOP_K, MIN_REPETITION_PENALTY
 from ..tools import deeper_than
 
@@ -180,7 +181,7 @@ class FunctionDef(Strict):
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
-    # Qwen's own function fields (the seed's openai_api.py accepts them; the ReAct prompt uses them).
+    # Qwen's own function fields (the Qwen-7B scripts' openai_api.py accepts them; the ReAct prompt uses them).
     name_for_model: str | None = None
     name_for_human: str | None = None
     description_for_model: str | None = None
@@ -280,9 +281,7 @@ class GenerationRequest(Strict):
     def sampling(self) -> dict:
         """The sampling options the client set, as make_request keywords (unset ones keep the
         checkpoint's generation_config defaults)."""
-        out = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                                              "frequency_penalty", "repetition_penalty", "seed")
-               if getattr(self, k) is not None}
+        out = {k: getattr(self, k) for k in SAMPLING_FIELDS if k != "logit_bias" and getattr(self, k) is not None}
         if self.logit_bias:
             out["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
         return out

@@ -7,8 +7,9 @@
     save_adapter(model, "out/", base_model_name="Qwen/Qwen2.5-7B-Instruct")
 """
 
-from .data import IGNORE_INDEX, DataStats, Example, collate, lm_loss, load_dataset
+from .data import IGNORE_INDEX, DataStats, Example, collate, load_dataset
 from .lora import LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter, trainable_parameters
+from .loss import lm_loss
 
 __all__ = ["IGNORE_INDEX", "DataStats", "Example", "LoRALinear", "apply_lora", "collate", "lm_loss",
            "load_adapter", "load_dataset", "merge_lora", "save_adapter", "trainable_parameters"]

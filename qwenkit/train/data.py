@@ -8,17 +8,17 @@ Formats, told apart by the first character of the file ('[' is a JSON array, any
   with assistant `tool_calls`, `tool` results and the optional `"weight": 0` that leaves an
   assistant message out of the loss.
 
-Rendering: Qwen v1 (no chat template) with the same ChatML segments as `qwenkit.chat`; newer
+Rendering: Qwen v1 (no chat template) with the same ChatML segments as `qwenkit.prompts`; newer
 models with the checkpoint's template exactly as the server renders a request (tools included).
 The tokens of a conversation therefore start with the inference prompt of each of its prefixes.
 
 Labels (IGNORE_INDEX = -100 is not trained):
-- Qwen v1, the seed's rule (spec §7.2): in every segment `<|im_start|>`, `<|im_end|>` and the "\n"
+- Qwen v1, the Qwen-7B scripts' rule (spec §7.2): in every segment `<|im_start|>`, `<|im_end|>` and the "\n"
   after it are trained, the role name and the "\n" after it are not; content only for assistants.
 - Templated models: each assistant reply as the template writes it after its generation prompt, up
   to and including its `<|im_end|>`, which is the token generation stops at; the "\n" the template
   writes after `<|im_end|>` is the next turn's context, never generated, and is not trained.
-Examples longer than `max_length` keep their first `max_length` tokens (as the seed does).
+Examples longer than `max_length` keep their first `max_length` tokens (as the Qwen-7B scripts do).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from jinja2.exceptions import TemplateError
 
-from ..chat import DEFAULT_SYSTEM, _segment, apply_chat_template
 from ..errors import DataError
+from ..prompts import DEFAULT_SYSTEM, apply_chat_template, chatml_segment
 from ..tokenizer import Tokenizer
 from ..tools import _functions, _template_messages
 
@@ -121,15 +121,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": labels}
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy: the logits at t predict labels[t + 1] (-100 ignored)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX)
-
-
 def predicting_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask [B, T] of the positions whose next token is a label, those labels [n]): lm_loss over
-    logits computed only there (Model's `logits_at`) is `F.cross_entropy(logits.float(), targets)`."""
+    """(mask [B, T] of the positions whose next token is a label, those labels [n]): the logits at
+    those positions (Model's `logits_at` computes only them) against the labels make loss.lm_loss."""
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     return F.pad(mask, (0, 1)), targets[mask]
@@ -276,18 +270,18 @@ def _examples(tok: Tokenizer, messages: list[dict], tools: list[dict] | None) ->
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         raise DataError("tool calls need a chat template that lists tools (Qwen2.5 and later); for Qwen v1 write "
                         "the ReAct text (Thought / Action / Action Input / Observation) into the turns, as the "
-                        "seed's function-calling examples do")
+                        "Qwen-7B scripts' function-calling examples do")
     return [_qwen_v1_example(tok, messages)]
 
 
 def _qwen_v1_example(tok: Tokenizer, messages: list[dict]) -> Example:
-    """The seed's preprocess: ChatML segments, each followed by "\\n", masked as spec §7.2."""
+    """The Qwen-7B scripts' preprocess: ChatML segments, each followed by "\\n", masked as spec §7.2."""
     if messages[0]["role"] != "system":
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + messages
     nl = tok.encode("\n", allowed_special=set())
     ids, labels = [], []
     for m in messages:
-        segment = _segment(tok, m["role"], m["content"]) + nl
+        segment = chatml_segment(tok, m["role"], m["content"]) + nl
         head = 1 + len(tok.encode(m["role"], allowed_special=set())) + len(nl)  # <|im_start|> role \n
         tail = 1 + len(nl)  # <|im_end|> \n
         content = segment[head:-tail]

@@ -44,9 +44,9 @@ PREFIX = "base_model.model."  # what peft puts before the base model's own names
 
 class LoRADropout(nn.Dropout):
     """nn.Dropout whose keep mask is drawn as 15-bit integers on the CPU, four from each random 64-bit
-    word: a third of the time of bernoulli_, which was a sixth of a LoRA step on the demo model (seven
-    masks per layer; one 15-bit integer per draw took half of it). The drop probability is rounded
-    to a multiple of 2^-15 and the scale follows it."""
+    word: bernoulli_'s masks (seven per layer) were a large share of a LoRA step, and this takes a
+    fraction of their time (benchmarks/results/README.md, "Fine-tuning against transformers + peft").
+    The drop probability is rounded to a multiple of 2^-15 and the scale follows it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not self.p or x.device.type != "cpu":

@@ -5,14 +5,16 @@ makes four [n, vocab] fp32 tensors a step: the upcast, log_softmax's output, nll
 gradient and log_softmax's gradient (~270 MB each for 444 label tokens of Qwen's 152k vocabulary),
 and then casts the gradient back. `cross_entropy` upcasts a few rows at a time instead: the log-sum-exp
 of each row in the forward, softmax − one-hot written straight into a gradient of the logits' dtype
-in the backward. The values are the same (in fp32, up to summation order); on our 2-core CPU the
-forward and backward of the demo's 444 × 151,936 bf16 logits take ~105 ms instead of ~345.
+in the backward. The values are the same (in fp32, up to summation order), in far less time and
+memory (benchmarks/results/README.md, "Fine-tuning against transformers + peft").
 """
 
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .data import predicting_positions
 
 BLOCK_BYTES = 4 << 20  # fp32 rows upcast at once: cache-sized
 
@@ -26,6 +28,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
         raise ValueError(f"cross_entropy takes logits [n, vocab] and targets [n], not {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")
     return _CrossEntropy.apply(logits, targets, reduction == "mean")
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of logits [B, T, vocab]: the logits at t predict labels[t + 1]
+    (IGNORE_INDEX ignored)."""
+    mask, targets = predicting_positions(labels)
+    return cross_entropy(logits[mask], targets)
 
 
 def _row_blocks(logits: torch.Tensor):
