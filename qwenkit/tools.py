@@ -127,7 +127,7 @@ def _tool_choice(tool_choice) -> tuple[str, str | None]:
                      f"{{'type': 'function', 'function': {{'name': NAME}}}} (got {tool_choice!r})")
 
 
-def _functions(tools: list[dict]) -> list[dict]:
+def checked_functions(tools: list[dict]) -> list[dict]:
     """The function specs inside OpenAI tools, checked: a name is required."""
     functions = []
     for i, tool in enumerate(tools):
@@ -310,7 +310,7 @@ class ReActParser:
 
 def react_instruction(tools: list[dict]) -> str:
     """The Qwen-7B scripts' ReAct instruction for OpenAI tools (Qwen-style *_for_model / *_for_human keys win)."""
-    functions = _functions(tools)
+    functions = checked_functions(tools)
     lines, names = [], []
     for f in functions:
         name = f.get("name_for_model", f["name"])
@@ -414,7 +414,7 @@ def _react_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] 
 
 # ------------------------------------------------------------------------- templated prompts
 
-def _template_messages(messages: list[dict]) -> list[dict]:
+def template_messages(messages: list[dict]) -> list[dict]:
     """OpenAI messages -> what Qwen chat templates expect: text content, tool_calls with arguments
     as a parsed object (the Qwen2.5 template writes ``arguments | tojson``), legacy function_call
     and function results as tool_calls and tool messages."""
@@ -447,7 +447,7 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] |
     if tools and (where := deeper_than(tools, MAX_JSON_DEPTH)) is not None:
         raise ValueError(f"the tools nest deeper than {MAX_JSON_DEPTH} levels (at {where}): flatten the schema")
     mode, name = _tool_choice(tool_choice)
-    names = {f["name"] for f in _functions(tools or [])}
+    names = {f["name"] for f in checked_functions(tools or [])}
     if mode in ("required", "function") and not tools:
         raise ValueError(f"tool_choice {tool_choice!r} needs tools")
     if name is not None and name not in names:
@@ -456,7 +456,7 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] |
         tools = None
     if _is_react(tokenizer):
         return _react_prompt(tokenizer, messages, tools, forced=mode in ("required", "function"))
-    return apply_chat_template(tokenizer, _template_messages(messages), tools=tools or None)
+    return apply_chat_template(tokenizer, template_messages(messages), tools=tools or None)
 
 
 def forced_prefix(tokenizer: Tokenizer, tool_choice) -> str | None:

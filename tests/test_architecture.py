@@ -107,6 +107,16 @@ def test_forbidden_arrows(importer, imported):
     assert not offenders, "\n".join(offenders)
 
 
+def test_no_module_imports_another_ones_private_names():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("qwenkit")):
+                offenders += [f"{module_name(path)}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, "\n".join(offenders)
+
+
 _IMPORT_EACH = """
 import importlib, sys
 for module in sys.argv[1:]:

@@ -38,7 +38,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 128, lm_he
     Layers are converted one at a time and each float weight is dropped as soon as its quantized
     form exists, so memory stays near the float model plus one layer's scratch.
     """
-    _check(bits, group_size, lm_head_bits)
+    check_settings(bits, group_size, lm_head_bits)
     unpack_linears(model)  # quantizers read and replace plain nn.Linear (a CPU load packs them)
     skip = tuple(skip)
     untie = lm_head_bits is not None and getattr(model.config, "tie_word_embeddings", False)
@@ -89,7 +89,7 @@ def apply_quantization_config(model: nn.Module, qconfig: dict) -> nn.Module:
                          f"only {QUANT_METHOD!r} checkpoints (made by quantize_model) load this way")
     bits, lm_head_bits = qconfig.get("bits"), qconfig.get("lm_head_bits")
     group_size = qconfig.get("group_size") or 128  # unused when nothing is int4
-    _check(bits, group_size, lm_head_bits)
+    check_settings(bits, group_size, lm_head_bits)
     keep_float = set(qconfig.get("modules_not_converted", ()))
     act_order = {"act_order": True} if qconfig.get("act_order") else {}  # int4 layers hold a `perm`
     _swap_linears(model, bits, group_size, lm_head_bits, lambda name: name in keep_float,
@@ -99,7 +99,7 @@ def apply_quantization_config(model: nn.Module, qconfig: dict) -> nn.Module:
     return model
 
 
-def _check(bits, group_size, lm_head_bits) -> None:
+def check_settings(bits, group_size, lm_head_bits) -> None:
     if bits not in LAYER_CLASSES:
         raise ValueError(f"bits must be 8 or 4, not {bits!r}")
     if lm_head_bits is not None and lm_head_bits not in LAYER_CLASSES:

@@ -34,7 +34,7 @@ from ..errors import QwenkitError
 from ..model import Model
 from ..progress import progress
 from ..runtime.packed import unpack_linears
-from .convert import _check, quantize_model
+from .convert import check_settings, quantize_model
 from .linear import Int4Linear, Int8Linear, frozen, pack_int4
 from .rtn import quantize_int4, quantize_int8
 
@@ -58,7 +58,7 @@ def gptq_quantize_model(model: Model, calibration: torch.Tensor, bits: int = 4, 
         does, untying it from the embedding if they were tied.
     batch_size: calibration sequences per forward pass.
     """
-    _check(bits, group_size, lm_head_bits)
+    check_settings(bits, group_size, lm_head_bits)
     unpack_linears(model)  # GPTQ reads and replaces plain nn.Linear (a CPU load packs them)
     if calibration.dim() != 2 or calibration.numel() == 0:
         raise QwenkitError("calibration ids must be a non-empty [sequences, tokens] tensor, "

@@ -37,7 +37,7 @@ from jinja2.exceptions import TemplateError
 from ..errors import DataError
 from ..prompts import DEFAULT_SYSTEM, apply_chat_template, chatml_segment
 from ..tokenizer import Tokenizer
-from ..tools import _functions, _template_messages
+from ..tools import checked_functions, template_messages
 
 IGNORE_INDEX = -100
 SEED_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -198,7 +198,7 @@ def _conversation(record) -> tuple[list[dict], list[dict] | None]:
     if tools is not None:
         if not isinstance(tools, list):
             raise DataError("'tools' must be a list of {'type': 'function', 'function': {...}}")
-        _functions(tools)
+        checked_functions(tools)
     _check_order(messages)
     return messages, tools or None
 
@@ -301,7 +301,7 @@ def _template_examples(tok: Tokenizer, messages: list[dict], tools: list[dict] |
     will see it at inference.
     """
     def render(msgs: list[dict], generation_prompt: bool) -> list[int]:
-        return apply_chat_template(tok, _template_messages(msgs), add_generation_prompt=generation_prompt,
+        return apply_chat_template(tok, template_messages(msgs), add_generation_prompt=generation_prompt,
                                    tools=tools)
 
     end_of_turn = tok.im_end_id if tok.im_end_id is not None else tok.eos_token_id
