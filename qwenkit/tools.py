@@ -269,7 +269,7 @@ class ReActParser:
 
     One deviation lets answers stream: once ``\\nFinal Answer: `` arrives with no ``\\nAction:``
     before it, everything after it streams as content. So the first Final Answer counts (the Qwen-7B scripts
-    takes the last), and an Action written after a final answer is part of the answer (the Qwen-7B scripts
+    take the last), and an Action written after a final answer is part of the answer (the Qwen-7B scripts
     would call it). The model writes neither.
     """
 

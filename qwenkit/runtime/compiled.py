@@ -6,10 +6,10 @@
 A batch-1 decode step is mostly per-op overhead once the weights are int4: thousands of small
 PyTorch calls per token around a few matrix-vector kernels per layer. Inductor fuses the norms, RoPE,
 attention and residual arithmetic into a few loops, and its C++ wrapper calls them without Python
-in between. Only the one-token steps a decode loop takes run compiled (runtime/decode.py: the loop's step calls
-the compiled `Transformer.blocks`); prefill, training and plain forwards stay eager. The quantized linears' kernels are prepared
-by one eager step first and then called from the compiled code as they are (extern kernels), and
-greedy text is the same as eager's.
+in between. Only the one-token steps a decode loop takes run compiled (runtime/decode.py: the
+loop's step calls the compiled `Transformer.blocks`); prefill, training and plain forwards stay
+eager. The quantized linears' kernels are prepared by one eager step first and then called from the
+compiled code as they are (extern kernels), and greedy text is the same as eager's.
 
 It stays opt-in: it pays for quantized weights on a CPU and, with CUDA graphs, on a GPU, after a
 one-off compile; but bf16 weights on a CPU decode slower compiled, because it runs them plain where

@@ -78,8 +78,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():  # the weight is no parameter: it would never learn
-            raise QwenkitError("this model's linears are packed for inference (qwenkit.runtime.packed) and cannot train: "
-                               "call qwenkit.runtime.packed.unpack_linears(model) first, or load it with pack=False")
+            raise QwenkitError("this model's linears are packed for inference (qwenkit.runtime.packed) and cannot "
+                               "train: call qwenkit.runtime.packed.unpack_linears(model) first, or load it with "
+                               "pack=False")
         if x.dtype != torch.bfloat16 or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -117,8 +118,8 @@ class PackedLinear(nn.Module):
         probe = fn(torch.empty(0, dtype=torch.bfloat16))
         if probe.device.type != "cpu" or probe.dtype != torch.bfloat16:
             raise QwenkitError(f"this model's bf16 CPU linears are packed for oneDNN and cannot become "
-                               f"{probe.dtype} on {probe.device}: call qwenkit.runtime.packed.unpack_linears(model) first, "
-                               "or load the model with that device and dtype")
+                               f"{probe.dtype} on {probe.device}: call qwenkit.runtime.packed.unpack_linears(model) "
+                               "first, or load the model with that device and dtype")
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

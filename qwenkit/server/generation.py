@@ -23,11 +23,18 @@ from .protocol import APIError, GenerationRequest
 
 # ----------------------------------------------------------------------------- requests in
 
+def api_error(e: RequestError, prompt_param: str = "prompt") -> APIError:
+    """A broken request rule as the client gets it, its field named as the body names it."""
+    param = {"prompt": prompt_param, "max_new_tokens": "max_tokens"}.get(e.param, e.param)
+    return APIError(400, str(e), param=param,
+                    code="context_length_exceeded" if isinstance(e, ContextLengthError) else None)
+
+
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
     try:
         check_in_vocabulary(ids, vocab_size, param)
     except RequestError as e:
-        raise APIError(400, str(e), param=param) from None
+        raise api_error(e) from None
 
 
 def engine_requests(engine: Engine, body: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
@@ -49,14 +56,11 @@ def engine_requests(engine: Engine, body: GenerationRequest, prompt_ids: list[in
             sampling["seed"] = body.seed + i
         try:
             requests.append(make_request(
-                engine.model, engine.tokenizer, prompt_ids, max_new_tokens=max_tokens, max_new_tokens_must_fit=must_fit, stop=stop,
-                stop_token_ids=body.stop_token_ids, logprobs=logprobs, top_logprobs=top_logprobs,
-                context_length=engine.context_length, **sampling))
+                engine.model, engine.tokenizer, prompt_ids, max_new_tokens=max_tokens,
+                max_new_tokens_must_fit=must_fit, stop=stop, stop_token_ids=body.stop_token_ids, logprobs=logprobs,
+                top_logprobs=top_logprobs, context_length=engine.context_length, **sampling))
         except RequestError as e:
-            # make_request's field names, as the body names them
-            param = {"prompt": prompt_param, "max_new_tokens": "max_tokens"}.get(e.param, e.param)
-            raise APIError(400, str(e), param=param,
-                           code="context_length_exceeded" if isinstance(e, ContextLengthError) else None) from None
+            raise api_error(e, prompt_param) from None
     return requests
 
 
