@@ -141,8 +141,7 @@ class Attention(nn.Module):
                 write_pos: torch.Tensor, cache: KVCache | None, q_scale: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, G = self.num_heads, self.num_kv_heads
-        qkv = shared_input_linears(x, self.q_proj, self.k_proj, self.v_proj, concatenated=True)
-        qkv = qkv.view(B, T, H + 2 * G, self.head_dim).transpose(1, 2)  # [B, heads, T, head_dim]
+        qkv = self.project_qkv(x).view(B, T, H + 2 * G, self.head_dim).transpose(1, 2)  # [B, heads, T, head_dim]
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qkv[:, :H]), self.k_norm(qkv[:, H:H + G])), dim=1)
         else:
@@ -169,6 +168,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v of x side by side on the last dimension (qwenkit.runtime.fused may run them as
+        one product)."""
+        return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
 
 
 # Cached keys and values (per row) up to which CPU decode attention multiplies in fp32; see below.
@@ -210,27 +214,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = shared_input_linears(x, self.gate_proj, self.up_proj)
+        gate, up = self.project_gate_up(x)
         return self.down_proj(F.silu(gate) * up)
 
-
-def shared_input_linears(x: torch.Tensor, *linears: nn.Module, concatenated: bool = False):
-    """[linear(x) for each linear], for sibling projections of one input (q/k/v, gate/up); with
-    `concatenated`, those outputs as one tensor along the last dimension.
-
-    Layers that offer `fused_with` (the quantized linears, and float ones laid out as one joint
-    tensor by qwenkit.runtime.fused) may run all of them as one kernel: at batch-1 decode one
-    matrix-vector pass over the concatenated weights beats several, and its output is the
-    concatenated tensor already.
-    """
-    fused = getattr(linears[0], "fused_with", None)
-    x2d = x.reshape(-1, x.shape[-1])
-    run = fused(linears[1:], x2d) if fused is not None else None
-    if run is None:
-        outputs = [linear(x) for linear in linears]
-        return torch.cat(outputs, dim=-1) if concatenated else outputs
-    y = run(x2d).view(*x.shape[:-1], -1)
-    return y if concatenated else list(y.split([linear.out_features for linear in linears], dim=-1))
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two projections of one input (qwenkit.runtime.fused may run them as one product)."""
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class Block(nn.Module):

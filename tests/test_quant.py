@@ -154,29 +154,49 @@ def test_new_weights_replace_the_prepared_kernel(kernels):
 def test_siblings_sharing_an_input_run_as_one_fused_kernel():
     """q/k/v and gate/up as one int4 kernel: the same outputs as the layers run one by one, remade
     when a layer's tensors change, and no fusing across layer kinds, group sizes or for many rows."""
-    from qwenkit.model import shared_input_linears
+    from qwenkit.runtime.fused import joint_product
+
+    def joint(x, *layers):
+        y = joint_product(None, x, layers)
+        return None if y is None else y.split([layer.out_features for layer in layers], dim=-1)
 
     q, k, v = (Int4Linear.from_float(float_linear(n_out=n, seed=s), group_size=64)
                for s, n in ((0, 64), (1, 32), (2, 32)))
     x = torch.randn(1, 1, 256)
     with torch.no_grad():
         alone = [layer(x) for layer in (q, k, v)]
-        fused = shared_input_linears(x, q, k, v)
+        fused = joint(x, q, k, v)
         assert q._fused is not None and q._fused[1] is not None  # the fused kernel ran
         for a, b in zip(fused, alone):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
 
         k.load_state_dict(Int4Linear.from_float(float_linear(n_out=32, seed=7), group_size=64).state_dict())
-        assert torch.allclose(shared_input_linears(x, q, k, v)[1], k(x), atol=1e-5)
+        assert torch.allclose(joint(x, q, k, v)[1], k(x), atol=1e-5)
 
         other_group = Int4Linear.from_float(float_linear(n_out=32, seed=2), group_size=32)
         int8 = Int8Linear.from_float(float_linear(n_out=32, seed=2))
         for sibling in (other_group, int8, float_linear(n_out=32, seed=2)):
-            outs = shared_input_linears(x, q, k, sibling)
-            assert q._fused[1] is None and torch.allclose(outs[2], sibling(x), atol=1e-6)
+            assert joint(x, q, k, sibling) is None and q._fused[1] is None
         many_rows = torch.randn(1, q.gemm_min_rows, 256)
-        assert q.fused_with((k, v), many_rows.reshape(-1, 256)) is None  # the float GEMM path instead
-        assert torch.allclose(shared_input_linears(many_rows, q, k, v)[0], q(many_rows), atol=1e-5)
+        assert joint(many_rows, q, k, v) is None  # the float GEMM path instead
+
+
+def test_a_fused_model_runs_quantized_siblings_as_one_kernel():
+    """Through the model (runtime.fused's joint projections): q/k/v and gate/up of a quantized model
+    take the fused kernel, with the logits of the layers run one by one."""
+    from qwenkit.runtime.fused import fuse_siblings
+
+    model = tiny_model()
+    quantize_model(model, bits=4, group_size=32)
+    x = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        alone = model(x)
+        fuse_siblings(model)
+        together = model(x)
+    attn = model.model.layers[0].self_attn
+    for first in (attn.q_proj, model.model.layers[0].mlp.gate_proj):
+        assert first._fused is not None and first._fused[1] is not None
+    assert torch.allclose(together, alone, atol=1e-4)
 
 
 def test_glibc_keeps_freed_memory_unless_turned_off():

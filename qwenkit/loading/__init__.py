@@ -224,13 +224,14 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     linear into its quantized layer the moment its weight arrives; a tied head gets its own copy.
     `pack` turns each bf16 linear into a PackedLinear (qwenkit.runtime.packed) as its weight arrives, where
     the CPU runs those; otherwise float q/k/v and gate/up weights are copied into one tensor per
-    layer and group (qwenkit.runtime.fused).
+    layer and group. Either way sibling projections may run as one product (qwenkit.runtime.fused).
     """
-    from ..runtime.fused import lay_out_siblings
+    from ..runtime.fused import fuse_siblings, lay_out_siblings
     from ..runtime.packed import pack_linears, packing_works
 
     with torch.device("meta"):
         net = ChatModel(config)
+    fuse_siblings(net)
     if prepare is not None:
         prepare(net)
     pack = pack and dtype == torch.bfloat16 and device.type == "cpu" and packing_works()

@@ -22,7 +22,7 @@ a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a naiv
 one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
 
 Siblings that read the same input (q/k/v, gate/up) can run as one kernel (`fused_with`, called by
-the model's `shared_input_linears`): at batch-1 decode one pass instead of three. qwenkit's kernels
+qwenkit.runtime.fused's joint projections): at batch-1 decode one pass instead of three. qwenkit's kernels
 take the siblings' tensors as they are; torch's int4 kernel takes a concatenated packed copy, which
 replaces the per-layer ones rather than adding to them.
 """

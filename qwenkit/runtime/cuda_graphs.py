@@ -89,7 +89,7 @@ class _CapturedStep:
         # joint q/k/v and gate/up tensors of qwenkit.runtime.fused): swapped for new tensors later, they leave
         # this graph stale rather than reading freed memory.
         self.weights = list(net.parameters()) + [getattr(m, name) for m in net.modules() for name in
-                                                 ("_kernel", "_fused", "fused_with") if getattr(m, name, None)]
+                                                 ("_kernel", "_fused", "joint") if getattr(m, name, None)]
         self.graph = torch.cuda.CUDAGraph()
         # Graphs of one cache share a memory pool: they never run at once, and each replay's output
         # is copied out before another graph can overwrite it.
