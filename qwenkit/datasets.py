@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from jinja2.exceptions import TemplateError
 
-from ..errors import DataError
-from ..prompts import DEFAULT_SYSTEM, apply_chat_template, chatml_segment
-from ..tokenizer import Tokenizer
-from ..tools import checked_functions, template_messages
+from .errors import DataError
+from .prompts import DEFAULT_SYSTEM, apply_chat_template, chatml_segment
+from .tokenizer import Tokenizer
+from .tools import checked_functions, template_messages
 
 IGNORE_INDEX = -100
-SEED_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+QWEN7B_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -188,7 +188,7 @@ def _conversation(record) -> tuple[list[dict], list[dict] | None]:
     if not isinstance(record, dict):
         raise DataError(f"a record must be a JSON object, got {type(record).__name__}")
     if "conversations" in record:
-        messages = [_seed_turn(n, turn) for n, turn in enumerate(_nonempty_list(record, "conversations"))]
+        messages = [_qwen7b_turn(n, turn) for n, turn in enumerate(_nonempty_list(record, "conversations"))]
     elif "messages" in record:
         messages = [_message(n, m) for n, m in enumerate(_nonempty_list(record, "messages"))]
     else:
@@ -210,13 +210,13 @@ def _nonempty_list(record: dict, key: str) -> list:
     return value
 
 
-def _seed_turn(n: int, turn) -> dict:
+def _qwen7b_turn(n: int, turn) -> dict:
     if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
         raise DataError(f"conversations[{n}] must be {{'from': ROLE, 'value': TEXT}} with string values "
                         f"(got {json.dumps(turn, ensure_ascii=False)[:80]})")
-    if turn["from"] not in SEED_ROLES:
-        raise DataError(f"conversations[{n}]: unknown role {turn['from']!r}; use {', '.join(SEED_ROLES)}")
-    return {"role": SEED_ROLES[turn["from"]], "content": turn["value"]}
+    if turn["from"] not in QWEN7B_ROLES:
+        raise DataError(f"conversations[{n}]: unknown role {turn['from']!r}; use {', '.join(QWEN7B_ROLES)}")
+    return {"role": QWEN7B_ROLES[turn["from"]], "content": turn["value"]}
 
 
 def _message(n: int, m) -> dict:

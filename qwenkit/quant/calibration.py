@@ -7,7 +7,7 @@ one in five (crc32(name) % 5 == 0) is held out for perplexity, the rest calibrat
 never share a file, on any Python version. Each split is read in a fixed shuffled order.
 
 A user file (`--calib FILE`) is plain text, or, for `.json` / `.jsonl`, conversations in the
-fine-tuning formats (see `qwenkit.train.data`) rendered through the model's chat template. Either
+fine-tuning formats (see `qwenkit.datasets`) rendered through the model's chat template. Either
 way the tokens form one stream, from which `samples` windows of `seq_len` tokens are taken evenly
 spaced, so a long file is sampled from end to end. Perplexity is always measured on the held-out
 standard-library files, so figures compare across calibration choices.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..datasets import load_dataset
 from ..errors import DataError
 from ..tokenizer import Tokenizer
 
@@ -52,8 +53,6 @@ def _stdlib_ids(tokenizer: Tokenizer, heldout: bool, max_tokens: int | None = No
 
 def _file_ids(tokenizer: Tokenizer, path: Path) -> list[int]:
     if path.suffix in CONVERSATION_SUFFIXES:
-        from ..train.data import load_dataset
-
         examples, _ = load_dataset(path, tokenizer, max_length=1 << 30)
         return [i for example in examples for i in example.input_ids]
     try:

@@ -7,7 +7,7 @@
     save_adapter(model, "out/", base_model_name="Qwen/Qwen2.5-7B-Instruct")
 """
 
-from .data import IGNORE_INDEX, DataStats, Example, collate, load_dataset
+from ..datasets import IGNORE_INDEX, DataStats, Example, collate, load_dataset
 from .lora import LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter, trainable_parameters
 from .loss import lm_loss
 

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..datasets import load_dataset
 from ..errors import QwenkitError
 from ..loading import build_model, load, resolve_device, resolve_dtype, resolve_source
 from ..quant import QuantizedLinear, autogptq
 from ..saving import save_checkpoint
 from .checkpoint import resolve_resume, seed_everything
-from .data import load_dataset
 from .distributed import FSDP, DeepSpeed, SingleProcess
 from .lora import apply_lora, save_adapter
 from .trainer import TrainConfig, Trainer, config_dict

@@ -35,7 +35,7 @@ from ..runtime.packed import unpack_linears
 
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The Qwen v1 scripts' target names (spec §7.3): their c_proj matches both attention and MLP output.
-SEED_TARGETS = {"c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"),
+QWEN7B_TARGETS = {"c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"),
                 "attn.c_proj": ("o_proj",), "mlp.c_proj": ("down_proj",), "w1": ("up_proj",), "w2": ("gate_proj",)}
 EXTRA_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}  # peft modules_to_save names
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -138,14 +138,14 @@ def resolve_targets(model: Model, targets: str | Sequence[str] = "all-linear") -
     items = targets.split(",") if isinstance(targets, str) else list(targets)
     chosen = set()
     for item in (t.strip() for t in items if t.strip()):
-        kinds = LAYER_LINEARS if item == "all-linear" else (item,) if item in LAYER_LINEARS else SEED_TARGETS.get(item)
+        kinds = LAYER_LINEARS if item == "all-linear" else (item,) if item in LAYER_LINEARS else QWEN7B_TARGETS.get(item)
         if kinds is not None:
             chosen.update(n for n in candidates if n.rpartition(".")[2] in kinds)
             continue
         matched = [n for n in candidates if fnmatch(n, item) or fnmatch(n, "*." + item)]
         if not matched:
             raise AdapterError(f"LoRA target {item!r} matches no linear layer: use all-linear, "
-                               f"{', '.join(LAYER_LINEARS)}, the Qwen v1 names {', '.join(SEED_TARGETS)}, or a "
+                               f"{', '.join(LAYER_LINEARS)}, the Qwen v1 names {', '.join(QWEN7B_TARGETS)}, or a "
                                "pattern over module names such as 'model.layers.*.self_attn.*'")
         chosen.update(matched)
     if not chosen:

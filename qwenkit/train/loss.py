@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .data import predicting_positions
+from ..datasets import predicting_positions
 
 BLOCK_BYTES = 4 << 20  # fp32 rows upcast at once: cache-sized
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..datasets import Example, collate, predicting_positions
 from ..errors import QwenkitError
 from ..progress import bars_enabled, progress
 from ..runtime.allocator import keep_all_freed_memory
@@ -46,7 +47,6 @@ from .checkpoint import (
     set_rng_state,
     write_atomically,
 )
-from .data import Example, collate, predicting_positions
 from .distributed import SingleProcess
 from .loss import cross_entropy
 
