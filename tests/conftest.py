@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -40,6 +42,42 @@ def qwen_tiktoken_path() -> Path:
 def tok() -> Tokenizer:
     """The Qwen v1 tokenizer (qwen.tiktoken), shared by the session: copy.copy it before changing it."""
     return Tokenizer.from_qwen_tiktoken(qwen_tiktoken_path())
+
+
+# Texts every tokenizer must encode as the reference does.
+SAMPLES = [
+    "你好，世界！今天天气怎么样？",
+    "The quick brown fox jumps over the lazy dog. It's, we'll, I'D",
+    'def f(x):\n    return {"a": [1, 2, 3]}  # comment\n\n\n',
+    "🤗👍🏽 👨‍👩‍👧‍👦 emoji",
+    "12345 3.14159 1,000,000 ٣٤٥",
+    "   leading, trailing   ",
+    "tabs\t\tand\r\nwindows\n\n\nnewlines \n \n",
+    "Ünïcödé naïve café, Ελληνικά, русский, 日本語, 한국어, العربية",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "",
+]
+
+
+GGUF_SAMPLES = SAMPLES + [
+    "<tool_call>\n{\"name\": \"f\"}\n</tool_call>",
+    "<|fim_prefix|>def<|fim_suffix|>\n<|fim_middle|>",
+    "[PAD151700] <|vision_pad|>",
+    "  \n\n\n   x\t\t\ty  ",
+]
+
+
+def random_texts(count: int, seed: int = 0) -> list[str]:
+    """NFC text mixing characters from all of Unicode's planes 0-2 with whitespace, digits and CJK."""
+    rng = random.Random(seed)
+    common = list(" \t\n\r\u00a0\u3000.,'s'llabc123你好")
+    texts = []
+    for _ in range(count):
+        chars = [chr(rng.randrange(0x30000)) if rng.random() < 0.3 else rng.choice(common)
+                 for _ in range(200)]
+        text = "".join(c for c in chars if not "\ud800" <= c <= "\udfff")
+        texts.append(unicodedata.normalize("NFC", text))
+    return texts
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

@@ -14,7 +14,8 @@ from qwenkit.quant.calibration import calibration_ids, heldout_ids, stdlib_files
 from qwenkit.quant.gptq import gptq_quantize, gptq_quantize_model
 from qwenkit.tokenizer import Tokenizer
 
-from .conftest import BYTE_VOCAB, CHATML, qwen_tiktoken_path, randomize, rel_err, tiny_config, tiny_model
+from .conftest import (BYTE_VOCAB, CHATML, GGUF_SAMPLES, qwen_tiktoken_path, random_texts, randomize, rel_err,
+                       tiny_config, tiny_model)
 
 # ---------------------------------------------------------------------------------- the algorithm
 
@@ -230,8 +231,6 @@ def test_qwen_v1_saves_in_qwen2_form_and_keeps_its_long_context_settings(tmp_pat
 
 @pytest.mark.real
 def test_demo_tokenizer_round_trips_through_saved_files(demo_tok, tmp_path):
-    from .test_tokenizer import GGUF_SAMPLES, random_texts
-
     tok = demo_tok
     tok.save_pretrained(tmp_path)
     saved = Tokenizer.from_pretrained(tmp_path)

@@ -9,21 +9,7 @@ import pytest
 
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.tokenizer import _BYTE_OF_CHAR, Tokenizer
-from .conftest import qwen_tiktoken_path
-
-SAMPLES = [
-    "你好，世界！今天天气怎么样？",
-    "The quick brown fox jumps over the lazy dog. It's, we'll, I'D",
-    'def f(x):\n    return {"a": [1, 2, 3]}  # comment\n\n\n',
-    "🤗👍🏽 👨‍👩‍👧‍👦 emoji",
-    "12345 3.14159 1,000,000 ٣٤٥",
-    "   leading, trailing   ",
-    "tabs\t\tand\r\nwindows\n\n\nnewlines \n \n",
-    "Ünïcödé naïve café, Ελληνικά, русский, 日本語, 한국어, العربية",
-    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
-    "",
-]
-
+from .conftest import GGUF_SAMPLES, SAMPLES, qwen_tiktoken_path, random_texts
 
 def spelled(text: str) -> str:
     """`text` as a byte-level vocab file writes it (GPT-2's byte-to-unicode alphabet)."""
@@ -239,27 +225,6 @@ def test_bad_eos_in_config_is_named(small_hf_dir):
 
 
 # ---------------------------------------------------------------------- Qwen2.5 (demo GGUF) vs transformers
-
-GGUF_SAMPLES = SAMPLES + [
-    "<tool_call>\n{\"name\": \"f\"}\n</tool_call>",
-    "<|fim_prefix|>def<|fim_suffix|>\n<|fim_middle|>",
-    "[PAD151700] <|vision_pad|>",
-    "  \n\n\n   x\t\t\ty  ",
-]
-
-
-def random_texts(count: int, seed: int = 0) -> list[str]:
-    """NFC text mixing characters from all of Unicode's planes 0-2 with whitespace, digits and CJK."""
-    rng = random.Random(seed)
-    common = list(" \t\n\r\u00a0\u3000.,'s'llabc123你好")
-    texts = []
-    for _ in range(count):
-        chars = [chr(rng.randrange(0x30000)) if rng.random() < 0.3 else rng.choice(common)
-                 for _ in range(200)]
-        text = "".join(c for c in chars if not "\ud800" <= c <= "\udfff")
-        texts.append(unicodedata.normalize("NFC", text))
-    return texts
-
 
 @pytest.fixture(scope="session")
 def gguf_fields(demo_path):
