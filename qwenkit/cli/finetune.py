@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from ..errors import QwenkitError
+from ..train.finetune import METHOD_LR, FinetuneOptions
 from .args import add_model_arg
+
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(FinetuneOptions)}
 
 HELP = "full, LoRA or Q-LoRA fine-tuning on conversations"
 DESCRIPTION = ("Fine-tune on a conversation file: --method full, lora (default) or qlora (LoRA on an int4 base). "
@@ -23,37 +27,45 @@ EPILOG = """examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The options default to None, so that one given on the command line can be told from one left out, and
-    # wins over the --config file; FinetuneOptions holds the defaults.
+    # wins over the --config file; FinetuneOptions holds the defaults, which the help shows.
+    def default(name: str) -> str:
+        return f"(default: {DEFAULTS[name]})"
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the epilog's examples keep their lines
     flag = argparse.BooleanOptionalAction
     parser.add_argument("--config", metavar="YAML", help="options from a YAML file whose keys are the long option "
                         "names (lora-r or lora_r); flags on the command line win. No short form: -c is "
                         "--checkpoint-path, as on every verb")
-    add_model_arg(parser, "base model: checkpoint directory, .gguf file, hub id or demo (default: demo)")
+    add_model_arg(parser, f"base model: checkpoint directory, .gguf file, hub id or demo {default('model')}")
     parser.add_argument("--data", help="training conversations: the Qwen JSON ([{id, conversations}]), JSONL of "
                                        "such records, or OpenAI {messages} JSONL (required)")
     parser.add_argument("--out", help="output directory: checkpoints, loss curve, and the adapter or model (required)")
-    parser.add_argument("--method", choices=("full", "lora", "qlora"), help="what trains (default: lora)")
+    parser.add_argument("--method", choices=("full", "lora", "qlora"), help=f"what trains {default('method')}")
     parser.add_argument("--eval-data", help="held-out conversations: their loss is measured with each checkpoint")
 
     group = parser.add_argument_group("schedule")
-    group.add_argument("--epochs", type=int, help="passes over the data (default: 5)")
+    group.add_argument("--epochs", type=int, help=f"passes over the data {default('epochs')}")
     group.add_argument("--max-steps", type=int, help="optimizer steps to run instead of --epochs")
-    group.add_argument("--lr", type=float, help="peak learning rate (default: 1e-5 full, 3e-4 lora / qlora)")
-    group.add_argument("--batch-size", type=int, help="conversations per micro-batch, per process (default: 2)")
-    group.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 8)")
-    group.add_argument("--max-length", type=int, help="tokens kept of each conversation (default: 512)")
-    group.add_argument("--warmup-ratio", type=float, help="share of the steps spent warming up (default: 0.01)")
+    group.add_argument("--lr", type=float, help="peak learning rate (default: "
+                       + ", ".join(f"{lr:g} {method}" for method, lr in METHOD_LR.items()) + ")")
+    group.add_argument("--batch-size", type=int,
+                       help=f"conversations per micro-batch, per process {default('batch_size')}")
+    group.add_argument("--grad-accum", type=int,
+                       help=f"micro-batches per optimizer step {default('grad_accum')}")
+    group.add_argument("--max-length", type=int, help=f"tokens kept of each conversation {default('max_length')}")
+    group.add_argument("--warmup-ratio", type=float,
+                       help=f"share of the steps spent warming up {default('warmup_ratio')}")
     group.add_argument("--warmup-steps", type=int, help="warmup steps, instead of --warmup-ratio")
     group.add_argument("--weight-decay", type=float,
-                       help="AdamW weight decay on matrices (default: 0.1; β2 is 0.95)")
-    group.add_argument("--max-grad-norm", type=float, help="gradient clipping (default: 1.0)")
-    group.add_argument("--seed", type=int, help="seeds the data order, initialisation and dropout (default: 42)")
+                       help=f"AdamW weight decay on matrices (default: {DEFAULTS['weight_decay']}; β2 is 0.95)")
+    group.add_argument("--max-grad-norm", type=float, help=f"gradient clipping {default('max_grad_norm')}")
+    group.add_argument("--seed", type=int, help=f"seeds the data order, initialisation and dropout {default('seed')}")
 
     group = parser.add_argument_group("LoRA (lora, qlora)")
-    group.add_argument("--lora-r", type=int, help="rank (default: 64)")
-    group.add_argument("--lora-alpha", type=float, help="scaling numerator, scaling = alpha / r (default: 16)")
-    group.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default: 0.05)")
+    group.add_argument("--lora-r", type=int, help=f"rank {default('lora_r')}")
+    group.add_argument("--lora-alpha", type=float,
+                       help=f"scaling numerator, scaling = alpha / r {default('lora_alpha')}")
+    group.add_argument("--lora-dropout", type=float, help=f"dropout on the LoRA input {default('lora_dropout')}")
     group.add_argument("--lora-targets", help="all-linear (default), names such as q_proj,v_proj, the Qwen v1 names "
                                               "c_attn,c_proj,w1,w2, or patterns over module names")
     group.add_argument("--train-embeddings", action=flag, help="also train the whole embedding table")
@@ -62,12 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "learn to end its turns, and never stops (the Qwen-7B scripts train both for base models)")
 
     group = parser.add_argument_group("checkpoints and logs")
-    group.add_argument("--save-every", type=int, help="steps between checkpoints (default: 100; one is also saved "
-                                                      "at the end and on Ctrl-C)")
-    group.add_argument("--keep", type=int, help="checkpoints kept, the newest (default: 3; 0 keeps all)")
+    group.add_argument("--save-every", type=int, help=f"steps between checkpoints (default: {DEFAULTS['save_every']}; "
+                                                      "one is also saved at the end and on Ctrl-C)")
+    group.add_argument("--keep", type=int,
+                       help=f"checkpoints kept, the newest (default: {DEFAULTS['keep']}; 0 keeps all)")
     group.add_argument("--eval-every", type=int, help="steps between evaluations (default: with each checkpoint)")
     group.add_argument("--log-every", type=int,
-                       help="steps between log lines when no progress bar is drawn (default: 10)")
+                       help=f"steps between log lines when no progress bar is drawn {default('log_every')}")
     group.add_argument("--resume", metavar="DIR|auto", help="continue from a checkpoint directory, or auto: the "
                                                             "newest in --out (a fresh start if it has none)")
     group.add_argument("--overwrite", action=flag, help="start over in an --out that holds a run (deletes its "
@@ -79,9 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gradient-checkpointing", action=flag,
                        help="recompute each block in the backward pass: much less memory, about a third more time")
     group.add_argument("--dtype", help="compute dtype: auto (bfloat16 where supported), bfloat16 or float32 "
-                                       "(default: auto); trainable weights and optimizer state are always float32")
-    group.add_argument("--device", help="cpu, cuda, cuda:1 or auto (default: auto; under torchrun each process "
-                                        "takes cuda:LOCAL_RANK)")
+                                       f"{default('dtype')}; trainable weights and optimizer state are always float32")
+    group.add_argument("--device", help=f"cpu, cuda, cuda:1 or auto (default: {DEFAULTS['device']}; under torchrun "
+                                        "each process takes cuda:LOCAL_RANK)")
     group.add_argument("--fsdp", action=flag, help="shard the model over the torchrun processes with FSDP2 "
                                                    "(torchrun --nproc-per-node N -m qwenkit finetune ... --fsdp)")
     group.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed ZeRO-2/3 with this JSON config, e.g. the "
