@@ -271,42 +271,79 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     if not rows:
         return tokens
 
-    chosen = [params[i] for i in rows]
-    if len(rows) < len(params):
-        logits = logits[torch.tensor(rows, device=logits.device)]
-    logits = apply_temperature(logits, [p.temperature for p in chosen])
-    if any(p.top_k > 0 for p in chosen):
-        logits = apply_top_k(logits, torch.tensor([p.top_k for p in chosen]))
-    if any(p.top_p < 1 for p in chosen):
-        logits = apply_top_p(logits, [p.top_p for p in chosen])
-    if any(p.min_p > 0 for p in chosen):
-        logits = apply_min_p(logits, [p.min_p for p in chosen])
-    drawn = _draw(logits.softmax(dim=-1), [generators[i] for i in rows])
-
-    if len(rows) == len(params):
-        return drawn
-    return tokens.index_copy(0, torch.tensor(rows, device=tokens.device), drawn)
+    # Rows with a top_k draw over their top-k tokens only; the others over the whole vocabulary.
+    few = [i for i in rows if 0 < params[i].top_k <= MAX_CANDIDATES]
+    for group, candidates in ((few, True), ([i for i in rows if i not in few], False)):
+        if not group:
+            continue
+        index = torch.tensor(group, device=logits.device)
+        drawn = _sample_rows(logits if len(group) == len(params) else logits[index],
+                             [params[i] for i in group], [generators[i] for i in group], candidates)
+        tokens = drawn if len(group) == len(params) else tokens.index_copy(0, index, drawn)
+    return tokens
 
 
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row with probability probs[row], by the exponential race (as gpt-fast):
-    argmax(p_i / E_i) with E_i ~ Exp(1) i.i.d. picks i with probability p_i (the Gumbel-max trick
-    in disguise). Chosen over torch.multinomial because it is plain elementwise ops + argmax,
-    so the draw never waits on the device.
+def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                 candidates: bool) -> torch.Tensor:
+    vocab, ids = logits.shape[-1], None
+    if candidates:
+        logits, ids = top_k_candidates(logits, [p.top_k for p in params])
+    logits = apply_temperature(logits, [p.temperature for p in params])
+    if any(p.top_k > 0 for p in params):
+        logits = apply_top_k(logits, torch.tensor([p.top_k for p in params]))
+    if any(p.top_p < 1 for p in params):
+        logits = apply_top_p(logits, [p.top_p for p in params])
+    if any(p.min_p > 0 for p in params):
+        logits = apply_min_p(logits, [p.min_p for p in params])
+    return _draw(logits.softmax(dim=-1), generators, vocab, ids)
 
-    The noise is drawn row by row, each from that row's generator (None: torch's global RNG),
-    which is what makes a seed reproduce regardless of batch composition; a batch with no
-    generator at all draws its noise in one call.
+
+MAX_CANDIDATES = 4096  # a larger top_k filters the whole vocabulary
+
+
+def top_k_candidates(logits: torch.Tensor, top_k: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens top_k keeps in each row (k > 0; ties with the k-th included, as top_k keeps them),
+    largest first: their logits [B, C] and ids [B, C], C the most any row keeps (past its own
+    count, a row's candidates are tokens its top_k removes).
+
+    Every filter after top_k leaves a token it removed at -inf, and -inf takes no share of a softmax,
+    so top_p, min_p and the draw over these candidates give each token the probability they give it
+    over the whole vocabulary. The chat defaults (top_k 20) then sort over 20 values instead of
+    150k: ~1 ms a token instead of ~6 on a CPU.
     """
-    noise = torch.empty_like(probs)
+    k = torch.tensor(top_k).clamp(max=logits.shape[-1]).reshape(-1, 1)
+    values, ids = logits.topk(int(k.max()), dim=-1)
+    kept = int((logits >= values.gather(1, k.to(logits.device) - 1)).sum(dim=-1).max())
+    if kept > values.shape[-1]:  # ties past the k-th
+        values, ids = logits.topk(kept, dim=-1)
+    return values, ids
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None], vocab: int,
+          ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row with probability probs[row] over the tokens `ids[row]` (None: the whole
+    vocabulary), by the exponential race (as gpt-fast): argmax(p_i / E_i) with E_i ~ Exp(1) i.i.d.
+    picks i with probability p_i (the Gumbel-max trick in disguise). Chosen over torch.multinomial
+    because it is plain elementwise ops + argmax, so the draw never waits on the device.
+
+    E = -log(1 - U), with one uniform U per token of the vocabulary (torch.rand is 5x faster on a
+    CPU than Tensor.exponential_). Each row's numbers come from that row's generator (None: torch's
+    global RNG), and a token always meets the number drawn for its id, so a seed reproduces
+    regardless of batch composition, and of a tiny change in the logits that reorders the
+    candidates. A batch with no generator at all draws in one call.
+    """
     if all(generator is None for generator in generators):
-        noise.exponential_()  # nothing to reproduce: one launch for the whole batch
+        uniform = torch.rand(probs.shape[0], vocab, device=probs.device)  # nothing to reproduce
     else:
-        for row, generator in enumerate(generators):
-            noise[row].exponential_(generator=generator)
-    # An exact 0 from exponential_ would give 0/0 = NaN on a filtered token, and argmax picks NaN.
+        uniform = torch.stack([torch.rand(vocab, generator=generator, device=probs.device)
+                               for generator in generators])
+    if ids is not None:
+        uniform = uniform.gather(1, ids)
+    noise = uniform.neg_().log1p_().neg_()
+    # An exact 0 (U = 0) would give 0/0 = NaN on a filtered token, and argmax picks NaN.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+    drawn = (probs / noise).argmax(dim=-1)
+    return drawn if ids is None else ids.gather(1, drawn[:, None]).squeeze(1)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

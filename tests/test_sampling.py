@@ -20,6 +20,7 @@ from qwenkit.sampling import (
     make_generator,
     process_logits,
     sample,
+    top_k_candidates,
 )
 
 hf = pytest.importorskip("transformers.generation.logits_process")
@@ -275,6 +276,36 @@ def test_draws_follow_the_distribution():
     tokens = sample(LOGITS.expand(n, 4), [SamplingParams()] * n, [None] * n)
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert torch.allclose(freq, LOGITS.softmax(-1)[0], atol=0.03)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_top_k_rows_draw_over_their_candidates_as_transformers_filters_the_vocabulary(tie):
+    """With top_k the filters and the draw run over the tokens top_k keeps; the frequencies match
+    transformers' warpers over the whole vocabulary, ties with the k-th token included."""
+    logits = random_logits(batch=1, vocab=300, seed=3)
+    if tie:
+        order = logits[0].argsort(descending=True)
+        logits[0, order[5]] = logits[0, order[4]]
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.95)
+    expected = logits.clone()
+    for warper in (hf.TemperatureLogitsWarper(0.7), hf.TopKLogitsWarper(5), hf.TopPLogitsWarper(0.95)):
+        expected = warper(None, expected)
+    assert torch.isfinite(expected).sum() == 5 + tie
+    n = 6000
+    torch.manual_seed(0)
+    tokens = sample(logits.expand(n, -1), [params] * n, [None] * n)
+    freq = torch.bincount(tokens, minlength=300).float() / n
+    assert set(tokens.tolist()) <= set(torch.isfinite(expected[0]).nonzero().flatten().tolist())
+    assert torch.allclose(freq, expected.softmax(-1)[0], atol=0.02)
+
+
+def test_top_k_candidates():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0], [3.0, 2.0, 9.0, -1.0]])
+    values, ids = top_k_candidates(logits, [2, 1])
+    assert ids.tolist() == [[1, 3], [2, 0]] and values.tolist() == [[5.0, 4.0], [9.0, 3.0]]
+    logits[1, 3] = 3.0
+    values, ids = top_k_candidates(logits, [1, 2])  # row 1's second place is a tie: both kept
+    assert sorted(ids[1].tolist()) == [0, 2, 3] and values.shape == (2, 3)
 
 
 def _draws(seed, steps=30, params=None):
