@@ -122,7 +122,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + x32.roll(rot_dim // 2, -1) * sin).to(x.dtype)
 
 
+# Cached keys and values (per row) up to which CPU decode attention multiplies in fp32; see below.
+FP32_DECODE_ATTENTION_MAX = 1 << 21
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row against its keys: on the CPU as grouped matmuls with the softmax in fp32.
+
+    SDPA's CPU kernel is slow for a single query. On the CPU small bf16 matmuls cost more than
+    converting k and v to fp32, until that conversion's memory traffic dominates (long contexts of
+    large models): fp32 up to FP32_DECODE_ATTENTION_MAX cached values. The probabilities are rounded
+    to the model dtype before meeting v, as SDPA's kernels do (GPUs call SDPA, below), so that bf16
+    greedy text matches transformers and llama.cpp. Measurements: benchmarks/results/README.md,
+    "Quantized decode against llama.cpp and transformers" (the decode changes of 2026-11-27).
+    q [B, H, 1, D], k/v [B, G, L, D] with H a multiple of G (query head h reads kv head h // (H/G)).
+    """
+    B, H, _, D = q.shape
+    G = k.shape[1]
+    if q.device.type != "cpu":
+        # GPUs: each kv head's H/G queries as one SDPA call's query rows, so grouped-query models
+        # need no expanded k/v; one fused kernel instead of the eight below.
+        y = F.scaled_dot_product_attention(q.reshape(B, G, H // G, D), k, v, attn_mask=mask)
+        return y.reshape(B, H, 1, D)
+    small = G * k.shape[2] * D <= FP32_DECODE_ATTENTION_MAX
+    compute = torch.float32 if small else q.dtype
+    scores = (q.to(compute).reshape(B, G, H // G, D) @ k.to(compute).transpose(-1, -2)).float()
+    if mask is not None:  # [B, 1, 1, L] broadcasts over the groups
+        scores = scores.where(mask, float("-inf"))
+    probs = (scores * D ** -0.5).softmax(-1).to(q.dtype)
+    return (probs.to(compute) @ v.to(compute)).to(q.dtype).reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
+    # One query per row (decode); qwenkit.runtime.small_ops gives a module the same arithmetic in one call.
+    decode_attention = staticmethod(decode_attention)
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -163,7 +197,7 @@ class Attention(nn.Module):
             k, v = k_cache[:, :, :cache.length], v_cache[:, :, :cache.length]
 
         if T == 1:
-            y = decode_attention(q, k, v, mask)
+            y = self.decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
@@ -173,37 +207,6 @@ class Attention(nn.Module):
         """q, k and v of x side by side on the last dimension (qwenkit.runtime.fused may run them as
         one product)."""
         return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
-
-
-# Cached keys and values (per row) up to which CPU decode attention multiplies in fp32; see below.
-FP32_DECODE_ATTENTION_MAX = 1 << 21
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row against its keys: on the CPU as grouped matmuls with the softmax in fp32.
-
-    SDPA's CPU kernel is slow for a single query. On the CPU small bf16 matmuls cost more than
-    converting k and v to fp32, until that conversion's memory traffic dominates (long contexts of
-    large models): fp32 up to FP32_DECODE_ATTENTION_MAX cached values. The probabilities are rounded
-    to the model dtype before meeting v, as SDPA's kernels do (GPUs call SDPA, below), so that bf16
-    greedy text matches transformers and llama.cpp. Measurements: benchmarks/results/README.md,
-    "Quantized decode against llama.cpp and transformers" (the decode changes of 2026-11-27).
-    q [B, H, 1, D], k/v [B, G, L, D] with H a multiple of G (query head h reads kv head h // (H/G)).
-    """
-    B, H, _, D = q.shape
-    G = k.shape[1]
-    if q.device.type != "cpu":
-        # GPUs: each kv head's H/G queries as one SDPA call's query rows, so grouped-query models
-        # need no expanded k/v; one fused kernel instead of the eight below.
-        y = F.scaled_dot_product_attention(q.reshape(B, G, H // G, D), k, v, attn_mask=mask)
-        return y.reshape(B, H, 1, D)
-    small = G * k.shape[2] * D <= FP32_DECODE_ATTENTION_MAX
-    compute = torch.float32 if small else q.dtype
-    scores = (q.to(compute).reshape(B, G, H // G, D) @ k.to(compute).transpose(-1, -2)).float()
-    if mask is not None:  # [B, 1, 1, L] broadcasts over the groups
-        scores = scores.where(mask, float("-inf"))
-    probs = (scores * D ** -0.5).softmax(-1).to(q.dtype)
-    return (probs.to(compute) @ v.to(compute)).to(q.dtype).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):

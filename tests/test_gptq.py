@@ -12,6 +12,7 @@ from qwenkit.model import Model
 from qwenkit.quant import Int4Linear, Int8Linear, quantization_config, quantize_model, unpack_int4
 from qwenkit.quant.calibration import calibration_ids, heldout_ids, stdlib_files
 from qwenkit.quant.gptq import gptq_quantize, gptq_quantize_model
+from qwenkit.runtime.small_ops import use_small_ops
 from qwenkit.tokenizer import Tokenizer
 
 from .conftest import (BYTE_VOCAB, CHATML, GGUF_SAMPLES, qwen_tiktoken_path, random_texts, randomize, rel_err,
@@ -179,6 +180,7 @@ def test_saved_quantized_checkpoint_loads_with_identical_logits(tmp_path, byte_t
     assert (layer.qweight if bits == 4 else layer.weight).dtype == (torch.uint8 if bits == 4 else torch.int8)
     assert loaded.generation_config == model.generation_config
     ids = structured_ids(2, 20, seed=3)
+    use_small_ops(model)  # the ops load() gives the loaded model, for bit-equal arithmetic
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
     assert tok.encode("the theory") == byte_tokenizer.encode("the theory")
@@ -225,6 +227,7 @@ def test_qwen_v1_saves_in_qwen2_form_and_keeps_its_long_context_settings(tmp_pat
     for key in ("seq_length", "use_dynamic_ntk", "use_logn_attn", "rotary_dim", "qkv_bias", "o_bias"):
         assert getattr(loaded.config, key) == getattr(config, key), key
     ids = structured_ids(1, 150, seed=5)  # past seq_length: NTK and LogN at work
+    use_small_ops(model)  # the ops load() gives the loaded model, for bit-equal arithmetic
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
 

@@ -136,6 +136,47 @@ def test_layers_run_the_op_and_act_order_permutes_x():
     assert rel_err(y, want) < 1e-5
 
 
+def check_small_ops():
+    """The one-call ops of an eager step against the model's torch code, on odd sizes (the vector
+    loops' tails), grouped heads, a used prefix of a longer cache and a mask."""
+    from qwenkit.model import RMSNorm, decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 4e-3)):
+        for k in (896, 100):
+            norm = RMSNorm(k, 1e-6)
+            norm.weight.data = torch.rand(k, generator=gen).add(0.5).to(dtype)
+            x = torch.randn(3, 2, k, generator=gen).mul(4).to(dtype)
+            assert rel_err(ops.rms_norm(x, norm.weight, 1e-6), norm(x)) < tol, ("rms_norm", dtype, k)
+        for heads, kv_heads, dim, length in ((14, 2, 64, 37), (4, 4, 80, 5), (8, 2, 128, 300)):
+            k, v = (torch.randn(2, kv_heads, length + 9, dim, generator=gen).to(dtype)[:, :, :length] for _ in "kv")
+            q = torch.randn(2, heads, 1, dim, generator=gen).mul(2).to(dtype)
+            mask = torch.rand(2, 1, 1, length, generator=gen) > 0.3
+            mask[..., 0] = True
+            for m in (None, mask):
+                err = rel_err(ops.decode_attention(q, k, v, m), decode_attention(q, k, v, m))
+                assert err < tol, ("decode_attention", dtype, heads, kv_heads, dim, length, m is None, err)
+
+
+def test_small_ops_equal_the_model_code():
+    check_small_ops()
+
+
+def test_a_loaded_model_takes_the_small_ops_except_under_autograd(tmp_path):
+    import qwenkit
+    from qwenkit.runtime.small_ops import KernelRMSNorm
+
+    from .conftest import hf_config, hf_qwen2, hf_state, write_checkpoint
+
+    ref = hf_qwen2(tie=True)
+    model, _ = qwenkit.load(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)), dtype="float32", device="cpu")
+    norm = model.model.norm
+    assert isinstance(norm, KernelRMSNorm)
+    x = torch.randn(2, norm.weight.shape[0], requires_grad=True)
+    norm(x).sum().backward()  # the torch code, which autograd can differentiate
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_bad_operands_are_refused_clearly():
     layer = random_int8(64, 16, torch.float32, False, 0)
     with pytest.raises(RuntimeError, match="multiple of 32"):
@@ -152,7 +193,8 @@ LOWER = [c for c in ("scalar", "avx2", "avx512") if CLASSES.index(c) < CLASSES.i
 
 @pytest.mark.parametrize("cpu_class", LOWER)
 def test_every_buildable_instruction_set_computes_the_same(cpu_class, tmp_path):
-    """Each lower class's build (scalar, AVX2, AVX-512 without VNNI) gives the emulation's results too."""
+    """Each lower class's build (scalar, AVX2, AVX-512 without VNNI) gives the emulation's results too,
+    and its small ops the model code's."""
     script = f"""
 import torch, sys
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
@@ -164,6 +206,7 @@ for kind in ("int8", "int4"):
         x = torch.randn(5, 896).to(dtype)
         err = t.rel_err(t.run([layer], x), t.emulated([layer], x))
         assert err < (1e-5 if dtype == torch.float32 else 4e-3), (kind, dtype, err)
+t.check_small_ops()
 print("ok")
 """
     env = {**os.environ, "QWENKIT_CPU_CLASS": cpu_class}

@@ -13,6 +13,7 @@
 //
 // One op computes several weights that read the same x (q/k/v, gate/up) into one output, side by
 // side along its columns: the output rows of all of them are split among torch's threads.
+// Below them, the small ops of an eager decode step (RMS norm, decode attention) in one call each.
 // Built once per instruction set (-mavx2, -mavx512*) by qwenkit/kernels/__init__.py.
 
 #include <ATen/ATen.h>
@@ -20,6 +21,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -456,6 +458,166 @@ at::Tensor int8_linear(const at::Tensor& x, at::TensorList weights, const at::Te
   return y.out;
 }
 
+// --------------------------------------------------------------------------- the small ops of a decode step
+// Eager decode pays a dispatch and an allocation per torch op: a norm is five of them, decode attention
+// a dozen. These do the same arithmetic in one call each.
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+// sum of a[i] * b[i] over n, b read as float.
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+  total = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
+  total = hsum(acc);
+#endif
+  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
+  return total;
+}
+
+// out[i] += p * b[i] over n, b read as float.
+template <typename T>
+inline void add_scaled(float p, const T* b, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_fmadd_ps(pv, load16(b + i), _mm512_loadu_ps(out + i)));
+#elif defined(__AVX2__)
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(b + i), _mm256_loadu_ps(out + i)));
+#endif
+  for (; i < n; ++i) out[i] += p * static_cast<float>(b[i]);
+}
+
+template <typename T>
+inline T round_to(float v) { return static_cast<T>(v); }
+
+// y = w * dtype(x * rsqrt(mean(x^2) + eps)), the norm in float32 and rounded to x's dtype before the
+// scale, as model.RMSNorm does.
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* y, int64_t rows, int64_t k, float eps) {
+  std::vector<float> xf(k);
+  for (int64_t m = 0; m < rows; ++m) {
+    to_float(x + m * k, xf.data(), k);
+    const float ss = dot(xf.data(), xf.data(), k);
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(k) + eps);
+    for (int64_t i = 0; i < k; ++i) {
+      const float normed = static_cast<float>(round_to<T>(xf[i] * r));
+      y[m * k + i] = round_to<T>(static_cast<float>(w[i]) * normed);
+    }
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && weight.dim() == 1 && x.size(-1) == weight.size(0),
+              "rms_norm: x [..., K] and weight [K] of one dtype");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t k = x.size(-1), rows = k ? xc.numel() / k : 0;
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), rows, k, static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rms_norm: float32 or bfloat16");
+    using B = c10::BFloat16;
+    rms_norm_rows(reinterpret_cast<const B*>(xc.data_ptr()), reinterpret_cast<const B*>(wc.data_ptr()),
+                  reinterpret_cast<B*>(y.data_ptr()), rows, k, static_cast<float>(eps));
+  }
+  return y;
+}
+
+// One query per row against the first `length` cached positions, as model.decode_attention computes it:
+// scores and softmax in float32, the probabilities rounded to the cache's dtype before they meet v,
+// the sum in float32. q [B, H, D]; k, v [B, G, >= length, D] with D contiguous (a cache and its
+// used prefix); mask [B, length] bool or None; query head h reads kv head h / (H / G).
+template <typename T>
+void attend_one(const T* q, const T* k, const T* v, const bool* mask, T* y, int64_t batch, int64_t heads,
+                int64_t kv_heads, int64_t length, int64_t dim, std::array<int64_t, 3> k_strides,
+                std::array<int64_t, 3> v_strides) {
+  const int64_t group = heads / kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  // Short caches in one thread: a split would cost more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, length * dim));
+  at::parallel_for(0, batch * heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(dim), out(dim), scores(length);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, g = (bh % heads) / group;
+      to_float(q + bh * dim, qf.data(), dim);
+      const T* kb = k + b * k_strides[0] + g * k_strides[1];
+      const T* vb = v + b * v_strides[0] + g * v_strides[1];
+      float top = -INFINITY;
+      for (int64_t l = 0; l < length; ++l) {
+        if (mask && !mask[b * length + l]) {
+          scores[l] = -INFINITY;
+          continue;
+        }
+        scores[l] = dot(qf.data(), kb + l * k_strides[2], dim) * scale;
+        top = std::max(top, scores[l]);
+      }
+      float total = 0.f;
+      for (int64_t l = 0; l < length; ++l) {
+        scores[l] = scores[l] == -INFINITY ? 0.f : std::exp(scores[l] - top);
+        total += scores[l];
+      }
+      std::fill(out.begin(), out.end(), 0.f);
+      for (int64_t l = 0; l < length; ++l) {
+        const float p = static_cast<float>(round_to<T>(scores[l] / total));
+        if (p != 0.f) add_scaled(p, vb + l * v_strides[2], out.data(), dim);
+      }
+      for (int64_t i = 0; i < dim; ++i) y[bh * dim + i] = round_to<T>(out[i]);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) &&
+              k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0,
+              "decode_attention: q [B, H, 1, D], k and v [B, G, L, D] with G dividing H");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v contiguous along D");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+              (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "decode_attention: q, k, v all float32 or all bfloat16");
+  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = k.size(2), dim = q.size(3);
+  at::Tensor mask_rows;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->numel() == batch * length,
+                "decode_attention: mask bool [B, 1, 1, L]");
+    mask_rows = mask->reshape({batch, length}).contiguous();
+  }
+  const at::Tensor qc = q.contiguous();
+  at::Tensor y = at::empty_like(qc);
+  const std::array<int64_t, 3> ks{k.stride(0), k.stride(1), k.stride(2)}, vs{v.stride(0), v.stride(1), v.stride(2)};
+  const bool* m = mask.has_value() ? mask_rows.data_ptr<bool>() : nullptr;
+  if (q.scalar_type() == at::kFloat) {
+    attend_one(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), m, y.data_ptr<float>(), batch,
+               heads, kv_heads, length, dim, ks, vs);
+  } else {
+    using B = c10::BFloat16;
+    attend_one(reinterpret_cast<const B*>(qc.data_ptr()), reinterpret_cast<const B*>(k.data_ptr()),
+               reinterpret_cast<const B*>(v.data_ptr()), m, reinterpret_cast<B*>(y.data_ptr()), batch, heads,
+               kv_heads, length, dim, ks, vs);
+  }
+  return y;
+}
+
 // The instruction set this library was built for, so Python can tell what it loaded.
 std::string isa() {
 #if defined(__AVX512VNNI__)
@@ -476,10 +638,14 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] zeros, Tensor? bias, int group_size)"
         " -> Tensor");
   m.def("int8_linear(Tensor x, Tensor[] weights, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("decode_attention", &decode_attention);
 }
