@@ -134,15 +134,20 @@ def predicting_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 _SPACE = re.compile(r"[ \t\r\n]*")
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of `path`, or a DataError naming it as `what` (e.g. "data file") and the problem."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {what} {path} as UTF-8 text ({e})") from None
+
+
 def _records(path: Path) -> Iterator[tuple[int, object]]:
     """(line where it starts, parsed record) in file order; a JSONL line that is not JSON comes as a
     DataError in place of the record, so it can be skipped like any bad record."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such data file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+    text = read_text(path, "data file")
     start = _SPACE.match(text).end()
     if start == len(text):
         raise DataError(f"{path}: the file is empty")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..datasets import load_dataset
+from ..datasets import load_dataset, read_text
 from ..errors import DataError
 from ..tokenizer import Tokenizer
 
@@ -55,13 +55,7 @@ def _file_ids(tokenizer: Tokenizer, path: Path) -> list[int]:
     if path.suffix in CONVERSATION_SUFFIXES:
         examples, _ = load_dataset(path, tokenizer, max_length=1 << 30)
         return [i for example in examples for i in example.input_ids]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"calibration file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read calibration file {path} as UTF-8 text ({e})") from None
-    return tokenizer.encode(text, allowed_special=set())
+    return tokenizer.encode(read_text(path, "calibration file"), allowed_special=set())
 
 
 def calibration_ids(tokenizer: Tokenizer, source: str | Path | None = None, samples: int = 128,
