@@ -266,7 +266,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     """
     _check_batch(logits, params, "params")
     _check_batch(logits, generators, "generators")
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
@@ -319,6 +319,14 @@ def top_k_candidates(logits: torch.Tensor, top_k: Sequence[int]) -> tuple[torch.
     return values, ids
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) for x [B, V]. On the CPU through numpy: its vectorised argmax takes 10 µs over a
+    151,936-token row where torch's takes 134 (2026-12-06); both return the first maximum, NaN first."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not (x.requires_grad or torch.compiler.is_compiling()):
+        return torch.from_numpy(x.numpy().argmax(-1))
+    return x.argmax(dim=-1)
+
+
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None], vocab: int,
           ids: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row with probability probs[row] over the tokens `ids[row]` (None: the whole
@@ -342,7 +350,7 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None], voc
     noise = uniform.neg_().log1p_().neg_()
     # An exact 0 (U = 0) would give 0/0 = NaN on a filtered token, and argmax picks NaN.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    drawn = (probs / noise).argmax(dim=-1)
+    drawn = argmax(probs / noise)
     return drawn if ids is None else ids.gather(1, drawn[:, None]).squeeze(1)
 
 

@@ -16,6 +16,7 @@ from qwenkit.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    argmax,
     logprobs_of,
     make_generator,
     process_logits,
@@ -297,6 +298,15 @@ def test_top_k_rows_draw_over_their_candidates_as_transformers_filters_the_vocab
     freq = torch.bincount(tokens, minlength=300).float() / n
     assert set(tokens.tolist()) <= set(torch.isfinite(expected[0]).nonzero().flatten().tolist())
     assert torch.allclose(freq, expected.softmax(-1)[0], atol=0.02)
+
+
+def test_argmax_is_torchs():
+    x = random_logits(batch=4, vocab=5000)
+    x[1, 7] = float("nan")  # NaN wins, as in torch
+    x[2] = 1.0  # ties: the first
+    x[3, 100:102] = x[3].max() + 1
+    assert torch.equal(argmax(x), x.argmax(-1)) and argmax(x).tolist()[1:3] == [7, 0]
+    assert torch.equal(argmax(x[:, ::2]), x[:, ::2].argmax(-1))  # strided
 
 
 def test_top_k_candidates():
