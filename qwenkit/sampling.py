@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import RequestError
@@ -155,6 +156,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) 
     logits are divided by the penalty and negative ones multiplied, so penalty > 1 always
     makes a repeat less likely. Penalty 1 leaves the row unchanged."""
     penalty = _per_row(penalty, logits)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        # Only the seen ids, through numpy: 50 µs a token over a 151,936-token vocabulary where the
+        # vocabulary-wide torch ops below take 430 (2026-12-06). The same float32 arithmetic.
+        out = logits.clone()
+        values, flags = out.numpy(), seen.cpu().numpy()
+        for row, factor in enumerate(np.float32(penalty.flatten().numpy())):
+            ids = np.flatnonzero(flags[row])
+            x = values[row, ids]
+            values[row, ids] = np.where(x < 0, x * factor, x / factor)
+        return out
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
 
