@@ -133,9 +133,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         # From here on (faster prefill: qwenkit/runtime/allocator.py); not while loading, whose freed
         # temporaries would stay with the process.
         keep_freed_memory()
-        if not compile:  # (inductor fuses these ops itself)
-            from ..runtime.small_ops import use_small_ops
-            use_small_ops(net)
+        from ..runtime.small_ops import use_small_ops
+        use_small_ops(net)  # (a compiled step traces the model's own ops instead: inductor fuses them)
     if device.type == "cuda" and cuda_graphs:
         from ..runtime.cuda_graphs import use_cuda_graphs
         use_cuda_graphs(net)
