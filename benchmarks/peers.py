@@ -4,7 +4,8 @@
                                [--checkpoint DIR ...] [--isa avx2]
 
 Rows: qwenkit's default path (no flags: the GGUF's own quantization, dtype auto), float weights
-(dtype auto: bf16 where the CPU has it natively, else float32), int8 and int4 (with --compile also
+(`--quantize none`, dtype auto: bf16 weights, with bf16 activations where the CPU has bf16 natively,
+else float32 ones), int8 and int4 (with --compile also
 each quantized row with the compiled decode step), transformers (bf16 or float32 as dtype auto), and
 llama.cpp through llama-cpp-python when that is installed: on the GGUF file as it is (Q4_K_M), and
 on the same weights requantized to Q8_0 by llama.cpp's own quantizer (made once, beside the demo
@@ -57,7 +58,7 @@ def main():
     env = FORCED.get(args.isa, {})
     float_dtype = float_dtype_of(env)
 
-    ours = [("qwenkit default", {"quantize": "auto"}), (f"qwenkit {float_dtype}", {}),
+    ours = [("qwenkit default", {"quantize": "auto"}), (f"qwenkit float, {float_dtype} x", {}),
             ("qwenkit int8", {"quantize": "int8"}), ("qwenkit int4", {"quantize": "int4"})]
     ours += [(f"qwenkit {Path(d).name}", {"model": d}) for d in args.checkpoint]
     if args.compile:

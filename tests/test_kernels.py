@@ -162,6 +162,31 @@ def test_small_ops_equal_the_model_code():
     check_small_ops()
 
 
+def check_bf16_linear():
+    """The bf16-weight op against F.linear in float64 over the same bf16 weights: only float32 sums (and a
+    bf16 output's rounding) between them, on odd K and N (the vector loops' tails), several rows, siblings
+    side by side, with and without a bias."""
+    gen = torch.Generator().manual_seed(0)
+    for k, n in ((1, 3), (37, 5), (200, 97), (896, 130)):
+        weights = [torch.randn(rows, k, generator=gen).bfloat16() for rows in (n, 7)]
+        bias = torch.randn(n + 7, generator=gen)
+        for rows in (1, 2, 5):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, k, generator=gen).to(dtype)
+                for b in (None, bias):
+                    y = ops.bf16_linear(x, weights, b)
+                    want = F.linear(x.double(), torch.cat(weights).double(), None if b is None else b.double())
+                    err = rel_err(y, want)
+                    assert y.shape == (rows, n + 7) and y.dtype == dtype
+                    assert err < (1e-6 if dtype == torch.float32 else 4e-3), ("bf16_linear", k, n, rows, dtype, err)
+    with pytest.raises(RuntimeError, match="contiguous bfloat16"):
+        ops.bf16_linear(torch.randn(1, 8), [torch.randn(4, 8)], None)
+
+
+def test_bf16_weights_op_equals_float_reference():
+    check_bf16_linear()
+
+
 def test_a_loaded_model_takes_the_small_ops_except_under_autograd(tmp_path):
     import qwenkit
     from qwenkit.runtime.small_ops import KernelRMSNorm
@@ -194,7 +219,7 @@ LOWER = [c for c in ("scalar", "avx2", "avx512") if CLASSES.index(c) < CLASSES.i
 @pytest.mark.parametrize("cpu_class", LOWER)
 def test_every_buildable_instruction_set_computes_the_same(cpu_class, tmp_path):
     """Each lower class's build (scalar, AVX2, AVX-512 without VNNI) gives the emulation's results too,
-    and its small ops the model code's."""
+    its small ops the model code's and its bf16-weight op the float reference's."""
     script = f"""
 import torch, sys
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
@@ -207,6 +232,7 @@ for kind in ("int8", "int4"):
         err = t.rel_err(t.run([layer], x), t.emulated([layer], x))
         assert err < (1e-5 if dtype == torch.float32 else 4e-3), (kind, dtype, err)
 t.check_small_ops()
+t.check_bf16_linear()
 print("ok")
 """
     env = {**os.environ, "QWENKIT_CPU_CLASS": cpu_class}

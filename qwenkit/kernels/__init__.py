@@ -3,8 +3,9 @@
 torch's weight-only int4/int8 CPU kernels have a vector path only for bf16 activations on AVX2 and
 are limited by their own arithmetic elsewhere; cpu.cpp quantizes the activations to int8 per block
 of 32 and runs integer dot products (AVX2 maddubs, AVX-512 VNNI dpbusd), as llama.cpp does
-(benchmarks/results/README.md, "Every CPU class on qwenkit's own kernels"). It also holds the RMS norm
-and decode attention as one call each, for the eager decode step (qwenkit/runtime/small_ops.py).
+(benchmarks/results/README.md, "Every CPU class on qwenkit's own kernels"). It also holds a product over
+bf16 weights for float32 or bf16 activations (qwenkit/runtime/packed.py's Bf16Linear), and the RMS norm and
+decode attention as one call each, for the eager decode step (qwenkit/runtime/small_ops.py).
 
 `ops(isa)` returns `torch.ops.qwenkit_cpu` once the library is built for `isa` and loaded, or None:
 no compiler, or `QWENKIT_KERNELS=0`. Then the quantized layers use torch's own kernels (always

@@ -1,4 +1,4 @@
-// qwenkit's CPU kernels for weight-only int4 and int8 linears at decode shapes (a few rows of x).
+// qwenkit's CPU kernels for weight-only int4, int8 and bf16 linears at decode shapes (a few rows of x).
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) where W is stored as qwenkit's Int4Linear / Int8Linear
 // keep it, read in place (no repacked copy):
@@ -13,7 +13,8 @@
 //
 // One op computes several weights that read the same x (q/k/v, gate/up) into one output, side by
 // side along its columns: the output rows of all of them are split among torch's threads.
-// Below them, the small ops of an eager decode step (RMS norm, decode attention) in one call each.
+// Below them, a product over bf16 weights (float32 sums of exact products), and the small ops of an
+// eager decode step (RMS norm, decode attention) in one call each.
 // Built once per instruction set (-mavx2, -mavx512*) by qwenkit/kernels/__init__.py.
 
 #include <ATen/ATen.h>
@@ -618,6 +619,64 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return y;
 }
 
+// --------------------------------------------------------------------------- bf16 weights
+
+// y = x · Wᵀ (+ bias) for bf16 weights read as stored and x float32 or bf16. A bf16 value widens to
+// float32 exactly, so each product is exact in float32 and only the order of the float32 sums differs
+// from a float GEMM over the same values. Decode is bound by reading W: 2 bytes a weight, not 4.
+// sum of a[i] * b[i] over n with bf16 b, four partial sums in flight (one chain of dependent FMAs would
+// stall on their latency, not on reading b).
+inline float dot4(const float* a, const c10::BFloat16* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  for (; i + 64 <= n; i += 64) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b + i + 16), acc1);
+    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), load16(b + i + 32), acc2);
+    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), load16(b + i + 48), acc3);
+  }
+  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
+  total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+#elif defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), load8(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), load8(b + i + 24), acc3);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+  total = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+#endif
+  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
+  return total;
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, at::TensorList weights, const c10::optional<at::Tensor>& bias) {
+  const int64_t k = x.size(-1), m_rows = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be float32 or bfloat16 [M, K]");
+  std::vector<int64_t> rows;
+  std::vector<const c10::BFloat16*> w_ptr;
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2 && w.size(1) == k,
+                "weight must be contiguous bfloat16 [N, K]");
+    rows.push_back(w.size(0));
+    w_ptr.push_back(reinterpret_cast<const c10::BFloat16*>(w.data_ptr()));
+  }
+  const Columns cols(rows);
+  Output y(x, cols.total(), bias);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();  // converted once, not once per weight row
+  const float* xp = xf.data_ptr<float>();
+  for_each_column(cols, [&](int64_t i, int64_t n, int64_t c) {
+    const c10::BFloat16* wrow = w_ptr[i] + n * k;
+    for (int64_t m = 0; m < m_rows; ++m) y.write(m, c, dot4(xp + m * k, wrow, k));  // W's row stays in L1
+  });
+  return y.out;
+}
+
 // The instruction set this library was built for, so Python can tell what it loaded.
 std::string isa() {
 #if defined(__AVX512VNNI__)
@@ -640,6 +699,7 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor[] weights, Tensor scales, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor[] weights, Tensor? bias) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -648,4 +708,5 @@ TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);
+  m.impl("bf16_linear", &bf16_linear);
 }

@@ -84,9 +84,11 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     `cuda_graphs`: on a CUDA device, replay one-token decode steps as CUDA graphs (qwenkit/runtime/cuda_graphs.py):
     at batch 1 much faster than launching each step's kernels from Python.
 
-    `pack`: on the CPU, hold bf16 linear weights in oneDNN's blocked layout (qwenkit/runtime/packed.py): faster
-    decode, same results. The layers are then for inference; pack=False keeps plain nn.Linear
-    (fine-tuning does; quantizers and LoRA unpack a model themselves).
+    `pack`: on the CPU, hold bf16 linear weights in an inference layout (qwenkit/runtime/packed.py): read by
+    qwenkit's bf16 kernel, or packed for oneDNN; faster decode, the same values. With dtype="auto" on a CPU
+    without native bf16, the linear weights are then stored in bf16 and the activations stay float32 (the
+    CPU plan, qwenkit/runtime/cpu_plan.py). The layers are for inference; pack=False keeps plain nn.Linear
+    in `dtype` (fine-tuning does; quantizers and LoRA unpack a model themselves).
     """
     from .on_load import QUANTIZE_MODES
 
@@ -97,15 +99,17 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         read_adapter_config(adapter)  # a bad adapter directory fails before the model loads
     path = resolve_source(model)
     device = resolve_device(device)
+    weight_dtype = _weight_dtype(dtype, device)
     dtype = resolve_dtype(dtype, device)
     if quantize == "auto":
         quantize = "gguf" if path.is_file() and device.type == "cpu" else None
     quantize = None if quantize == "none" else quantize
     pack = pack and not compile  # the tracer cannot read oneDNN's packed tensors
+    weight_dtype = weight_dtype if pack else dtype
     # Packed as the weights arrive, unless an adapter must be folded into plain weights first.
     pack_now = pack and adapter is None
     if path.is_file():
-        net, tokenizer = _load_gguf(path, dtype, device, quantize, pack_now)
+        net, tokenizer = _load_gguf(path, dtype, device, quantize, pack_now, weight_dtype)
     else:
         if quantize == "gguf":
             raise ValueError(f"quantize='gguf' keeps a GGUF file's own block formats, but {path} is a "
@@ -121,14 +125,14 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
             tensors = autogptq.repacked(tensors, gptq, dtype)
         net = build_model(config, canonical_names(tensors, config), dtype, device,
                           description=f"loading {path.name}", total_bytes=total, prepare=prepare,
-                          quantize=quantize, pack=pack_now)
+                          quantize=quantize, pack=pack_now, weight_dtype=weight_dtype)
         net.generation_config = _read_json(path / "generation_config.json")
     if adapter is not None:
         from ..train.lora import load_adapter, merge_lora
         merge_lora(load_adapter(net, adapter), quantized=False)
         if pack:
             from ..runtime.packed import pack_linears
-            pack_linears(net)
+            pack_linears(net, weight_dtype)
     if device.type == "cpu":
         # From here on (faster prefill: qwenkit/runtime/allocator.py); not while loading, whose freed
         # temporaries would stay with the process.
@@ -142,6 +146,15 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         from ..runtime.compiled import compile_decode
         compile_decode(net)
     return net, tokenizer
+
+
+def _weight_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """What float linear weights are stored in when packed for the CPU: for dtype="auto" the CPU plan's
+    choice (bf16 where the CPU or qwenkit's kernels multiply bf16 weights fast), else the dtype asked for."""
+    if dtype == "auto" and device.type == "cpu":
+        from ..runtime.cpu_plan import auto_weight_dtype
+        return auto_weight_dtype()
+    return resolve_dtype(dtype, device)
 
 
 def resolve_source(model: str | Path) -> Path:
@@ -169,15 +182,15 @@ def resolve_source(model: str | Path) -> Path:
                           "a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or demo")
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device,
-               quantize: str | None = None, pack: bool = False) -> tuple[Model, Tokenizer]:
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None,
+               pack: bool = False, weight_dtype: torch.dtype | None = None) -> tuple[Model, Tokenizer]:
     from .gguf import GGUFFile
 
     gguf = GGUFFile(path)
     config = gguf.config()
     tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields())
     net = build_model(config, gguf.stored_tensors(), dtype, device, description=f"loading {path.name}",
-                      total_bytes=path.stat().st_size, quantize=quantize, pack=pack)
+                      total_bytes=path.stat().st_size, quantize=quantize, pack=pack, weight_dtype=weight_dtype)
     net.generation_config = dict(GGUF_GENERATION_DEFAULTS[config.arch], eos_token_id=tokenizer.eos_token_id)
     return net, tokenizer
 
@@ -217,26 +230,30 @@ def _quantized_layers(qconfig: dict | None, quantize: str | None, files: list[Pa
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor | StoredTensor]],
                 dtype: torch.dtype, device: torch.device, description: str = "loading", total_bytes: int = 0,
                 prepare: Callable[[Model], object] | None = None, quantize: str | None = None,
-                pack: bool = False) -> Model:
+                pack: bool = False, weight_dtype: torch.dtype | None = None) -> Model:
     """Build on the meta device, then assign each (canonical name, tensor) as it arrives.
 
     `prepare(model)` runs on the meta-built model first, e.g. to swap in empty quantized linears.
     Float tensors are cast to `dtype`; integer ones (quantized weights) keep theirs; GGUF
     StoredTensors are dequantized to `dtype`. `quantize` (see qwenkit.loading.on_load) turns each
     linear into its quantized layer the moment its weight arrives; a tied head gets its own copy.
-    `pack` turns each bf16 linear into a PackedLinear (qwenkit.runtime.packed) as its weight arrives, where
-    the CPU runs those; otherwise float q/k/v and gate/up weights are copied into one tensor per
-    layer and group. Either way sibling projections may run as one product (qwenkit.runtime.fused).
+    `pack` turns each bf16 linear into its CPU inference layout (qwenkit.runtime.packed) as its weight
+    arrives, where the CPU runs one; `weight_dtype` (default `dtype`) is what float linear weights are cast
+    to, e.g. bf16 weights for float32 activations. Without packing, float q/k/v and gate/up weights are
+    copied into one tensor per layer and group. Either way sibling projections may run as one product
+    (qwenkit.runtime.fused).
     """
     from ..runtime.fused import fuse_siblings, lay_out_siblings
-    from ..runtime.packed import pack_linears, packing_works
+    from ..runtime.packed import inference_layout, pack_linears
 
     with torch.device("meta"):
         net = ChatModel(config)
     fuse_siblings(net)
     if prepare is not None:
         prepare(net)
-    pack = pack and dtype == torch.bfloat16 and device.type == "cpu" and packing_works()
+    weight_dtype = weight_dtype or dtype
+    pack = pack and weight_dtype == torch.bfloat16 and device.type == "cpu" and inference_layout(dtype)
+    weight_dtype = weight_dtype if pack else dtype
     # Laid out before the tensors arrive (nothing to fuse when they become quantized or packed layers);
     # these parameters are filled in place, so the meta check below cannot see which are missing.
     laid_out = lay_out_siblings(net, dtype, device) if quantize is None and not pack else set()
@@ -266,13 +283,14 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
                     del tensor
                     return_freed_memory()  # the float copy quantizing made and dropped
                     continue
+            cast = weight_dtype if _linear_of(net, name)[1] is not None else dtype
             if not isinstance(tensor, torch.Tensor):  # a GGUF StoredTensor
-                tensor = tensor.dequantize(dtype)
-            tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                tensor = tensor.dequantize(cast)
+            tensor = tensor.to(device=device, dtype=cast if tensor.is_floating_point() else None)
             if name in laid_out:
                 param.data.copy_(tensor)
                 unfilled.discard(name)
-            elif pack and _pack_linear(net, name, tensor):
+            elif pack and _pack_linear(net, name, tensor, dtype):
                 del tensor
                 return_freed_memory()  # the dense copy packing dropped
             else:
@@ -283,7 +301,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     if config.tie_word_embeddings and type(net.lm_head) is nn.Linear:
         net.lm_head.weight = net.model.embed_tokens.weight
         if pack:
-            pack_linears(net)  # the head, from the embedding (which keeps its dense table)
+            pack_linears(net, weight_dtype)  # the head, from the embedding (which keeps its dense table)
     missing = sorted(unfilled) + [n for n, p in net.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}: "
@@ -308,14 +326,17 @@ def _quantize_linear(net: Model, name: str, weight: torch.Tensor | StoredTensor,
     return True
 
 
-def _pack_linear(net: Model, name: str, weight: torch.Tensor) -> bool:
-    """Swap the nn.Linear whose weight `name` is for a PackedLinear of it; False where it stays as it is."""
-    from ..runtime.packed import PackedLinear
+def _pack_linear(net: Model, name: str, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Swap the nn.Linear whose weight `name` is for its inference layout; False where it stays as it is."""
+    from ..runtime.packed import inference_linear
 
     module_name, linear = _linear_of(net, name)
     if linear is None or weight.dtype != torch.bfloat16:
         return False
-    net.set_submodule(module_name, PackedLinear(weight, linear.bias))  # the bias read already, or meta
+    layer = inference_linear(weight, linear.bias, dtype)  # the bias read already, or meta
+    if layer is None:
+        return False
+    net.set_submodule(module_name, layer)
     return True
 
 

@@ -12,9 +12,9 @@ eager. The quantized linears' kernels are prepared by one eager step first and t
 compiled code as they are (extern kernels), and greedy text is the same as eager's.
 
 It stays opt-in: it pays for quantized weights on a CPU and, with CUDA graphs, on a GPU, after a
-one-off compile; but bf16 weights on a CPU decode slower compiled, because it runs them plain where
-eager uses oneDNN-packed ones (qwenkit/runtime/packed.py). See benchmarks/results/README.md,
-"Quantized decode against llama.cpp and transformers" and "GPU: one H100, 2026-11-27".
+one-off compile; but float weights on a CPU decode slower compiled, because it runs them plain where
+eager reads them with qwenkit's bf16 kernel or oneDNN's packed layout (qwenkit/runtime/packed.py). See
+benchmarks/results/README.md, "Quantized decode against llama.cpp and transformers" and "GPU: one H100, 2026-11-27".
 
 Inductor writes the KV cache in place because each layer's cache is a tensor of its own
 (model.KVCache), and the quantized linears' tensors arrive as frozen Parameters, whose shapes stay
@@ -41,7 +41,7 @@ from torch.fx.experimental import _config as fx_config
 
 from ..model import Model
 from .decode import decode_setup, decode_step
-from .packed import PackedLinear, unpack_linears
+from .packed import Bf16Linear, PackedLinear, unpack_linears
 
 
 def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper: bool | None = None) -> float:
@@ -52,11 +52,11 @@ def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper:
     if setup.compiled is not None:
         return 0.0
     start = time.perf_counter()
-    if any(isinstance(m, PackedLinear) for m in model.modules()):
-        warnings.warn("the compiled step runs this model's bf16 weights unpacked, which on a CPU is slower than "
-                      "eager with the packed ones; drop --compile "
+    if any(isinstance(m, (Bf16Linear, PackedLinear)) for m in model.modules()):
+        warnings.warn("the compiled step runs this model's float weights unpacked, which on a CPU is slower than "
+                      "eager with qwenkit's bf16 kernel or oneDNN's packed layout; drop --compile "
                       "unless `qwenkit bench --compile` shows a gain here", stacklevel=2)
-    unpack_linears(model)  # oneDNN's packed weights are opaque to the tracer
+    unpack_linears(model)  # the tracer cannot read oneDNN's packed weights, nor call qwenkit's bf16 kernel
     _warm_up(model, 1)  # eager: quantized linears prepare their kernels outside the trace
     if cpp_wrapper is None:
         cpp_wrapper = model.device.type == "cpu"

@@ -7,14 +7,17 @@ plan maps the class to choices:
 
 | product | AVX2 / AVX-512 without BF16 | AVX-512 BF16, AMX |
 |---|---|---|
-| float weights (dtype auto) | float32 GEMMs and GEMVs | bf16, oneDNN's packed layout |
+| float weights (dtype auto), decode | bf16 weights, float32 activations: qwenkit's kernel | bf16: qwenkit's kernel |
+| float weights, prefill | each layer widened to float32, float32 GEMM | bf16 GEMM |
 | int8 / int4 weights, a few rows (decode) | qwenkit's kernels: int8 activations, integer dot products | the same |
 | int8 / int4 weights, many rows (prefill) | dequantize the layer, float32 GEMM | dequantize the layer, bf16 GEMM |
 
 The class is the lowest of what the CPU reports, what torch will run (`ATEN_CPU_CAPABILITY` lowers
 it), what oneDNN will run (`ONEDNN_MAX_CPU_ISA`), and `QWENKIT_CPU_CLASS`, so any class can be
 tried on a better machine: set all three, e.g. `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-QWENKIT_CPU_CLASS=avx2`. A class the CPU lacks is refused. `qwenkit env` prints the plan.
+QWENKIT_CPU_CLASS=avx2`. A class the CPU lacks is refused. `qwenkit env` prints the plan. Without
+qwenkit's kernels (no compiler), float weights take the activations' dtype (bf16 ones in oneDNN's
+packed layout) and quantized ones torch's weight-only kernels.
 """
 
 from __future__ import annotations
@@ -92,6 +95,13 @@ def auto_dtype() -> torch.dtype:
     return torch.bfloat16 if native_bf16() else torch.float32
 
 
+def auto_weight_dtype() -> torch.dtype:
+    """How dtype="auto" stores float linear weights on the CPU: bf16 where the CPU multiplies bf16 natively
+    or qwenkit's kernels read bf16 weights with float32 activations (half the bytes of float32 to read per
+    token, exactly the values of a bf16 checkpoint), else the activations' dtype."""
+    return torch.bfloat16 if native_bf16() or kernel_ops() is not None else auto_dtype()
+
+
 @dataclass(frozen=True)
 class Plan:
     cpu_class: str
@@ -100,14 +110,20 @@ class Plan:
 
     def rows(self) -> list[tuple[str, str]]:
         """(product, how it runs) for `qwenkit env` and `bench`."""
-        float_name = "bf16, oneDNN packed" if self.dtype == torch.bfloat16 else "float32"
-        quantized = (f"qwenkit {self.kernels} kernels, int8 activations per 32" if self.kernels
-                     else "torch's weight-only kernels")
-        return [
-            ("float weights, prefill and decode", float_name),
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.kernels:
+            float_rows = [("float weights, decode (a few rows)", f"bf16 weights, {dtype} activations, qwenkit "
+                                                                f"{self.kernels} kernel"),
+                          ("float weights, prefill (many rows)", f"{dtype} GEMM" + (
+                              "" if self.dtype == torch.bfloat16 else ", each layer widened from bf16"))]
+            quantized = f"qwenkit {self.kernels} kernels, int8 activations per 32"
+        else:
+            float_rows = [("float weights, prefill and decode",
+                           "bf16, oneDNN packed" if self.dtype == torch.bfloat16 else dtype)]
+            quantized = "torch's weight-only kernels"
+        return float_rows + [
             ("int8 / int4 weights, decode (a few rows)", quantized),
-            ("int8 / int4 weights, prefill (many rows)",
-             f"dequantize the layer, {str(self.dtype).removeprefix('torch.')} GEMM"),
+            ("int8 / int4 weights, prefill (many rows)", f"dequantize the layer, {dtype} GEMM"),
         ]
 
     def describe(self) -> str:
