@@ -13,7 +13,7 @@ that stops then has had one step computed for nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -425,8 +425,10 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **
 
 
 def generate_batch(model: Model, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
-                   max_batch: int = 8, **kwargs) -> list[GenerationResult]:
-    """Generate for many prompts of different lengths, decoding up to `max_batch` of them together."""
+                   max_batch: int = 8, on_done: Callable[[int, GenerationResult], None] | None = None,
+                   **kwargs) -> list[GenerationResult]:
+    """Generate for many prompts of different lengths, decoding up to `max_batch` of them together;
+    `on_done(index, result)` is called as each one finishes (e.g. to save it at once)."""
     requests = [make_request(model, tokenizer, p, **kwargs) for p in prompts]
     results: list[GenerationResult | None] = [None] * len(requests)
     parts: dict[int, list[Delta]] = {}
@@ -440,6 +442,8 @@ def generate_batch(model: Model, tokenizer: Tokenizer, prompts: Sequence[str | S
         parts.setdefault(i, []).append(delta)
         if delta.finish_reason:
             results[i] = _collect(requests[i], parts.pop(i))
+            if on_done is not None:
+                on_done(i, results[i])
 
     while waiting or decoder.rows:
         while waiting and decoder.free_slots:

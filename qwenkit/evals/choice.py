@@ -1,0 +1,190 @@
+"""Four-choice exams (MMLU, C-Eval, CMMLU) as the Qwen-7B release scores them.
+
+Base mode, 5-shot: the subject's first five dev questions with their answers, then the question, and
+the answer read from the next-token distribution at the last position: softmax over the vocabulary,
+the probabilities of the four choice tokens, softmax again over those four, argmax (ties: the first).
+MMLU's choice tokens are " A".." D" after "Answer:"; C-Eval's and CMMLU's "A".."D" after "答案：". A
+prompt longer than the window keeps its last max_seq_len - 1 tokens (MMLU's rule, used for all three;
+counted in the results).
+
+Chat mode, 0-shot: the release's chat prompt through the chat template, greedy, and the letter read
+from the reply: choice texts replaced by their letters, then a cascade of patterns ("the answer is
+X", "X is correct", a leading letter, the first standalone letter), then the choice whose text is
+most like the reply.
+
+Metrics: MMLU is the accuracy over all questions, with its four categories; C-Eval and CMMLU the mean
+of the subjects' accuracies, C-Eval with its four categories and its "hard" subjects.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import data
+from .data import LETTERS
+
+MMLU_CATEGORIES = {
+    "STEM": ["abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
+             "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+             "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+             "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
+             "high_school_physics", "high_school_statistics", "machine_learning"],
+    "Humanities": ["formal_logic", "high_school_european_history", "high_school_us_history",
+                   "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+                   "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+                   "world_religions"],
+    "Other": ["business_ethics", "college_medicine", "human_aging", "management", "marketing", "medical_genetics",
+              "miscellaneous", "nutrition", "professional_accounting", "professional_medicine", "virology",
+              "global_facts", "clinical_knowledge"],
+    "Social Sciences": ["econometrics", "high_school_geography", "high_school_government_and_politics",
+                        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+                        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+                        "sociology", "us_foreign_policy"],
+}
+CEVAL_CATEGORIES = {
+    "STEM": ["computer_network", "operating_system", "computer_architecture", "college_programming",
+             "college_physics", "college_chemistry", "advanced_mathematics", "probability_and_statistics",
+             "discrete_mathematics", "electrical_engineer", "metrology_engineer", "high_school_mathematics",
+             "high_school_physics", "high_school_chemistry", "high_school_biology", "middle_school_mathematics",
+             "middle_school_biology", "middle_school_physics", "middle_school_chemistry", "veterinary_medicine"],
+    "Social Science": ["college_economics", "business_administration", "marxism", "mao_zedong_thought",
+                       "education_science", "teacher_qualification", "high_school_politics", "high_school_geography",
+                       "middle_school_politics", "middle_school_geography"],
+    "Humanities": ["modern_chinese_history", "ideological_and_moral_cultivation", "logic", "law",
+                   "chinese_language_and_literature", "art_studies", "professional_tour_guide", "legal_professional",
+                   "high_school_chinese", "high_school_history", "middle_school_history"],
+    "Other": ["civil_servant", "sports_science", "plant_protection", "basic_medicine", "clinical_medicine",
+              "urban_and_rural_planner", "accountant", "fire_engineer", "environmental_impact_assessment_engineer",
+              "tax_accountant", "physician"],
+}
+CEVAL_HARD = ["advanced_mathematics", "discrete_mathematics", "probability_and_statistics", "college_physics",
+              "college_chemistry", "high_school_mathematics", "high_school_physics", "high_school_chemistry"]
+SHOTS = 5
+MMLU_CHAT_INSTRUCTION = ("The following is a multiple-choice question. Please choose the most suitable one among A, "
+                         "B, C and D as the answer to this question.\n\n")
+
+
+@dataclass(frozen=True)
+class ChoiceTask:
+    name: str
+    question_word: str      # "Question: " / "问题："
+    answer_word: str        # "Answer:" / "答案："
+    choice_tokens: tuple[str, ...]  # what follows answer_word for each letter
+    categories: dict[str, list[str]]
+    mean_of_subjects: bool  # C-Eval / CMMLU: the mean of per-subject accuracies; MMLU: over all questions
+    hard: tuple[str, ...] = ()
+
+    def load(self, data_dir: Path | None) -> tuple[list[dict], list[Path]]:
+        subjects, files = self._read(data_dir)
+        items = []
+        for subject, (dev, questions) in subjects.items():
+            for i, q in enumerate(questions):
+                items.append({"id": f"{subject}/{i}", "subject": subject, "question": q.question,
+                              "choices": list(q.choices), "answer": q.answer,
+                              "shots": [[s.question, list(s.choices), s.answer] for s in dev[:SHOTS]]})
+        return items, files
+
+    def _read(self, data_dir):
+        if self.name == "mmlu":
+            return data.mmlu(data_dir, [s for group in self.categories.values() for s in group])
+        if self.name == "ceval":
+            return data.local_choice_task("C-Eval", data_dir, ("dev", "val"), "{subject}_{split}.csv",
+                                          data.CEVAL_COLUMNS, None, "ceval-exam.zip (https://cevalbenchmark.com)")
+        return data.local_choice_task("CMMLU", data_dir, ("dev", "test"), "{subject}.csv", data.CMMLU_COLUMNS, None,
+                                      "cmmlu_v1_0_1.zip (https://github.com/haonan-li/CMMLU)")
+
+    # ---------------------------------------------------------------- prompts
+    def example(self, question: str, choices, answer: str | None) -> str:
+        text = self.question_word + question + "".join(f"\n{letter}. {c}" for letter, c in zip(LETTERS, choices))
+        if answer is None:
+            return text + "\n" + self.answer_word
+        return text + "\n" + self.answer_word + (" " if self.name == "mmlu" else "") + answer + "\n\n"
+
+    def base_prompt(self, item: dict) -> str:
+        head = ""
+        if self.name == "mmlu":
+            subject = item["subject"].replace("_", " ")
+            head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+        shots = "".join(self.example(q, c, a) for q, c, a in item["shots"])
+        return head + shots + self.example(item["question"], item["choices"], None)
+
+    def chat_prompt(self, item: dict) -> str:
+        options = "".join(f"{letter}. {c}\n" for letter, c in zip(LETTERS, item["choices"]))
+        if self.name == "mmlu":
+            return MMLU_CHAT_INSTRUCTION + item["question"] + "\n" + options
+        return item["question"] + "\n\n" + options
+
+    # Chat mode is a generation task: these are what the runner asks of one.
+    max_new_tokens = 512
+
+    def prompt(self, item: dict, mode: str) -> str:
+        return self.chat_prompt(item)
+
+    def stop(self, mode: str) -> tuple[str, ...]:
+        return ()
+
+    def judge(self, item: dict, reply: str, mode: str) -> dict:
+        prediction = extract_choice(reply, item["choices"], chinese=self.name != "mmlu")
+        return {"response": reply, "prediction": prediction, "correct": prediction == item["answer"]}
+
+    # ---------------------------------------------------------------- scoring
+    def score(self, items: list[dict], records: dict[str, dict]) -> dict:
+        by_subject: dict[str, list[bool]] = {}
+        for item in items:
+            by_subject.setdefault(item["subject"], []).append(records[item["id"]]["correct"])
+        accuracy = {s: 100 * sum(v) / len(v) for s, v in by_subject.items()}
+
+        def pooled(subjects):
+            if self.mean_of_subjects:
+                values = [accuracy[s] for s in subjects if s in accuracy]
+                return sum(values) / len(values) if values else None
+            counts = [c for s in subjects for c in by_subject.get(s, [])]
+            return 100 * sum(counts) / len(counts) if counts else None
+
+        result = {"score": pooled(list(accuracy)), "questions": len(items),
+                  "categories": {c: v for c, subjects in self.categories.items()
+                                 if (v := pooled(subjects)) is not None},
+                  "subjects": accuracy}
+        if self.hard and (hard := pooled(self.hard)) is not None:
+            result["hard"] = hard
+        return result
+
+
+MMLU = ChoiceTask("mmlu", "Question: ", "Answer:", (" A", " B", " C", " D"), MMLU_CATEGORIES, False)
+CEVAL = ChoiceTask("ceval", "问题：", "答案：", LETTERS, CEVAL_CATEGORIES, True, tuple(CEVAL_HARD))
+CMMLU = ChoiceTask("cmmlu", "问题：", "答案：", LETTERS, {}, True)
+
+
+# ------------------------------------------------------------------ reading a letter from a chat reply
+
+_NOT = r"(?<!not )(?<!n't )"
+ENGLISH_PATTERNS = [
+    rf"(?i)(?:choose|answer|choice|option)\w*\W+(?:\w+\W+){{0,3}}?(?:is|are|:)\W*{_NOT}\(?([ABCD])\b",
+    rf"(?i){_NOT}\b([ABCD])\b\W*(?:\w+\W+){{0,3}}?(?:is|are)\s+(?:the\s+)?(?:correct|right)",
+    r"^\W*\(?([ABCD])\)?(?:[.,:)]|$)",
+    r"\b([ABCD])\b",
+]
+CHINESE_PATTERNS = [
+    r"(?:答案|选项|正确答案)\s*(?:是|为|选|应该是|应选|：|:)\s*[（(]?([ABCD])",
+    r"([ABCD])\s*(?:选项)?\s*(?:正确|符合|是正确)",
+    r"^\W*[（(]?([ABCD])[)）]?(?:[.,:、，。：]|$)",
+    r"([ABCD])",
+]
+
+
+def extract_choice(reply: str, choices, chinese: bool) -> str:
+    """The letter a chat reply picks among four choices ("A" .. "D")."""
+    text = reply
+    for letter, choice in sorted(zip(LETTERS, choices), key=lambda lc: -len(lc[1])):
+        body = str(choice).strip().rstrip(".").rstrip("。")
+        if len(body) > 1:  # a one-character choice would replace letters and digits everywhere
+            text = re.sub(re.escape(body), letter, text, flags=re.IGNORECASE)
+    for pattern in CHINESE_PATTERNS if chinese else ENGLISH_PATTERNS:
+        match = re.search(pattern, text, flags=re.MULTILINE)
+        if match:
+            return match.group(1)
+    ratios = [difflib.SequenceMatcher(None, reply.lower(), str(c).lower()).ratio() for c in choices]
+    return LETTERS[max(range(4), key=lambda i: ratios[i])]

