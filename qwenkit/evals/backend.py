@@ -1,23 +1,41 @@
-"""What the tasks ask of a model: next-token probabilities of a few choices, and greedy completions.
+"""What the tasks ask of a model: the probabilities of a few next tokens, and greedy completions.
 
-`LocalModel` runs a loaded qwenkit model. Multiple-choice prompts of one subject share their few-shot
-prefix, so each is computed in one cache row that keeps what the previous prompt left there: only
-the tokens after the common prefix are prefilled. Completions go through qwenkit's decode loop with
-continuous batching (`batch_size` sequences at a time), each recorded as soon as it finishes.
+Two backends answer the same two questions, so one harness compares engines:
+- `LocalModel` runs a loaded qwenkit model. Multiple-choice prompts of one subject share their
+  few-shot prefix, so each is computed in one cache row that keeps what the previous prompt left
+  there: only the tokens after the common prefix are prefilled. Completions go through qwenkit's
+  decode loop with continuous batching (`batch_size` sequences at a time).
+- `ServerModel` asks any OpenAI-compatible server (qwenkit serve, llama.cpp's server, vLLM): choice
+  probabilities from /v1/completions' top-20 logprobs of one token (a choice outside them counts as
+  probability 0), completions from /v1/completions (base) or /v1/chat/completions (chat), `batch_size`
+  requests in flight, greedy with `repetition_penalty` 1 (an extension qwenkit serve and vLLM read).
+  The server applies its own chat template and context limits (a prompt past them is an error).
+Either way each completion is handed to `on_done` as soon as it is finished.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..errors import QwenkitError
 from ..generate import generate_batch
 from ..model import Model
 from ..prompts import history_prompt
 from ..tokenizer import Tokenizer
 
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0}  # the release's evaluation scripts decode greedily
+
+
+def seed_choice_probs(probabilities: Sequence[float]) -> list[float]:
+    """The release's choice probabilities: the choice tokens' probabilities, softmax-ed again."""
+    return torch.softmax(torch.tensor(probabilities, dtype=torch.float64), dim=-1).tolist()
 
 
 class LocalModel:
@@ -27,18 +45,25 @@ class LocalModel:
         self._cache = None
         self._held: list[int] = []  # the tokens whose keys and values the cache row holds
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def chat_ids(self, text: str) -> list[int]:
-        """`text` as one user turn through the model's chat template (its default system prompt), as
-        model.chat(tokenizer, text, history=None) builds it."""
-        return history_prompt(self.tokenizer, text, (), generation_config=self.model.generation_config)
+    def _choice_ids(self, choices: Sequence[str]) -> list[int]:
+        ids = [self.tokenizer.encode(c) for c in choices]
+        bad = next((c for c, i in zip(choices, ids) if len(i) != 1), None)
+        if bad is not None:
+            raise QwenkitError(f"{bad!r} is {len(self.tokenizer.encode(bad))} tokens for this tokenizer; multiple "
+                               "choice reads one token per choice (a Qwen tokenizer)")
+        return [i[0] for i in ids]
 
     @torch.inference_mode()
-    def choice_probs(self, ids: list[int], choice_ids: Sequence[int]) -> list[float]:
-        """The release's choice probabilities after `ids`: softmax over the vocabulary at the last position,
-        the choices' probabilities, softmax again over those."""
+    def choice_probs(self, prompt: str, choices: Sequence[str], max_seq_len: int) -> tuple[list[float], bool]:
+        """The release's probabilities of `choices` (one token each) after `prompt`: softmax over the
+        vocabulary at the last position, the choices' probabilities, softmax again. A prompt longer than
+        the window keeps its last window - 1 tokens; returns (probabilities, whether it was cut)."""
+        choice_ids = self._choice_ids(choices)
+        ids = self.tokenizer.encode(prompt)
+        window = min(max_seq_len, self.context_length)
+        cut = len(ids) > window
+        if cut:
+            ids = ids[len(ids) - window + 1:]
         if self._cache is None or self._cache.max_len < len(ids):
             self._cache = self.model.new_cache(1, max(len(ids), min(self.context_length, 4096)))
             self._held = []
@@ -50,12 +75,63 @@ class LocalModel:
         tokens = torch.tensor([ids[reuse:]], device=self.model.device)
         logits = self.model(tokens, torch.arange(reuse, len(ids)), self._cache, last_only=True)[0, -1].float()
         self._held = list(ids)
-        probs = torch.softmax(logits, dim=-1)[list(choice_ids)]
-        return torch.softmax(probs, dim=-1).tolist()
+        return seed_choice_probs(torch.softmax(logits, dim=-1)[choice_ids].tolist()), cut
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str],
-                 on_done: Callable[[int, str], None]) -> None:
-        """Greedy completions of `prompts`, `on_done(index, text)` as each finishes. A prompt too long for the
-        context keeps its newest tokens (the caller counts those)."""
-        generate_batch(self.model, self.tokenizer, prompts, max_batch=self.batch_size, max_new_tokens=max_new_tokens,
+    def generate(self, prompts: list[str], chat: bool, max_new_tokens: int, stop: Sequence[str],
+                 on_done: Callable[[int, str], None]) -> int:
+        """Greedy completions of `prompts` (as one user turn through the chat template with `chat`, as
+        model.chat(tokenizer, text, history=None) builds it), `on_done(index, text)` as each finishes.
+        A prompt too long for the context keeps its newest tokens; returns how many were cut."""
+        gc = self.model.generation_config
+        ids = [history_prompt(self.tokenizer, p, (), generation_config=gc) if chat else self.tokenizer.encode(p)
+               for p in prompts]
+        generate_batch(self.model, self.tokenizer, ids, max_batch=self.batch_size, max_new_tokens=max_new_tokens,
                        stop=list(stop), truncate=True, on_done=lambda i, result: on_done(i, result.text), **GREEDY)
+        return sum(len(i) + 1 > self.context_length for i in ids)
+
+
+class ServerModel:
+    def __init__(self, url: str, batch_size: int = 8, api_key: str | None = None, timeout: float = 600):
+        self.url, self.batch_size, self.api_key, self.timeout = url.rstrip("/"), batch_size, api_key, timeout
+        self.url = self.url.removesuffix("/v1")
+        models = self._call("GET", "/v1/models").get("data") or [{}]
+        self.name = models[0].get("id") or self.url
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url + path, method=method, headers=headers,
+                                         data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise QwenkitError(f"{self.url}{path} answered {e.code}: {e.read()[:500].decode('utf-8', 'replace')}")
+        except (urllib.error.URLError, OSError) as e:
+            raise QwenkitError(f"cannot reach {self.url}{path} ({e}): is the server running? (--server takes its "
+                               "base URL, e.g. http://127.0.0.1:8000)") from None
+
+    def choice_probs(self, prompt: str, choices: Sequence[str], max_seq_len: int) -> tuple[list[float], bool]:
+        reply = self._call("POST", "/v1/completions", {"model": self.name, "prompt": prompt, "max_tokens": 1,
+                                                       "temperature": 0.0, "logprobs": 20})
+        top = (reply["choices"][0].get("logprobs") or {}).get("top_logprobs") or [{}]
+        return seed_choice_probs([math.exp(top[0][c]) if c in top[0] else 0.0 for c in choices]), False
+
+    def generate(self, prompts: list[str], chat: bool, max_new_tokens: int, stop: Sequence[str],
+                 on_done: Callable[[int, str], None]) -> int:
+        def one(i: int) -> tuple[int, str]:
+            # repetition_penalty: the usual extension (qwenkit serve, vLLM); a server's default may not be 1.
+            body = {"model": self.name, "max_tokens": max_new_tokens, "temperature": 0.0, "repetition_penalty": 1.0,
+                    **({"stop": list(stop)} if stop else {})}
+            if chat:
+                reply = self._call("POST", "/v1/chat/completions",
+                                   {**body, "messages": [{"role": "user", "content": prompts[i]}]})
+                return i, reply["choices"][0]["message"]["content"] or ""
+            reply = self._call("POST", "/v1/completions", {**body, "prompt": prompts[i]})
+            return i, reply["choices"][0]["text"]
+
+        with ThreadPoolExecutor(self.batch_size) as pool:
+            for i, text in pool.map(one, range(len(prompts))):
+                on_done(i, text)
+        return 0

