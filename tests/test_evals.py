@@ -69,17 +69,21 @@ def test_mmlu_accuracy_and_categories_on_known_answers(tmp_path):
     assert {choices for _, choices in model.asked} == {(" A", " B", " C", " D")}  # the release's token ids 362..
 
 
-def test_ceval_is_the_mean_of_subjects_and_cmmlu_reads_its_header(tmp_path):
-    ceval = tmp_path / "ceval"
+def write_ceval(root: Path, subjects: dict[str, list[str]]) -> Path:
     for split in ("dev", "val"):
-        (ceval / split).mkdir(parents=True)
-    for subject, answers in {"college_physics": ["A", "B"], "law": ["A", "A", "A", "B"]}.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+    for subject, answers in subjects.items():
         rows = ["id,question,A,B,C,D,answer,explanation"]
-        rows += [f"{i},问{i},甲,乙,丙,丁,{a}," for i, a in enumerate(answers)]
+        rows += [f"{i},问题{i}是什么,甲{i},乙,丙,丁,{a}," for i, a in enumerate(answers)]
         for split in ("dev", "val"):
-            (ceval / split / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
+            (root / split / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_ceval_is_the_mean_of_subjects_and_cmmlu_reads_its_header(tmp_path):
+    ceval = write_ceval(tmp_path / "ceval", {"college_physics": ["A", "B"], "law": ["A", "A", "A", "B"]})
     items = CEVAL.load(ceval)[0]
-    assert CEVAL.base_prompt(items[0]).endswith("问题：问0\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案：")
+    assert CEVAL.base_prompt(items[0]).endswith("问题：问题0是什么\nA. 甲0\nB. 乙\nC. 丙\nD. 丁\n答案：")
     assert "答案：A\n\n问题：" in CEVAL.base_prompt(items[0])
     records = {i["id"]: {"correct": i["answer"] == "A"} for i in items}
     result = CEVAL.score(items, records)
@@ -260,17 +264,6 @@ def test_runner_generates_records_and_resumes(tiny_checkpoint, tmp_path):
     with pytest.raises(QwenkitError, match="one token per choice"):  # a byte tokenizer spells " A" in two
         run(tiny_checkpoint, tasks=["mmlu"], mode="base", limit=1, data_dir=write_mmlu(tmp_path / "mmlu", {
             "anatomy": ["A"]}), out=out, dtype="float32", device="cpu", verbose=False)
-
-
-def write_ceval(root: Path, subjects: dict[str, list[str]]) -> Path:
-    for split in ("dev", "val"):
-        (root / split).mkdir(parents=True, exist_ok=True)
-    for subject, answers in subjects.items():
-        rows = ["id,question,A,B,C,D,answer,explanation"]
-        rows += [f"{i},问题{i}是什么,甲{i},乙,丙,丁,{a}," for i, a in enumerate(answers)]
-        for split in ("dev", "val"):
-            (root / split / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def test_choice_probabilities_reuse_the_shared_prefix_exactly(tiny_checkpoint, tmp_path):

@@ -20,7 +20,8 @@ close a kernel comes to the machine's read bandwidth:
   packed). float32 weights stay plain: the packed path does not reproduce MKL's float32 kernels.
 
 Either layer keeps only its own copy of the weight (a tied head gets its own; the embedding keeps the
-dense table). Its state dict holds the dense weight, so checkpoints are unchanged. A PackedLinear does
+dense table). Its state dict holds the dense weight, so checkpoints hold the same values (a float32
+model whose linears are stored in bf16 saves them in bf16). A PackedLinear does
 not train (a forward in training mode with gradients on is refused) and stays a bf16 CPU layer: moving
 it elsewhere is refused with a message. A Bf16Linear computes F.linear wherever its kernel does not
 apply (autograd, another device or dtype). After unpack_linears both are plain nn.Linear again.
