@@ -231,7 +231,8 @@ if __name__ == "__main__":
 
 def report(name: str, rows: list[dict], columns: list[tuple[str, str, str]], ratios: dict, **meta) -> None:
     """Print `rows` as a table (columns: key, header, format), then the ratios of rows[0] to rows[1]
-    (if any), and write everything to benchmarks/results/NAME-DATE.json."""
+    (if any), and write everything to benchmarks/results/NAME-DATE.json (NAME-DATE-HHMM.json when a run of
+    the same day is there already: results the README cites are never overwritten)."""
     from pathlib import Path
 
     width = max(14, *(len(r.get("name", r["engine"])) + 2 for r in rows))
@@ -246,6 +247,8 @@ def report(name: str, rows: list[dict], columns: list[tuple[str, str, str]], rat
         print("  ".join(f"{k} {v:.2f}x" for k, v in values.items()))
         rows = rows + [{"ratios": values}]
     out = Path(__file__).parent / "results" / f"{name}-{time.strftime('%Y-%m-%d')}.json"
+    if out.exists():
+        out = out.with_name(f"{name}-{time.strftime('%Y-%m-%d-%H%M')}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), **meta, "results": rows}, indent=2) + "\n")
     print(f"written to {out}")

@@ -199,13 +199,16 @@ def test_samples_are_scored_without_a_model(tmp_path):
     assert main(["eval", "--tasks", "humaneval", "--samples", str(samples), "--data-dir", str(data_dir),
                  "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["tasks"]["humaneval"]["score"] == 100.0
+    assert results["tasks"]["humaneval"]["score"] == 100.0 and results["tasks"]["humaneval"]["missing_samples"] == 0
     assert "| humaneval | 100.00 |" in (out / "results.md").read_text()
     samples.write_text(json.dumps({"task_id": "T/0", "completion": "    return a - b\n"}) + "\n")
     with pytest.raises(QwenkitError, match="another setup"):  # other completions: never the old judgments
         run(tasks=["humaneval"], samples=samples, data_dir=data_dir, out=out, verbose=False)
     other = run(tasks=["humaneval"], samples=samples, data_dir=data_dir, out=tmp_path / "out2", verbose=False)
     assert other["tasks"]["humaneval"]["score"] == 0.0
+    samples.write_text(json.dumps({"task_id": "T/9", "completion": "    return a + b\n"}) + "\n")  # not a task here
+    absent = run(tasks=["humaneval"], samples=samples, data_dir=data_dir, out=tmp_path / "out3", verbose=False)
+    assert absent["tasks"]["humaneval"]["missing_samples"] == 1 and absent["tasks"]["humaneval"]["score"] == 0.0
 
 
 # ------------------------------------------------------------------ the runner on a tiny model

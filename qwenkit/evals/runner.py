@@ -113,6 +113,8 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         start = time.perf_counter()
         records, truncated = _records(task, items, setup, out, backend, samples, max_seq_len, verbose)
         score = task.score(items, records)
+        if samples is not None:
+            score["missing_samples"] = sum(records[item["id"]].get("missing", False) for item in items)
         results["tasks"][name] = {**score, "mode": setup["mode"], "seconds": round(time.perf_counter() - start, 1),
                                   "truncated_prompts": truncated, "limit": limit}
         (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
@@ -174,8 +176,9 @@ def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) ->
 
         if samples is not None:
             completions = _samples(samples)
-            for item in todo:
-                save(item, task.judge(item, completions.get(item["id"], ""), "base"))
+            for item in todo:  # a task the file lacks is judged as an empty completion (failed), and marked
+                record = task.judge(item, completions.get(item["id"], ""), "base")
+                save(item, {**record, "missing": True} if item["id"] not in completions else record)
         elif task.name == "ppl":
             if not hasattr(backend, "model"):
                 raise QwenkitError("the ppl task needs the model itself (it scores every token): drop --server")
