@@ -476,19 +476,32 @@ inline __m512 load16(const c10::BFloat16* p) {
 }
 #endif
 
-// sum of a[i] * b[i] over n, b read as float.
+// sum of a[i] * b[i] over n, b read as float; four partial sums in flight (one chain of dependent FMAs
+// would stall on their latency, not on reading b: a bf16 weight row is read at the memory's rate).
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float total = 0.f;
 #if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
-  total = _mm512_reduce_add_ps(acc);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  for (; i + 64 <= n; i += 64) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b + i + 16), acc1);
+    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), load16(b + i + 32), acc2);
+    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), load16(b + i + 48), acc3);
+  }
+  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
+  total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
 #elif defined(__AVX2__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
-  total = hsum(acc);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), load8(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), load8(b + i + 24), acc3);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+  total = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 #endif
   for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
   return total;
@@ -624,36 +637,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // y = x · Wᵀ (+ bias) for bf16 weights read as stored and x float32 or bf16. A bf16 value widens to
 // float32 exactly, so each product is exact in float32 and only the order of the float32 sums differs
 // from a float GEMM over the same values. Decode is bound by reading W: 2 bytes a weight, not 4.
-// sum of a[i] * b[i] over n with bf16 b, four partial sums in flight (one chain of dependent FMAs would
-// stall on their latency, not on reading b).
-inline float dot4(const float* a, const c10::BFloat16* b, int64_t n) {
-  int64_t i = 0;
-  float total = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-  for (; i + 64 <= n; i += 64) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b + i + 16), acc1);
-    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), load16(b + i + 32), acc2);
-    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), load16(b + i + 48), acc3);
-  }
-  for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
-  total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-#elif defined(__AVX2__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
-    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), load8(b + i + 16), acc2);
-    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), load8(b + i + 24), acc3);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-  total = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-#endif
-  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
-  return total;
-}
-
 at::Tensor bf16_linear(const at::Tensor& x, at::TensorList weights, const c10::optional<at::Tensor>& bias) {
   const int64_t k = x.size(-1), m_rows = x.size(0);
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
@@ -672,7 +655,7 @@ at::Tensor bf16_linear(const at::Tensor& x, at::TensorList weights, const c10::o
   const float* xp = xf.data_ptr<float>();
   for_each_column(cols, [&](int64_t i, int64_t n, int64_t c) {
     const c10::BFloat16* wrow = w_ptr[i] + n * k;
-    for (int64_t m = 0; m < m_rows; ++m) y.write(m, c, dot4(xp + m * k, wrow, k));  // W's row stays in L1
+    for (int64_t m = 0; m < m_rows; ++m) y.write(m, c, dot(xp + m * k, wrow, k));  // W's row stays in L1
   });
   return y.out;
 }
