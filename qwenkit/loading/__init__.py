@@ -99,13 +99,18 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         read_adapter_config(adapter)  # a bad adapter directory fails before the model loads
     path = resolve_source(model)
     device = resolve_device(device)
-    weight_dtype = _weight_dtype(dtype, device)
+    asked_auto = isinstance(dtype, str) and dtype == "auto"
     dtype = resolve_dtype(dtype, device)
+    # What float linear weights are stored in when packed: for dtype="auto" on the CPU the plan's choice
+    # (bf16 where the CPU or qwenkit's kernels multiply bf16 weights fast), else the dtype asked for.
+    weight_dtype = dtype
+    if asked_auto and device.type == "cpu":
+        from ..runtime.cpu_plan import auto_weight_dtype
+        weight_dtype = auto_weight_dtype()
     if quantize == "auto":
         quantize = "gguf" if path.is_file() and device.type == "cpu" else None
     quantize = None if quantize == "none" else quantize
     pack = pack and not compile  # the tracer cannot read oneDNN's packed tensors
-    weight_dtype = weight_dtype if pack else dtype
     # Packed as the weights arrive, unless an adapter must be folded into plain weights first.
     pack_now = pack and adapter is None
     if path.is_file():
@@ -146,15 +151,6 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         from ..runtime.compiled import compile_decode
         compile_decode(net)
     return net, tokenizer
-
-
-def _weight_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """What float linear weights are stored in when packed for the CPU: for dtype="auto" the CPU plan's
-    choice (bf16 where the CPU or qwenkit's kernels multiply bf16 weights fast), else the dtype asked for."""
-    if dtype == "auto" and device.type == "cpu":
-        from ..runtime.cpu_plan import auto_weight_dtype
-        return auto_weight_dtype()
-    return resolve_dtype(dtype, device)
 
 
 def resolve_source(model: str | Path) -> Path:
