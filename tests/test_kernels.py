@@ -78,7 +78,8 @@ def run(op_layers, x):
     return ops.int8_linear(x, [layer.weight for layer in op_layers], scales, bias)
 
 
-SHAPES = [(32, 1), (64, 17), (96, 5), (896, 128), (4864, 40)]  # (K, N): one block, odd N, odd block counts
+# (K, N): one block, odd N, and block counts that leave every tail of the int4 walk (chunks of 4, 2, 1 blocks)
+SHAPES = [(32, 1), (64, 17), (96, 5), (192, 3), (224, 9), (896, 128), (4864, 40)]
 CASES = [(k, n, group) for k, n in SHAPES for group in (None, 32, 64, 128) if not group or k % group == 0]
 
 
@@ -225,10 +226,10 @@ import torch, sys
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
 from tests import test_kernels as t
 assert t.ops.isa() == {KERNEL_ISA[cpu_class]!r}, t.ops.isa()
-for kind in ("int8", "int4"):
+for kind, k, group in (("int8", 896, None), ("int4", 224, 32), ("int4", 896, 64)):
     for dtype in (torch.float32, torch.bfloat16):
-        layer = t.random_int4(896, 40, 32, dtype, True, 3) if kind == "int4" else t.random_int8(896, 40, dtype, True, 3)
-        x = torch.randn(5, 896).to(dtype)
+        layer = t.random_int4(k, 40, group, dtype, True, 3) if kind == "int4" else t.random_int8(k, 40, dtype, True, 3)
+        x = torch.randn(5, k).to(dtype)
         err = t.rel_err(t.run([layer], x), t.emulated([layer], x))
         assert err < (1e-5 if dtype == torch.float32 else 4e-3), (kind, dtype, err)
 t.check_small_ops()

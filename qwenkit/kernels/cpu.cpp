@@ -7,9 +7,9 @@
 //   int8: weight int8 [N, K] (symmetric, |w| <= 127); W[n, k] = w * scales[n]
 // Each row of x is quantized to int8 in blocks of 32 (one float scale per block, as llama.cpp's
 // Q8_0), so every product is an integer dot product (AVX2 maddubs, AVX-512 VNNI dpbusd) scaled once
-// per block. For int4 the activation block is stored in the weight's nibble order (even k, then odd
-// k) so that unpacking a weight block needs no shuffle; the zero point becomes one term per group,
-// min * (sum of the group's activations).
+// per block. For int4 the activations are stored in the weight's nibble order (per chunk of 4 or 2
+// blocks: its even k, then its odd k) so that one load, a shift and two masks unpack a chunk; the zero
+// point becomes one term per group, min * (sum of the group's activations).
 //
 // One op computes several weights that read the same x (q/k/v, gate/up) into one output, side by
 // side along its columns: the output rows of all of them are split among torch's threads.
@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -45,28 +46,36 @@ struct QuantizedX {
   int64_t rows = 0, blocks = 0, groups = 0;
   std::vector<int8_t> q;        // [rows][blocks * 32]
   std::vector<float> d;         // [rows][blocks]: x ~= d * q within a block
+  std::vector<float> lane_d;    // [rows][blocks][4]: d repeated, int4 only (one per int32 lane of a block)
   std::vector<float> group_sum; // [rows][groups]: the sum of d * q over a weight group, for int4 zero points
 };
 
 template <typename T>
 inline float as_float(T v) { return static_cast<float>(v); }
 
+// The int4 kernel walks K in chunks of blocks whose nibbles one vector load unpacks: 4 blocks (64 bytes)
+// with AVX-512, then 2 (32 bytes, AVX2), then 1. A chunk unpacks as its even k (the low nibbles), then its
+// odd k, so its activations are stored in that order. An integer lane holds the even and the odd k of one
+// block, so both halves' sums go into one accumulator before one conversion to float.
 #if defined(__AVX512BW__)
-constexpr bool kPairs = true;  // int4 blocks are unpacked two at a time (below)
+constexpr int64_t kWide = 4;
+#elif defined(__AVX2__)
+constexpr int64_t kWide = 2;
 #else
-constexpr bool kPairs = false;
+constexpr int64_t kWide = 1;
 #endif
 
-// Where value i of block b goes among the int4 activations: in the order the weight nibbles unpack.
-// One block unpacks as its even k (low nibbles), then its odd k. Two blocks unpacked together
-// (AVX-512) give b's even k, b + 1's even k, b's odd k, b + 1's odd k; an odd last block is alone.
-inline int64_t nibble_slot(int64_t b, int64_t blocks, int i) {
-  if (kPairs && (b / 2) * 2 + 1 < blocks) return (b / 2) * 64 + (i % 2) * 32 + (b % 2) * 16 + i / 2;
-  return b * kBlock + (i % 2) * 16 + i / 2;
+// The chunk that holds block b: its first block and how many blocks it has.
+inline std::pair<int64_t, int64_t> chunk_of(int64_t b, int64_t blocks) {
+  const int64_t wide = blocks / kWide * kWide, pairs = wide + (blocks - wide) / 2 * 2;
+  if (b < wide) return {b / kWide * kWide, kWide};
+  if (b < pairs) return {wide + (b - wide) / 2 * 2, 2};
+  return {b, 1};
 }
 
 // Quantize each row of x [rows, K] to int8 per block of 32; with a group size (int4), the values go in
-// nibble order (nibble_slot) and the sums per group are kept.
+// the chunks' nibble order (chunk_of), each block's scale is repeated for its four integer lanes, and the
+// sums per group are kept.
 template <typename T>
 void quantize_rows(const T* x, int64_t rows, int64_t k, int64_t group_size, QuantizedX& out) {
   const bool nibble_order = group_size > 0;
@@ -75,6 +84,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t k, int64_t group_size, Quan
   out.groups = nibble_order ? k / group_size : 0;
   out.q.resize(rows * k);
   out.d.resize(rows * out.blocks);
+  out.lane_d.resize(nibble_order ? rows * out.blocks * 4 : 0);
   out.group_sum.assign(rows * out.groups, 0.f);
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t b = 0; b < out.blocks; ++b) {
@@ -90,14 +100,25 @@ void quantize_rows(const T* x, int64_t rows, int64_t k, int64_t group_size, Quan
       const float d = zero ? 0.f : amax / 127.f;
       const float inv = zero ? 0.f : 127.f / amax;
       int8_t* row = out.q.data() + m * k;
+      // Value i of block b goes to slot[i % 2] + i / 2: the even k first, then the odd k, per chunk.
+      int64_t slot[2] = {b * kBlock, b * kBlock + 1};
+      if (nibble_order) {
+        const auto [start, n] = chunk_of(b, out.blocks);
+        const int64_t first = start * kBlock + (b - start) * (kBlock / 2);
+        slot[0] = first;
+        slot[1] = first + n * (kBlock / 2);
+      }
       int total = 0;
       for (int i = 0; i < kBlock; ++i) {
         const int q = static_cast<int>(std::nearbyint(v[i] * inv));
-        row[nibble_order ? nibble_slot(b, out.blocks, i) : b * kBlock + i] = static_cast<int8_t>(q);
+        row[nibble_order ? slot[i % 2] + i / 2 : b * kBlock + i] = static_cast<int8_t>(q);
         total += q;
       }
       out.d[m * out.blocks + b] = d;
-      if (nibble_order) out.group_sum[m * out.groups + b * kBlock / group_size] += d * static_cast<float>(total);
+      if (nibble_order) {
+        for (int j = 0; j < 4; ++j) out.lane_d[(m * out.blocks + b) * 4 + j] = d;
+        out.group_sum[m * out.groups + b * kBlock / group_size] += d * static_cast<float>(total);
+      }
     }
   }
 }
@@ -129,13 +150,6 @@ inline __m256 dot_u8s8(__m256i u, __m256i s) {
 #endif
 
 #if defined(__AVX512BW__)
-// 32 bytes of nibbles (blocks b and b + 1) -> 64 values: b's low nibbles, b + 1's, b's high, b + 1's.
-inline __m512i unpack_nibbles2(const uint8_t* p) {
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
-  return _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
-}
-
 // Two floats p[0], p[1] spread over the 16 lanes by `lanes` (each lane's index, 0 or 1).
 inline __m512 spread2(const float* p, __m512i lanes) {
   const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
@@ -155,7 +169,7 @@ inline __m512 dot_u8s8(__m512i u, __m512i s) {
 // --------------------------------------------------------------------------- int4
 
 #if defined(__AVX2__)
-// 8 scales or zeros as floats (bfloat16: its bits, moved up).
+// 8 or 16 scales or zeros as floats (bfloat16: its bits, moved up).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -163,33 +177,70 @@ inline __m256 load8(const c10::BFloat16* p) {
 }
 #endif
 
-// sum over groups of zeros[g] * scales[g] * group_sum[g]: what the zero points take from a row's dot product.
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+// sum over groups of zeros[g] * scales[g] * group_sum[g]: what the zero points take from a row's dot
+// product. Once per row, 16 or 8 groups at a time (in the chunk loop it would cost a spread per chunk).
 template <typename S>
 inline float zero_term(const S* zeros, const S* scales, const float* group_sum, int64_t groups) {
   int64_t g = 0;
   float total = 0.f;
-#if defined(__AVX2__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; g + 8 <= groups; g += 8) {
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(load8(zeros + g), load8(scales + g)), _mm256_loadu_ps(group_sum + g), acc);
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; g + 16 <= groups; g += 16) {
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(load16(zeros + g), load16(scales + g)), _mm512_loadu_ps(group_sum + g), acc);
   }
-  total = hsum(acc);
+  total = _mm512_reduce_add_ps(acc);
+#endif
+#if defined(__AVX2__)
+  __m256 acc8 = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) {
+    acc8 = _mm256_fmadd_ps(_mm256_mul_ps(load8(zeros + g), load8(scales + g)), _mm256_loadu_ps(group_sum + g), acc8);
+  }
+  total += hsum(acc8);
 #endif
   for (; g < groups; ++g) total += as_float(zeros[g]) * as_float(scales[g]) * group_sum[g];
   return total;
 }
 
+// The weight scale of each int32 lane of a chunk starting at block b (a multiple of the chunk's size):
+// lanes 4p .. 4p + 3 hold block b + p, whose group is (b + p) >> shift.
+#if defined(__AVX2__)
+template <typename S>
+inline __m256 chunk_scales2(const S* s, int64_t b, int shift) {
+  if (shift >= 1) return _mm256_set1_ps(as_float(s[b >> shift]));
+  return _mm256_setr_m128(_mm_set1_ps(as_float(s[b])), _mm_set1_ps(as_float(s[b + 1])));
+}
+#endif
+
 #if defined(__AVX512BW__)
-// The scales of groups g and g + 1 as two floats (the others zero).
-inline __m128 two(const float* p) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
-inline __m128 two(const c10::BFloat16* p) {
-  const __m128i bits = _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(p));
+inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load4(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16));
+}
+
+template <typename S>
+inline __m512 chunk_scales4(const S* s, int64_t b, int shift) {
+  if (shift >= 2) return _mm512_set1_ps(as_float(s[b >> shift]));
+  if (shift == 1) {
+    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m128 pair = _mm_setr_ps(as_float(s[b >> 1]), as_float(s[(b >> 1) + 1]), 0.f, 0.f);
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(pair));
+  }
+  const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(load4(s + b)));
 }
 #endif
 
 // Rows m0 .. m0 + MC - 1 of x against one int4 weight row. MC is a constant so that the
-// accumulators stay in registers.
+// accumulators stay in registers. Each chunk's nibbles are unpacked once for all MC rows.
 template <int MC, typename S>
 void int4_row(const uint8_t* qrow, const S* scales, const S* zeros, int64_t k, int64_t group_size,
               const QuantizedX& x, int64_t m0, float* out /* [MC] */) {
@@ -197,38 +248,66 @@ void int4_row(const uint8_t* qrow, const S* scales, const S* zeros, int64_t k, i
   const int shift = __builtin_ctzll(group_size / kBlock);  // block b's group is b >> shift
   const int8_t* xq = x.q.data() + m0 * k;
   const float* xd = x.d.data() + m0 * blocks;
+  const float* xl = x.lane_d.data() + m0 * blocks * 4;
   int64_t b = 0;
   float total[MC] = {};
 #if defined(__AVX512BW__)
-  // dpbusd's int32 lanes 0-3 and 8-11 hold block b's sums, 4-7 and 12-15 block b + 1's (unpack_nibbles2).
-  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 acc512[MC];
-  for (int r = 0; r < MC; ++r) acc512[r] = _mm512_setzero_ps();
-  for (; b + 1 < blocks; b += 2) {
-    const __m512i w = unpack_nibbles2(qrow + b * (kBlock / 2));
-    // The two blocks' weight scales: consecutive groups, or one group (pairs never straddle a larger one).
-    const __m128 s2 = shift == 0 ? two(scales + b) : _mm_set1_ps(as_float(scales[b >> shift]));
-    for (int r = 0; r < MC; ++r) {
-      const __m512i xv = _mm512_loadu_si512(xq + r * k + b * kBlock);
-      const __m128 scale = _mm_mul_ps(s2, two(xd + r * blocks + b));
-      acc512[r] = _mm512_fmadd_ps(dot_u8s8(w, xv), _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(scale)),
-                                  acc512[r]);
+  {
+    const int64_t wide = blocks / 4 * 4;
+    __m512 acc[MC];
+    for (int r = 0; r < MC; ++r) acc[r] = _mm512_setzero_ps();
+    for (; b < wide; b += 4) {
+      const __m512i bytes = _mm512_loadu_si512(qrow + b * (kBlock / 2));
+      const __m512i even = _mm512_and_si512(bytes, _mm512_set1_epi8(0x0F));
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), _mm512_set1_epi8(0x0F));
+      const __m512 ws = chunk_scales4(scales, b, shift);
+      for (int r = 0; r < MC; ++r) {
+        const int8_t* xr = xq + r * k + b * kBlock;
+#if defined(__AVX512VNNI__)
+        const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), even,
+                                                                    _mm512_loadu_si512(xr)),
+                                                odd, _mm512_loadu_si512(xr + 64));
+#else  // |15 * 127 * 2| twice fits int16
+        const __m512i sum = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(even, _mm512_loadu_si512(xr)),
+                                                               _mm512_maddubs_epi16(odd, _mm512_loadu_si512(xr + 64))),
+                                              _mm512_set1_epi16(1));
+#endif
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(ws, _mm512_loadu_ps(xl + r * blocks * 4 + b * 4)),
+                                 acc[r]);
+      }
     }
+    for (int r = 0; r < MC; ++r) total[r] += _mm512_reduce_add_ps(acc[r]);
   }
-  for (int r = 0; r < MC; ++r) total[r] += _mm512_reduce_add_ps(acc512[r]);
 #endif
 #if defined(__AVX2__)
-  __m256 acc[MC];
-  for (int r = 0; r < MC; ++r) acc[r] = _mm256_setzero_ps();
-  for (; b < blocks; ++b) {
-    const __m256i w = unpack_nibbles(qrow + b * (kBlock / 2));
-    const float s = as_float(scales[b >> shift]);
-    for (int r = 0; r < MC; ++r) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + b * kBlock));
-      acc[r] = _mm256_fmadd_ps(dot_u8s8(w, xv), _mm256_set1_ps(s * xd[r * blocks + b]), acc[r]);
+  {
+    const int64_t pairs = b + (blocks - b) / 2 * 2;
+    __m256 acc[MC];
+    for (int r = 0; r < MC; ++r) acc[r] = _mm256_setzero_ps();
+    for (; b < pairs; b += 2) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + b * (kBlock / 2)));
+      const __m256i even = _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(0x0F));
+      const __m256 ws = chunk_scales2(scales, b, shift);
+      for (int r = 0; r < MC; ++r) {
+        const int8_t* xr = xq + r * k + b * kBlock;
+        const __m256i pairs16 = _mm256_add_epi16(  // |15 * 127 * 2| twice fits int16
+            _mm256_maddubs_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
+            _mm256_maddubs_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))));
+        const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs16, _mm256_set1_epi16(1)));
+        acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(ws, _mm256_loadu_ps(xl + r * blocks * 4 + b * 4)), acc[r]);
+      }
     }
+    for (; b < blocks; ++b) {  // the last block, alone
+      const __m256i w = unpack_nibbles(qrow + b * (kBlock / 2));
+      const float s = as_float(scales[b >> shift]);
+      for (int r = 0; r < MC; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + b * kBlock));
+        acc[r] = _mm256_fmadd_ps(dot_u8s8(w, xv), _mm256_set1_ps(s * xd[r * blocks + b]), acc[r]);
+      }
+    }
+    for (int r = 0; r < MC; ++r) total[r] += hsum(acc[r]);
   }
-  for (int r = 0; r < MC; ++r) total[r] += hsum(acc[r]);
 #endif
   for (; b < blocks; ++b) {  // no vectors at all
     const uint8_t* wp = qrow + b * (kBlock / 2);
@@ -467,14 +546,6 @@ template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
-
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-#endif
 
 // sum of a[i] * b[i] over n, b read as float; four partial sums in flight (one chain of dependent FMAs
 // would stall on their latency, not on reading b: a bf16 weight row is read at the memory's rate).
