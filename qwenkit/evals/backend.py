@@ -1,10 +1,11 @@
-"""What the tasks ask of a model: the probabilities of a few next tokens, and greedy completions.
+"""What the tasks ask of a model: the probabilities of a few next tokens, and greedy completions
+(and, for lm-evaluation-harness style tasks, the log-likelihood of each choice's text).
 
 Two backends answer the same two questions, so one harness compares engines:
 - `LocalModel` runs a loaded qwenkit model. Multiple-choice prompts of one subject share their
-  few-shot prefix, so each is computed in one cache row that keeps what the previous prompt left
-  there: only the tokens after the common prefix are prefilled. Completions go through qwenkit's
-  decode loop with continuous batching (`batch_size` sequences at a time).
+  few-shot prefix (and a question's choices their context), so each is computed in one cache row that
+  keeps what the previous prompt left there: only the tokens after the common prefix are prefilled.
+  Completions go through qwenkit's decode loop with continuous batching (`batch_size` sequences at a time).
 - `ServerModel` asks any OpenAI-compatible server (qwenkit serve, llama.cpp's server, vLLM): choice
   probabilities from /v1/completions' top-20 logprobs of one token (a choice outside them counts as
   probability 0), completions from /v1/completions (base) or /v1/chat/completions (chat), `batch_size`
@@ -64,18 +65,51 @@ class LocalModel:
         cut = len(ids) > window
         if cut:
             ids = ids[len(ids) - window + 1:]
+        logits = self._logits(ids, len(ids) - 1)[0]
+        return seed_choice_probs(torch.softmax(logits, dim=-1)[choice_ids].tolist()), cut
+
+    @torch.inference_mode()
+    def loglikelihoods(self, context: str, texts: Sequence[str], max_seq_len: int) -> tuple[list[float], bool]:
+        """The log-likelihood of " " + each text after `context`, tokenized as lm-evaluation-harness does
+        (qwenkit/evals/loglikelihood.py). A pair longer than the window keeps its last window tokens;
+        returns (log-likelihoods, whether any pair was cut). Choices after the first reuse the context's cache."""
+        window = min(max_seq_len, self.context_length)
+        out, cut = [], False
+        for text in texts:
+            context_ids, continuation = self._pair(context, " " + text)
+            ids = (context_ids + continuation)[-window:]
+            if len(continuation) >= len(ids):
+                raise QwenkitError(f"a choice of {len(continuation)} tokens leaves no context in a window of {window} "
+                                   "tokens: raise --max-seq-len")
+            cut |= len(context_ids) + len(continuation) > window
+            first = len(ids) - len(continuation)  # the first choice token; the logits before it predict it
+            logprobs = torch.log_softmax(self._logits(ids, first - 1), dim=-1)
+            out.append(float(logprobs[torch.arange(len(continuation)), torch.tensor(continuation)].sum()))
+        return out, cut
+
+    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tokenizer.encode(context + continuation)
+        context_ids = self.tokenizer.encode(context)
+        return context_ids, whole[len(context_ids):]
+
+    def _logits(self, ids: list[int], start: int) -> torch.Tensor:
+        """float32 logits [len(ids) - start, vocab] of positions start.. of `ids`, in one cache row that keeps
+        what the previous call left there: only the tokens after the common prefix (and from `start`) run."""
         if self._cache is None or self._cache.max_len < len(ids):
             self._cache = self.model.new_cache(1, max(len(ids), min(self.context_length, 4096)))
             self._held = []
         reuse = 0
-        for a, b in zip(self._held, ids[:-1]):  # at least the last token is computed anew
+        for a, b in zip(self._held, ids[:start]):
             if a != b:
                 break
             reuse += 1
         tokens = torch.tensor([ids[reuse:]], device=self.model.device)
-        logits = self.model(tokens, torch.arange(reuse, len(ids)), self._cache, last_only=True)[0, -1].float()
+        logits = self.model(tokens, torch.arange(reuse, len(ids)), self._cache, last_only=start == len(ids) - 1)
         self._held = list(ids)
-        return seed_choice_probs(torch.softmax(logits, dim=-1)[choice_ids].tolist()), cut
+        return logits[0, -(len(ids) - start):].float()
 
     def generate(self, prompts: list[str], chat: bool, max_new_tokens: int, stop: Sequence[str],
                  on_done: Callable[[int, str], None]) -> int:

