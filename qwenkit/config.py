@@ -8,7 +8,6 @@ an error naming the key and the file.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,8 @@ class ModelConfig:
     seq_length: int | None = None
     use_dynamic_ntk: bool = False
     use_logn_attn: bool = False
-    rope_scaling: dict | None = None  # kept for later (YaRN); not applied yet
+    # linear, dynamic or yarn RoPE scaling as transformers applies it, normalized (rope_scaling_of); None: plain
+    rope_scaling: dict | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict = field(default_factory=dict, repr=False)  # untouched source keys
@@ -61,11 +61,16 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_kv_heads}")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ConfigError(f"rotary dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+        self.rope_scaling = rope_scaling_of(self.rope_scaling, self.max_position_embeddings)
 
     @property
     def context_length(self) -> int:
-        """Longest sequence the model is meant to see (what generation checks prompts against)."""
-        return self.max_position_embeddings
+        """Longest sequence the model is meant to see (what generation checks prompts against): with RoPE
+        scaling, the original length times the factor."""
+        scaling = self.rope_scaling
+        if scaling is None:
+            return self.max_position_embeddings
+        return max(self.max_position_embeddings, int(scaling["original_max_position_embeddings"] * scaling["factor"]))
 
     # ------------------------------------------------------------------ writing
     def to_hf_dict(self) -> dict[str, Any]:
@@ -189,11 +194,9 @@ class ModelConfig:
         hidden = get("hidden_size")
         heads = get("num_attention_heads")
         head_dim = d.get("head_dim") or hidden // heads
-        rope_scaling = d.get("rope_scaling")
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-            warnings.warn(
-                f"{source}: rope_scaling {rope_scaling} is recorded but not applied yet; "
-                "results past the trained context length will differ from transformers", stacklevel=3)
+        # transformers >= 5 writes rope_parameters (rope_theta inside), earlier ones rope_scaling.
+        rope_scaling = d.get("rope_scaling") or {k: v for k, v in (d.get("rope_parameters") or {}).items()
+                                                 if k != "rope_theta"} or None
         attention_bias = d.get("attention_bias")
         return cls(
             arch=model_type,
@@ -222,6 +225,41 @@ class ModelConfig:
             eos_token_id=d.get("eos_token_id"),
             extra=d,
         )
+
+
+ROPE_SCALINGS = ("linear", "dynamic", "yarn")
+YARN_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
+
+
+def rope_scaling_of(spec: dict | str | None, max_position_embeddings: int) -> dict | None:
+    """A config's rope_scaling (or a "TYPE:FACTOR" string, as --rope-scaling takes it) in one form:
+    {"rope_type", "factor", "original_max_position_embeddings", and YaRN's own keys when given}; None
+    for plain RoPE. The original length defaults to max_position_embeddings, as in transformers."""
+    if isinstance(spec, str) and spec.strip().lower() in ("none", "default"):
+        return None
+    if isinstance(spec, str):
+        kind, _, factor = spec.partition(":")
+        try:
+            spec = {"rope_type": kind.strip(), "factor": float(factor)}
+        except ValueError:
+            raise ConfigError(f"rope scaling {spec!r}: expected TYPE:FACTOR, e.g. yarn:4 or linear:2") from None
+    if not spec:
+        return None
+    kind = spec.get("rope_type", spec.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_SCALINGS:
+        raise UnsupportedModelError(f"rope scaling {kind!r} is not implemented; qwenkit applies "
+                                    f"{', '.join(ROPE_SCALINGS)} (as transformers does)")
+    original = spec.get("original_max_position_embeddings") or max_position_embeddings
+    factor = spec.get("factor")
+    if factor is None and kind == "yarn":  # transformers: the ratio of the two lengths
+        factor = max_position_embeddings / original
+    if not isinstance(factor, (int, float)) or not factor > 0 or not isinstance(original, int) or original <= 0:
+        raise ConfigError(f"rope scaling {spec}: factor must be a number > 0 and original_max_position_embeddings "
+                          "a positive integer")
+    extra = {k: spec[k] for k in YARN_KEYS if kind == "yarn" and spec.get(k) is not None}
+    return {"rope_type": kind, "factor": float(factor), "original_max_position_embeddings": original, **extra}
 
 
 def _rope_theta(d):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ModelConfig, rope_scaling_of
 
 
 class RMSNorm(nn.Module):
@@ -78,36 +78,95 @@ class KVCache:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE computed in fp32, with Qwen v1's dynamic-NTK base stretching."""
+    """Rotate-half RoPE computed in fp32: the config's rope scaling (linear, dynamic, YaRN) as transformers
+    computes it, and Qwen v1's dynamic-NTK base stretching."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.dim = config.rotary_dim
         self.base = config.rope_theta
+        self.scaling = config.rope_scaling or {}
+        self.max_position_embeddings = config.max_position_embeddings
+        # YaRN scales cos and sin (so q·k by its square): transformers' attention_scaling.
+        self.attention_factor = yarn_attention_factor(self.scaling) if self.scaling.get("rope_type") == "yarn" else 1.0
+        self.dynamic = self.scaling.get("rope_type") == "dynamic"
         self._inv_freq: dict[tuple[float, torch.device], torch.Tensor] = {}
 
-    def inv_freq(self, alpha: float, device: torch.device) -> torch.Tensor:
+    def inv_freq(self, alpha: float, device: torch.device, length: int = 0) -> torch.Tensor:
+        """The inverse frequencies for a Qwen v1 NTK `alpha` and, with dynamic scaling, a forward reaching
+        `length` positions (transformers' rule: the base grows with the longest position of the call)."""
+        kind, stretch = self.scaling.get("rope_type"), self.dim / (self.dim - 2)
+        if self.dynamic and length > self.max_position_embeddings:  # a new base each length: not cached
+            factor = self.scaling["factor"]
+            return 1.0 / self._powers(self.base * (factor * length / self.max_position_embeddings - (factor - 1))
+                                      ** stretch, device)
         key = (alpha, device)
         if key not in self._inv_freq:
-            base = self.base * alpha ** (self.dim / (self.dim - 2)) if alpha != 1 else self.base
-            exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-            self._inv_freq[key] = 1.0 / (base ** exponent)
+            powers = self._powers(self.base * alpha ** stretch if alpha != 1 else self.base, device)
+            if kind == "linear":
+                inv = 1.0 / powers / self.scaling["factor"]
+            elif kind == "yarn":
+                inv = yarn_inv_freq(powers, self.base, self.dim, self.scaling)
+            else:
+                inv = 1.0 / powers
+            self._inv_freq[key] = inv
         return self._inv_freq[key]
 
-    def forward(self, positions: torch.Tensor, alphas: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, dim] in fp32; alphas [B] or None (all 1).
+    def _powers(self, base: float, device: torch.device) -> torch.Tensor:
+        """base ** (2i / dim) in fp32: one over each dimension pair's frequency."""
+        return base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim)
+
+    def forward(self, positions: torch.Tensor, alphas: torch.Tensor | None,
+                length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, dim] in fp32; alphas [B] or None (all 1); `length`: the
+        positions the forward reaches (for dynamic scaling).
 
         `sin` carries rotate-half's signs (its first half negated), so that apply_rotary needs
         one roll of x instead of slicing, negating and concatenating its halves.
         """
         device = positions.device
         if alphas is None or bool((alphas == alphas[0]).all()):
-            inv = self.inv_freq(1.0 if alphas is None else float(alphas[0]), device)[None]
+            inv = self.inv_freq(1.0 if alphas is None else float(alphas[0]), device, length)[None]
         else:
-            inv = torch.stack([self.inv_freq(float(a), device) for a in alphas.tolist()])
+            inv = torch.stack([self.inv_freq(float(a), device, length) for a in alphas.tolist()])
         freqs = (positions.float()[:, :, None] * inv[:, None, :])[:, None]
         cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(scaling: dict) -> float:
+    """YaRN's cos/sin factor: the config's attention_factor, else from mscale as the paper's Eq. 21."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
+def yarn_inv_freq(powers: torch.Tensor, base: float, dim: int, scaling: dict) -> torch.Tensor:
+    """YaRN: high frequencies kept (extrapolated), low ones divided by the factor (interpolated), a linear
+    ramp between the dimensions that turn beta_fast and beta_slow times over the original length."""
+    original = scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=powers.device) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp
+    return 1.0 / (scaling["factor"] * powers) * (1 - extrapolated) + 1.0 / powers * extrapolated
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -299,7 +358,8 @@ class Transformer(nn.Module):
                 # Each query sees the cached keys at positions <= its own. (A prefill from position
                 # 0 has kv_len == T and takes SDPA's causal path; one row's one query sees them all.)
                 mask = torch.arange(kv_len, device=tokens.device) <= positions[:, None, :, None]
-        rope = self.rotary(positions, self._ntk_alphas(host_pos, cache))
+        length = int(host_pos.max()) + 1 if self.rotary.dynamic and T else 0
+        rope = self.rotary(positions, self._ntk_alphas(host_pos, cache), length)
         return StepInputs(rope, mask, write_pos, cache, self._logn_scale(positions, host_pos), positions)
 
     def blocks(self, tokens: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
@@ -367,6 +427,12 @@ class Model(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch_size, max_len or self.config.context_length, self.dtype, self.device)
+
+    def set_rope_scaling(self, spec: str | dict | None) -> None:
+        """RoPE scaling over the config's: "linear:F", "dynamic:F", "yarn:F", a rope_scaling dict, or None /
+        "none" for plain RoPE (config.rope_scaling_of). The context length follows it."""
+        self.config.rope_scaling = rope_scaling_of(spec, self.config.max_position_embeddings)
+        self.model.rotary = RotaryEmbedding(self.config)
 
     @property
     def device(self) -> torch.device:

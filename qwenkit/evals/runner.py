@@ -69,7 +69,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         limit: int | None = None, out: str | Path | None = None, data_dir: str | Path | None = None,
         batch_size: int = 8, samples: str | Path | None = None, dtype: str = "auto", device: str = "auto",
         quantize: str | None = "auto", max_seq_len: int = 2048, server: str | None = None, api_key: str | None = None,
-        compare: str | None = None, verbose: bool = True) -> dict:
+        compare: str | None = None, rope_scaling: str | None = None, verbose: bool = True) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
     `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
@@ -79,7 +79,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     last max_seq_len - 1 tokens when longer (a server applies its own limit). `compare`: evaluate the
     model again loaded with this quantization (none, int8, int4, gguf) into OUT/compare-{compare}/ and
     write OUT/comparison.md, the Qwen-7B release's BF16-against-Int4 table for this model; results.json
-    then holds the other run's scores under "compare".
+    then holds the other run's scores under "compare". `rope_scaling`: as qwenkit.load takes it.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -111,13 +111,13 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         backend = ServerModel(server, batch_size, api_key)
         setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
     else:
-        backend, setup = _load(model, dtype, device, quantize, batch_size)
+        backend, setup = _load(model, dtype, device, quantize, batch_size, rope_scaling)
         setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
     out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
     results = _evaluate(tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
     if compare is not None:
         del backend  # one model in memory at a time
-        backend, other_setup = _load(model, dtype, device, compare, batch_size)
+        backend, other_setup = _load(model, dtype, device, compare, batch_size, rope_scaling)
         other_setup["mode"] = setup["mode"]
         other = _evaluate(tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup, None,
                           max_seq_len, verbose)
@@ -174,15 +174,17 @@ def _version() -> str:
     return __version__
 
 
-def _load(model, dtype, device, quantize, batch_size):
+def _load(model, dtype, device, quantize, batch_size, rope_scaling=None):
     from ..loading import load, resolve_source
     from .backend import LocalModel
 
     source = resolve_source(model)
-    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize)
+    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize, rope_scaling=rope_scaling)
     quantized = sorted({type(m).__name__ for m in net.modules() if hasattr(m, "bits")})
     setup = {"model": source.name, "source": str(source), "dtype": str(net.dtype).removeprefix("torch."),
              "device": str(net.device), "quantize": quantize, "quantized_layers": quantized}
+    if rope_scaling is not None:  # (only then: earlier runs' records keep matching their setup)
+        setup["rope_scaling"] = net.config.rope_scaling
     return LocalModel(net, tokenizer, batch_size), setup
 
 

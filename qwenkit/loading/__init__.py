@@ -63,7 +63,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
          quantize: str | None = "auto", adapter: str | Path | None = None,
-         compile: bool = False, cuda_graphs: bool = True, pack: bool = True) -> tuple[Model, Tokenizer]:
+         compile: bool = False, cuda_graphs: bool = True, pack: bool = True,
+         rope_scaling: str | dict | None = None) -> tuple[Model, Tokenizer]:
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
     `quantize`: "auto", None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it
@@ -89,6 +90,9 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     without native bf16, the linear weights are then stored in bf16 and the activations stay float32 (the
     CPU plan, qwenkit/runtime/cpu_plan.py). The layers are for inference; pack=False keeps plain nn.Linear
     in `dtype` (fine-tuning does; quantizers and LoRA unpack a model themselves).
+
+    `rope_scaling`: RoPE scaling over the checkpoint's, "linear:F", "dynamic:F", "yarn:F", a config-style
+    dict, or "none" (plain RoPE); None keeps the checkpoint's (qwenkit.config.rope_scaling_of).
     """
     from .on_load import QUANTIZE_MODES
 
@@ -138,6 +142,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         if pack:
             from ..runtime.packed import pack_linears
             pack_linears(net, weight_dtype)
+    if rope_scaling is not None:
+        net.set_rope_scaling(rope_scaling)
     if device.type == "cpu":
         # From here on (faster prefill: qwenkit/runtime/allocator.py); not while loading, whose freed
         # temporaries would stay with the process.

@@ -18,7 +18,6 @@ import math
 import mmap
 import re
 import struct
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -353,8 +352,6 @@ class GGUFFile:
             return None
         if "original_context_length" in fields:  # the Hugging Face name
             fields["original_max_position_embeddings"] = fields.pop("original_context_length")
-        warnings.warn(f"{self.path}: rope scaling {kind!r} is recorded but not applied yet; results past the "
-                      "trained context length will differ from llama.cpp", stacklevel=3)
         return {"rope_type": kind, **fields}
 
     def tokenizer_fields(self) -> dict[str, Any]:
