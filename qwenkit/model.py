@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, rope_scaling_of
+from .errors import ConfigError
 
 
 class RMSNorm(nn.Module):
@@ -427,6 +428,19 @@ class Model(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch_size, max_len or self.config.context_length, self.dtype, self.device)
+
+    def set_long_context(self, dynamic_ntk: bool | None = None, logn: bool | None = None,
+                         train_length: int | None = None) -> None:
+        """Qwen's dynamic NTK and LogN (spec §2.3-2.4) for any model: on or off (None keeps the config's), past
+        `train_length` (default: the config's seq_length, else max_position_embeddings)."""
+        if train_length is not None and (not isinstance(train_length, int) or train_length < 2):
+            raise ConfigError(f"train length {train_length!r} must be an integer of at least 2")
+        cfg = self.config
+        cfg.seq_length = train_length or cfg.seq_length or cfg.max_position_embeddings
+        if dynamic_ntk is not None:
+            cfg.use_dynamic_ntk = dynamic_ntk
+        if logn is not None:
+            cfg.use_logn_attn = logn
 
     def set_rope_scaling(self, spec: str | dict | None) -> None:
         """RoPE scaling over the config's: "linear:F", "dynamic:F", "yarn:F", a rope_scaling dict, or None /

@@ -375,6 +375,33 @@ def test_compare_evaluates_the_model_again_quantized(tiny_checkpoint, tmp_path):
         run(tiny_checkpoint, ["arc_easy"], quantize="int8", compare="int8")
 
 
+def test_ppl_long_regenerates_the_long_context_table(tiny_checkpoint, tmp_path):
+    """Perplexity per technique and length over windows of long documents; a technique changes nothing up to the
+    trained length and something past it, and the model's own settings are restored afterwards."""
+    import math
+
+    import qwenkit
+    from qwenkit.evals.perplexity import window_nll
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    results = run(tiny_checkpoint, ["ppl-long"], data_dir=docs, out=tmp_path / "out", dtype="float32", device="cpu",
+                  lengths=[64, 128], techniques=["none", "ntk+logn"], train_length=64, verbose=False)
+    r = results["tasks"]["ppl-long"]
+    assert r["train_length"] == 64 and r["lengths"] == [64, 128] and set(r["table"]) == {"none", "ntk+logn"}
+    assert r["table"]["none"]["64"] == r["table"]["ntk+logn"]["64"]
+    assert abs(r["table"]["none"]["128"] - r["table"]["ntk+logn"]["128"]) > 1e-4
+    model, tokenizer = qwenkit.load(tiny_checkpoint, dtype="float32", device="cpu")
+    ids = tokenizer.encode((docs / "a.txt").read_text())
+    windows = [ids[i:i + 128] for i in range(0, len(ids) - 127, 128)][:1]  # tokens per length: the longest, 128
+    expected = math.exp(sum(window_nll(model, w) for w in windows) / sum(len(w) - 1 for w in windows))
+    assert r["table"]["none"]["128"] == pytest.approx(expected, rel=1e-4)
+    assert "| technique | 64 | 128* |" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(QwenkitError, match="techniques are none, ntk, logn, ntk\\+logn"):
+        run(tiny_checkpoint, ["ppl-long"], techniques=["yarn"], verbose=False)
+
+
 def test_loglikelihood_scores_pick_the_first_of_ties_and_normalize_by_characters():
     from qwenkit.evals.loglikelihood import ARC_EASY
 
@@ -440,7 +467,7 @@ def test_bad_input_is_named(tmp_path):
         ARC_CHALLENGE.load(tmp_path / "arc")
     with pytest.raises(DataError, match="hellaswag_val.jsonl does not exist"):
         HELLASWAG.load(tmp_path / "arc")
-    with pytest.raises(QwenkitError, match="hellaswag score every token of each choice"):
+    with pytest.raises(QwenkitError, match="hellaswag score every token of a text"):
         run(tasks=["hellaswag"], server="http://127.0.0.1:9")
     assert main(["eval", "--tasks", "nope", "--samples", str(tmp_path / "x")]) == 2
 

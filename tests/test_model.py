@@ -190,6 +190,26 @@ def test_long_context_only_acts_past_seq_length(v1_short):
     assert (both - logn_only).abs().max() > 1e-3  # a 40-token prompt gets alpha 7 (32 < 40 <= 64)
 
 
+def test_ntk_and_logn_for_any_model_equal_qwen_v1s(v1_short, tmp_path):
+    """A Qwen2 checkpoint with --dynamic-ntk --logn --train-length 16 computes what the same weights as Qwen
+    v1 with seq_length 16 do (in one prefill and in cached decode); off again, it is plain Qwen2."""
+    v1, ref = v1_short
+    qwen2 = load_fp32(write_checkpoint(tmp_path / "q2", hf_config(ref), hf_state(ref)))
+    x = tokens(n=40, batch=1, seed=9)
+    with torch.no_grad():
+        qwen2.set_long_context(dynamic_ntk=True, logn=True, train_length=16)
+        assert_close(qwen2(x), v1(x))
+        cache_a, cache_b = qwen2.new_cache(1, 48), v1.new_cache(1, 48)
+        steps = [(qwen2(x[:, :20], torch.arange(20), cache_a), v1(x[:, :20], torch.arange(20), cache_b))]
+        for t in range(20, 40):
+            steps.append((qwen2(x[:, t:t + 1], torch.tensor([t]), cache_a), v1(x[:, t:t + 1], torch.tensor([t]), cache_b)))
+        assert_close(torch.cat([a for a, _ in steps], 1), torch.cat([b for _, b in steps], 1))
+        qwen2.set_long_context(dynamic_ntk=False, logn=False)
+        assert_close(qwen2(x), ref(x).logits)
+    with pytest.raises(Exception, match="train length 1 must be an integer of at least 2"):
+        qwen2.set_long_context(train_length=1)
+
+
 def test_ntk_alpha_fixed_at_prefill(v1_short):
     model, _ = v1_short
     x = tokens(n=40, batch=2, seed=4)

@@ -40,6 +40,15 @@ def add_load_args(parser: argparse.ArgumentParser, quantize: bool = True, model_
                         help="RoPE scaling over the checkpoint's: linear:F, dynamic:F or yarn:F (the context becomes F "
                              "times the trained length; yarn:4 is Qwen2.5's documented 128K), or none (default: the "
                              "checkpoint's rope_scaling)")
+    parser.add_argument("--dynamic-ntk", action="store_true", default=None,
+                        help="Qwen's dynamic NTK for any model: past the trained length the RoPE base stretches with "
+                             "the prompt (Qwen v1 configs switch it on themselves)")
+    parser.add_argument("--logn", action="store_true", default=None,
+                        help="Qwen's LogN attention for any model: past the trained length queries are scaled by "
+                             "log(position) / log(trained length)")
+    parser.add_argument("--train-length", type=int, default=None, metavar="N",
+                        help="the trained length --dynamic-ntk and --logn act past (default: the config's "
+                             "seq_length, else max_position_embeddings)")
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +120,8 @@ def load_for(args: argparse.Namespace):
         name = "demo"
     model, tokenizer = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize,
                             adapter=getattr(args, "adapter", None), rope_scaling=getattr(args, "rope_scaling", None),
+                            dynamic_ntk=getattr(args, "dynamic_ntk", None), logn=getattr(args, "logn", None),
+                            train_length=getattr(args, "train_length", None),
                             cuda_graphs=not getattr(args, "no_cuda_graphs", False))
     if getattr(args, "compile", False):
         from ..runtime.compiled import compile_decode

