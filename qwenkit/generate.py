@@ -9,6 +9,12 @@ On a GPU each step is queued one step ahead: the forward that consumes a token i
 before that token is read back to the host, so the host's work per step (reading tokens,
 detokenizing, stop strings, the caller's own) runs while the GPU computes the next one. A row
 that stops then has had one step computed for nothing.
+
+A long prompt is prefilled in chunks (`prefill_chunk` tokens, 512 on a CPU, 4096 on a GPU), each writing
+the cache and attending to what the earlier ones wrote, so the activations and attention scores in
+flight grow with the chunk, not with the prompt. The same logits, within float rounding, except under
+dynamic NTK or dynamic RoPE scaling, whose base depends on the longest position of a forward: those
+prefill in one forward, as their references do.
 """
 
 from __future__ import annotations
@@ -106,8 +112,14 @@ class Decoder:
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 1, max_len: int | None = None,
-                 ahead: bool | None = None):
+                 ahead: bool | None = None, prefill_chunk: int | None = None):
         self.model, self.tokenizer = model, tokenizer
+        if prefill_chunk is None:
+            prefill_chunk = 4096 if model.device.type == "cuda" else 512
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be 0 (off) or a number of tokens, not {prefill_chunk}")
+        dynamic = model.config.use_dynamic_ntk or model.model.rotary.dynamic
+        self.prefill_chunk = 0 if dynamic else prefill_chunk
         self.ahead = model.device.type == "cuda" if ahead is None else ahead
         self.queued: _Sampled | None = None  # the step launched ahead, its tokens not yet read
         self.max_len = min(max_len or model.config.context_length, model.config.context_length)
@@ -135,9 +147,7 @@ class Decoder:
         self.rows.append(row)
         try:
             self._reset_history(slot, request)
-            ids = torch.tensor([request.prompt_ids[reuse:]], device=self.model.device)
-            logits = self.model(ids, torch.arange(reuse, len(request.prompt_ids)), self.cache.rows(slot, slot + 1),
-                                last_only=True)
+            logits = self._prefill(request.prompt_ids, reuse, self.cache.rows(slot, slot + 1))
             return row, self._emit(self._sample(slot, slot + 1, logits[:, -1]))[0][1]
         except BaseException:
             # The other rows go on as before; this row's slot is free again, its cache half written.
@@ -145,6 +155,17 @@ class Decoder:
                 self._remove(self.rows.index(row))
             self.slot_tokens[len(self.rows)] = []
             raise
+
+    def _prefill(self, prompt: list[int], start: int, cache) -> torch.Tensor:
+        """The last position's logits after writing prompt[start:] into `cache`, a chunk per forward."""
+        n = len(prompt)
+        while True:
+            end = min(start + self.prefill_chunk, n) if self.prefill_chunk else n
+            ids = torch.tensor([prompt[start:end]], device=self.model.device)
+            logits = self.model(ids, torch.arange(start, end), cache, last_only=True)
+            if end == n:
+                return logits
+            start = end
 
     @torch.inference_mode()
     def step(self) -> list[tuple[_Row, Delta]]:

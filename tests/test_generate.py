@@ -128,6 +128,24 @@ def test_prefix_reuse_gives_the_same_tokens(tiny, tok):
     assert reused == fresh and other in decoder.rows
 
 
+def test_a_prompt_prefilled_in_chunks_decodes_as_in_one_forward(tiny, tok):
+    """Chunks of 5 tokens (after a reused prefix too) give the one-forward prefill's tokens and logprobs."""
+    from qwenkit.generate import Decoder, make_request
+
+    kw = dict(temperature=0, max_new_tokens=8, stop_token_ids=[], logprobs=True)
+    prompt = make_request(tiny, tok, "a prompt long enough to be cut into several chunks of five tokens", **kw)
+    whole = Decoder(tiny, tok, max_len=128, prefill_chunk=0)
+    chunked = Decoder(tiny, tok, max_len=128, prefill_chunk=5)
+    assert chunked.prefill_chunk == 5 and len(prompt.prompt_ids) > 12  # 7 reused, then chunks of 5 and 1
+    for decoder in (whole, chunked):  # the second request reuses the first's prefix, then prefills the rest
+        _run(decoder, make_request(tiny, tok, prompt.prompt_ids[:7], **kw))
+    a_row, a = _run(whole, prompt)
+    b_row, b = _run(chunked, prompt)
+    assert a == b and a_row.cached_tokens == b_row.cached_tokens == 7
+    with pytest.raises(ValueError, match="prefill_chunk must be 0"):
+        Decoder(tiny, tok, max_len=16, prefill_chunk=-1)
+
+
 def _drive(model, tok, requests, ahead, cancel=None):
     """Run `requests` through one two-row Decoder, adding each as a row frees up and cancelling
     request `cancel` once it has three deltas; each request's deltas as tuples."""

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a batch slot before new ones get 503 (default: %(default)s)")
     parser.add_argument("--ctx", type=int, help="context length to serve, prompt plus reply "
                                                 "(default: the model's, at most 8192)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                        help="prefill long prompts this many tokens per forward, so memory grows with the chunk, not "
+                             "the prompt (default: 512 on a CPU, 4096 on a GPU; 0: one forward per prompt)")
     parser.add_argument("--cors-origins", help="comma-separated origins allowed to call the API from a browser, "
                                                "or * (default: none)")
     parser.add_argument("--served-model-name", help="the model name clients use and /v1/models lists "
@@ -55,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
     for option in POSITIVE_OPTIONS:
         if not getattr(args, option) > 0:
             raise QwenkitError(f"--{option.replace('_', '-')} must be more than 0, got {getattr(args, option)}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 0:
+        raise QwenkitError(f"--prefill-chunk must be 0 (off) or a number of tokens, got {args.prefill_chunk}")
     origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
     settings = Settings(
         served_model_name=args.served_model_name or served_name(args.model),
         model_aliases=(args.model,) if args.model else (), api_key=args.api_key or None,
         api_auth=args.api_auth or None, max_batch=args.max_batch, max_queue=args.max_queue,
-        context_length=args.ctx, cors_origins=origins, request_timeout=args.request_timeout,
+        context_length=args.ctx, prefill_chunk=args.prefill_chunk, cors_origins=origins, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
     return serve(lambda: load_for(args), settings, host=args.host, port=args.port)
