@@ -192,6 +192,7 @@ class Engine:
         self._queue: deque[Stream] = deque()
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self._streams: dict[int, Stream] = {}  # id(row) -> its stream
+        self._prefilling: Stream | None = None  # the stream whose prompt the decoder is prefilling, a chunk a turn
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -290,13 +291,16 @@ class Engine:
         for stream in self._streams.values():
             self._fail(stream, error)
         self._streams.clear()
+        if self._prefilling is not None:
+            self._fail(self._prefilling, error)
+            self._prefilling = None
         self.decoder.clear()
         self.metrics.running = 0
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._queue or self._jobs or self.decoder.rows or self._stopping):
+                while not (self._queue or self._jobs or self.decoder.rows or self._prefilling or self._stopping):
                     self._wake.wait()
                 if self._stopping:
                     return
@@ -323,6 +327,10 @@ class Engine:
                 self.metrics.queue_depth = len(self._queue)
         for stream in left:
             self._end_cancelled(stream)
+        if self._prefilling is not None and self._prefilling.cancelled:
+            self.decoder.drop_pending()
+            self._end_cancelled(self._prefilling)
+            self._prefilling = None
         for row in [r for r in self.decoder.rows if self._streams[id(r)].cancelled]:
             stream = self._streams.pop(id(row))
             try:
@@ -333,6 +341,12 @@ class Engine:
         self.metrics.running = len(self.decoder.rows)
 
     def _admit(self) -> None:
+        """Start waiting requests while rows are free. A prompt longer than one prefill chunk takes one chunk
+        per turn of the loop, with a decode step of the running sequences between chunks, so their tokens
+        keep coming while it prefills."""
+        if self._prefilling is not None:
+            self._advance()
+            return
         while self.decoder.free_slots:
             with self._wake:
                 if not self._queue:
@@ -343,11 +357,30 @@ class Engine:
                 self._end_cancelled(stream)
                 continue
             try:
-                row, delta = self.decoder.add(stream.request)
+                self.decoder.begin(stream.request)
             except Exception as e:  # the decoder has let go of the row: end this request alone
                 log.error("a prefill failed: %s: %s", type(e).__name__, e)
                 self._fail(stream, e)
                 continue
+            self._prefilling = stream
+            self._advance()
+            if self._prefilling is not None:
+                return
+        self.metrics.running = len(self.decoder.rows)
+
+    def _advance(self) -> None:
+        """One chunk of the pending prefill; after its last, the stream runs."""
+        stream = self._prefilling
+        try:
+            done = self.decoder.advance()
+        except Exception as e:  # the decoder has let go of the row: end this request alone
+            log.error("a prefill failed: %s: %s", type(e).__name__, e)
+            self._prefilling = None
+            self._fail(stream, e)
+            return
+        if done is not None:
+            self._prefilling = None
+            row, delta = done
             self._streams[id(row)] = stream
             stream.cached_tokens = row.cached_tokens
             c = self.metrics.counters

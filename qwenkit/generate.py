@@ -12,7 +12,8 @@ that stops then has had one step computed for nothing.
 
 A long prompt is prefilled in chunks (`prefill_chunk` tokens, 512 on a CPU, 4096 on a GPU), each writing
 the cache and attending to what the earlier ones wrote, so the activations and attention scores in
-flight grow with the chunk, not with the prompt. The same logits, within float rounding, except under
+flight grow with the chunk, not with the prompt. `add` runs them all; `begin` and `advance` one at a
+time, so that a server decodes its other sequences between the chunks of a long prompt. The same logits, within float rounding, except under
 dynamic NTK or dynamic RoPE scaling, whose base depends on the longest position of a forward: those
 prefill in one forward, as their references do.
 """
@@ -51,6 +52,14 @@ class Request:
     stop: Sequence[str] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+
+
+@dataclass
+class _Prefill:
+    """A prompt being prefilled a chunk at a time, into the cache row after the active ones."""
+    row: "_Row"
+    prompt: list[int]
+    at: int  # the next prompt position to write
 
 
 class _Row:
@@ -129,43 +138,66 @@ class Decoder:
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each free row holds
         self.history: TokenHistory | None = None  # made when a request uses penalties
         self.last_tokens = torch.zeros(max_batch, dtype=torch.long, device=model.device)
+        self.pending: _Prefill | None = None  # its row is the slot after the active rows
 
     @property
     def free_slots(self) -> int:
-        return self.cache.batch_size - len(self.rows)
+        return self.cache.batch_size - len(self.rows) - (self.pending is not None)
 
     @torch.inference_mode()
     def add(self, request: Request) -> tuple[_Row, Delta]:
         """Prefill `request` (made by make_request for at most this decoder's max_len) into a free row
         and sample its first token."""
+        self.begin(request)
+        while (done := self.advance()) is None:
+            pass
+        return done
+
+    @torch.inference_mode()
+    def begin(self, request: Request) -> _Row:
+        """Start prefilling `request` into a free row; each `advance` runs one chunk of it. Until the last,
+        `step` decodes the active rows without it, and no other request can begin."""
+        if self.pending is not None:
+            raise RuntimeError("a prefill is in progress: advance it to its end first")
         if not self.free_slots:
             raise RuntimeError("no free cache row: wait for a sequence to finish")
         slot = len(self.rows)
         reuse = self._take_best_free_row(request.prompt_ids)
         row = _Row(request, self.tokenizer, self.model.device)
         row.cached_tokens = reuse
-        self.rows.append(row)
+        self._reset_history(slot, request)
+        self.pending = _Prefill(row, request.prompt_ids, reuse)
+        return row
+
+    @torch.inference_mode()
+    def advance(self) -> tuple[_Row, Delta] | None:
+        """Prefill the next chunk of the pending prompt. After its last, the row joins the active ones with
+        its first token sampled: returns (row, delta); before, None."""
+        p, slot = self.pending, len(self.rows)
         try:
-            self._reset_history(slot, request)
-            logits = self._prefill(request.prompt_ids, reuse, self.cache.rows(slot, slot + 1))
-            return row, self._emit(self._sample(slot, slot + 1, logits[:, -1]))[0][1]
+            n = len(p.prompt)
+            end = min(p.at + self.prefill_chunk, n) if self.prefill_chunk else n
+            ids = torch.tensor([p.prompt[p.at:end]], device=self.model.device)
+            logits = self.model(ids, torch.arange(p.at, end), self.cache.rows(slot, slot + 1), last_only=True)
+            p.at = end
+            self.slot_tokens[slot] = p.prompt[:end]  # what the row holds, should it move or be dropped
+            if end < n:
+                return None
+            self.pending = None
+            self.slot_tokens[slot] = []
+            self.rows.append(p.row)
+            return p.row, self._emit(self._sample(slot, slot + 1, logits[:, -1]))[0][1]
         except BaseException:
             # The other rows go on as before; this row's slot is free again, its cache half written.
-            if row in self.rows:
-                self._remove(self.rows.index(row))
+            self.pending = None
+            if p.row in self.rows:
+                self._remove(self.rows.index(p.row))
             self.slot_tokens[len(self.rows)] = []
             raise
 
-    def _prefill(self, prompt: list[int], start: int, cache) -> torch.Tensor:
-        """The last position's logits after writing prompt[start:] into `cache`, a chunk per forward."""
-        n = len(prompt)
-        while True:
-            end = min(start + self.prefill_chunk, n) if self.prefill_chunk else n
-            ids = torch.tensor([prompt[start:end]], device=self.model.device)
-            logits = self.model(ids, torch.arange(start, end), cache, last_only=True)
-            if end == n:
-                return logits
-            start = end
+    def drop_pending(self) -> None:
+        """Give up the pending prefill (its client went away); what it wrote stays for prefix reuse."""
+        self.pending = None
 
     @torch.inference_mode()
     def step(self) -> list[tuple[_Row, Delta]]:
@@ -193,6 +225,7 @@ class Decoder:
     def clear(self) -> None:
         """Drop every sequence and forget what the free rows hold: after a failure has left them in doubt."""
         self.rows.clear()
+        self.pending = None
         self.queued = None
         self.history = None
         self.slot_tokens = [[] for _ in range(self.cache.batch_size)]
@@ -337,6 +370,10 @@ class Decoder:
                 self.history.copy_row(last, slot)
             self.rows[slot] = self.rows[last]
         self.rows.pop()
+        if self.pending is not None:  # it stays in the slot after the active rows
+            self._swap(last + 1, last)
+            if self.history is not None:
+                self.history.copy_row(last + 1, last)
 
 
 # ---------------------------------------------------------------------- the public API

@@ -44,6 +44,39 @@ def test_batched_streams_equal_single_generation(engine, tiny, tok):
     assert single < int(values["qwenkit_decode_steps_total"])  # some steps decoded more than one sequence
 
 
+def test_running_streams_keep_decoding_while_a_long_prompt_prefills(tiny, tok, monkeypatch):
+    """A prompt of many chunks is prefilled a chunk per turn: the running stream gets tokens between the
+    chunks, the long one's tokens equal a plain generation's, and so do the runner's after rows moved."""
+    events = []
+    forward = tiny.forward
+
+    def recorded(tokens, *args, **kwargs):  # a prefill chunk has several tokens, a decode step one per row
+        events.append("chunk" if tokens.shape[1] > 1 else "step")
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(tiny, "forward", recorded)
+    eng = Engine(tiny, tok, max_batch=3, context_length=400, prefill_chunk=8)
+    eng.start()
+    try:
+        short = eng.submit(request(tiny, tok, "short", n=60))
+        first = iter(short)
+        started = next(first).token_id  # running
+        long_text = " ".join(f"word{i}" for i in range(60))
+        long = eng.submit(request(tiny, tok, long_text, n=6))
+        long_ids, reason = collect(long)
+        short_ids = [started] + [d.token_id for d in [*first] if d.token_id is not None]
+    finally:
+        eng.shutdown()
+    chunks = [i for i, e in enumerate(events) if e == "chunk"][1:]  # the long prompt's (the first: "short")
+    assert len(chunks) >= 8 and reason == "length"
+    between = events[chunks[0]:chunks[-1]]
+    assert between.count("step") >= len(chunks) - 1  # a decode step for the running stream between chunks
+    plain = dict(max_new_tokens=6, temperature=0, stop_token_ids=[])
+    monkeypatch.setattr(tiny, "forward", forward)
+    assert long_ids == qwenkit.generate(tiny, tok, long_text, **plain).token_ids
+    assert short_ids == qwenkit.generate(tiny, tok, "short", **{**plain, "max_new_tokens": 60}).token_ids
+
+
 def test_cancel_frees_the_row(engine, tiny, tok, monkeypatch):
     forward = tiny.forward
 
