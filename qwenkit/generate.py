@@ -13,9 +13,9 @@ that stops then has had one step computed for nothing.
 A long prompt is prefilled in chunks (`prefill_chunk` tokens, 512 on a CPU, 4096 on a GPU), each writing
 the cache and attending to what the earlier ones wrote, so the activations and attention scores in
 flight grow with the chunk, not with the prompt. `add` runs them all; `begin` and `advance` one at a
-time, so that a server decodes its other sequences between the chunks of a long prompt. The same logits, within float rounding, except under
-dynamic NTK or dynamic RoPE scaling, whose base depends on the longest position of a forward: those
-prefill in one forward, as their references do.
+time, so that a server decodes its other sequences between the chunks of a long prompt. The same
+logits, within float rounding, except under dynamic NTK or dynamic RoPE scaling, whose base depends on
+the longest position of a forward: those prefill in one forward, as their references do.
 """
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or served_name(args.model),
         model_aliases=(args.model,) if args.model else (), api_key=args.api_key or None,
         api_auth=args.api_auth or None, max_batch=args.max_batch, max_queue=args.max_queue,
-        context_length=args.ctx, prefill_chunk=args.prefill_chunk, cors_origins=origins, request_timeout=args.request_timeout,
+        context_length=args.ctx, prefill_chunk=args.prefill_chunk, cors_origins=origins,
+        request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
     return serve(lambda: load_for(args), settings, host=args.host, port=args.port)
