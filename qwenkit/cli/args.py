@@ -23,7 +23,8 @@ def add_model_arg(parser: argparse.ArgumentParser, help_text: str = MODEL_HELP) 
 def add_load_args(parser: argparse.ArgumentParser, quantize: bool = True, model_help: str = MODEL_HELP,
                   dtype_help: str = DTYPE_HELP) -> None:
     """-m, --device, --dtype and, for the verbs that run the model as it loads (unless the verb decides the
-    quantization itself), --quantize and --rope-scaling."""
+    quantization itself), --quantize and the long-context options (--rope-scaling, --dynamic-ntk, --logn,
+    --train-length)."""
     add_model_arg(parser, model_help)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     parser.add_argument("--dtype", default="auto", help=dtype_help)
