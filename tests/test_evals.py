@@ -355,9 +355,27 @@ def test_loglikelihood_tasks_score_each_choice_as_the_harness_does(tiny_checkpoi
             assert record["prediction_norm"] == max(range(len(choices)), key=lambda i: normalized[i])
         judged = list(records.values())
         score = out["tasks"][task.name]
+        assert score["truncated_prompts"] == 0
         assert score["mode"] == "base" and score["questions"] == len(judged)
         assert score["score"] == pytest.approx(100 * sum(r["correct"] for r in judged) / len(judged))
         assert score["acc_norm"] == pytest.approx(100 * sum(r["correct_norm"] for r in judged) / len(judged))
+
+    # Past the window, a choice keeps the last `window` tokens of context + choice.
+    import qwenkit
+    from qwenkit.evals.backend import LocalModel
+
+    model, tokenizer = qwenkit.load(tiny_checkpoint, dtype="float32", device="cpu")
+    context, choices = ARC_EASY.request(arc_items[0])
+    ours, cut = LocalModel(model, tokenizer).loglikelihoods(context, choices, 16)
+    assert cut
+    for text, value in zip(choices, ours):
+        whole = hf_tokenizer(context)["input_ids"] + hf_tokenizer(context + " " + text)["input_ids"][
+            len(hf_tokenizer(context)["input_ids"]):]
+        n = len(whole) - len(hf_tokenizer(context)["input_ids"])
+        ids = whole[-16:]
+        with torch.no_grad():
+            lp = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+        assert value == pytest.approx(sum(float(lp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids))), abs=2e-4)
 
 
 def test_compare_evaluates_the_model_again_quantized(tiny_checkpoint, tmp_path):

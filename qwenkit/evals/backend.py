@@ -71,21 +71,40 @@ class LocalModel:
     @torch.inference_mode()
     def loglikelihoods(self, context: str, texts: Sequence[str], max_seq_len: int) -> tuple[list[float], bool]:
         """The log-likelihood of " " + each text after `context`, tokenized as lm-evaluation-harness does
-        (qwenkit/evals/loglikelihood.py). A pair longer than the window keeps its last window tokens;
-        returns (log-likelihoods, whether any pair was cut). Choices after the first reuse the context's cache."""
+        (qwenkit/evals/loglikelihood.py): returns (log-likelihoods, whether any pair was cut to the window).
+        The context is computed once (or reused from the previous question's cache row); its keys and values
+        are copied to one cache row per choice, and all choices run as one batch. A pair longer than the
+        window keeps its last window tokens, each choice alone."""
         window = min(max_seq_len, self.context_length)
-        out, cut = [], False
-        for text in texts:
-            context_ids, continuation = self._pair(context, " " + text)
-            ids = (context_ids + continuation)[-window:]
-            if len(continuation) >= len(ids):
-                raise QwenkitError(f"a choice of {len(continuation)} tokens leaves no context in a window of {window} "
-                                   "tokens: raise --max-seq-len")
-            cut |= len(context_ids) + len(continuation) > window
-            first = len(ids) - len(continuation)  # the first choice token; the logits before it predict it
-            logprobs = torch.log_softmax(self._logits(ids, first - 1), dim=-1)
-            out.append(float(logprobs[torch.arange(len(continuation)), torch.tensor(continuation)].sum()))
-        return out, cut
+        pairs = [self._pair(context, " " + text) for text in texts]
+        context_ids = pairs[0][0]
+        continuations = [c for _, c in pairs]
+        if len(context_ids) + max(map(len, continuations)) > window:
+            return [self._cut_loglikelihood(context_ids, c, window) for c in continuations], True
+        start = len(context_ids) - 1  # its logits predict every choice's first token
+        longest = max(map(len, continuations))
+        first = torch.log_softmax(self._logits(context_ids, start, rows=len(texts), room=longest)[0], dim=-1)
+        for t in self._cache.k + self._cache.v:  # the context, in every choice's row
+            t[1:len(texts), :, :start + 1] = t[:1, :, :start + 1]
+        self._cache.ntk_alpha[1:len(texts)] = self._cache.ntk_alpha[0]
+        out = [float(first[c[0]]) for c in continuations]
+        if longest > 1:  # the choices' other tokens: one batch, right-padded (padding comes after what counts)
+            tokens = torch.tensor([c[:-1] + [0] * (longest - len(c)) for c in continuations], device=self.model.device)
+            logits = self.model(tokens, torch.arange(start + 1, start + longest), self._cache.rows(0, len(texts)))
+            logprobs = torch.log_softmax(logits.float(), -1)
+            for i, c in enumerate(continuations):
+                out[i] += float(logprobs[i, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum())
+        self._held = context_ids + continuations[0][:-1]  # what row 0 now holds (a choice's last token is not fed)
+        return out, False
+
+    def _cut_loglikelihood(self, context_ids: list[int], continuation: list[int], window: int) -> float:
+        ids = (context_ids + continuation)[-window:]
+        if len(continuation) >= len(ids):
+            raise QwenkitError(f"a choice of {len(continuation)} tokens leaves no context in a window of {window} "
+                               "tokens: raise --max-seq-len")
+        first = len(ids) - len(continuation)  # the first choice token; the logits before it predict it
+        logprobs = torch.log_softmax(self._logits(ids, first - 1), dim=-1)
+        return float(logprobs[torch.arange(len(continuation)), torch.tensor(continuation)].sum())
 
     def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         spaces = len(context) - len(context.rstrip())
@@ -95,11 +114,12 @@ class LocalModel:
         context_ids = self.tokenizer.encode(context)
         return context_ids, whole[len(context_ids):]
 
-    def _logits(self, ids: list[int], start: int) -> torch.Tensor:
-        """float32 logits [len(ids) - start, vocab] of positions start.. of `ids`, in one cache row that keeps
-        what the previous call left there: only the tokens after the common prefix (and from `start`) run."""
-        if self._cache is None or self._cache.max_len < len(ids):
-            self._cache = self.model.new_cache(1, max(len(ids), min(self.context_length, 4096)))
+    def _logits(self, ids: list[int], start: int, rows: int = 1, room: int = 0) -> torch.Tensor:
+        """float32 logits [len(ids) - start, vocab] of positions start.. of `ids`, in cache row 0, which keeps
+        what the previous call left there: only the tokens after the common prefix (and from `start`) run.
+        The cache has at least `rows` rows and `room` positions after `ids`."""
+        if self._cache is None or self._cache.max_len < len(ids) + room or self._cache.batch_size < rows:
+            self._cache = self.model.new_cache(max(rows, 4), max(len(ids) + room, min(self.context_length, 4096)))
             self._held = []
         reuse = 0
         for a, b in zip(self._held, ids[:start]):
@@ -107,7 +127,8 @@ class LocalModel:
                 break
             reuse += 1
         tokens = torch.tensor([ids[reuse:]], device=self.model.device)
-        logits = self.model(tokens, torch.arange(reuse, len(ids)), self._cache, last_only=start == len(ids) - 1)
+        logits = self.model(tokens, torch.arange(reuse, len(ids)), self._cache.rows(0, 1),
+                            last_only=start == len(ids) - 1)
         self._held = list(ids)
         return logits[0, -(len(ids) - start):].float()
 
