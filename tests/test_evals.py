@@ -290,12 +290,13 @@ def test_choice_probabilities_reuse_the_shared_prefix_exactly(tiny_checkpoint, t
 
 
 def write_arc(root: Path) -> Path:
-    """ARC-V1-Feb2018's layout: one record with numeric labels and three choices, as some have."""
+    """ARC-V1-Feb2018's layout: a record with numeric labels, as some have."""
     rows = [{"id": "q1", "question": {"stem": "Which is hot?", "choices": [
                 {"text": "ice", "label": "A"}, {"text": "the sun", "label": "B"}, {"text": "snow", "label": "C"},
                 {"text": "a cold rock", "label": "D"}]}, "answerKey": "B"},
             {"id": "q2", "question": {"stem": "Pick two.", "choices": [
-                {"text": "one", "label": "1"}, {"text": "two", "label": "2"}, {"text": "three", "label": "3"}]},
+                {"text": "one", "label": "1"}, {"text": "two", "label": "2"}, {"text": "three", "label": "3"},
+                {"text": "a", "label": "4"}]},  # " a" is one token: a choice with nothing after its first
              "answerKey": "2"}]
     (root / "ARC-Easy").mkdir(parents=True, exist_ok=True)
     (root / "ARC-Easy" / "ARC-Easy-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -93,7 +93,7 @@ class LocalModel:
             logits = self.model(tokens, torch.arange(start + 1, start + longest), self._cache.rows(0, len(texts)))
             logprobs = torch.log_softmax(logits.float(), -1)
             for i, c in enumerate(continuations):
-                out[i] += float(logprobs[i, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum())
+                out[i] += float(logprobs[i, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)].sum())
         self._held = context_ids + continuations[0][:-1]  # what row 0 now holds (a choice's last token is not fed)
         return out, False
 
