@@ -4,8 +4,8 @@
 
 One decode token multiplies a single row by every weight once. This times exactly those products,
 with nothing else in between, through the kernels qwenkit runs (quant.linear's int4 and int8
-layers, the bf16 packed linears), on the demo model's shapes: q/k/v and gate/up joined where
-qwenkit joins them (int4), each of the 24 layers its own tensors so that they stream from memory
+layers, and the bf16 layers float weights load as), on the demo model's shapes: q/k/v and gate/up
+joined where qwenkit joins them, each of the 24 layers its own tensors so that they stream from memory
 as in a real step, the vocabulary-sized head included. The weights are random: the kernels' speed
 does not depend on the values. Next to it: the machine's read bandwidth (a sum over 1 GiB), the
 tok/s that bandwidth alone would allow at each format's bytes, and (unless --no-peer) llama.cpp's
@@ -57,12 +57,15 @@ def int8_layer(k: int, n: int, bias: bool, group_size: int):
 
 
 def bf16_layer(k: int, n: int, bias: bool, group_size: int):
-    from qwenkit.runtime.packed import PackedLinear, packing_works
+    """What the default float path runs: qwenkit's bf16 kernel (Bf16Linear) where it is built, else oneDNN's
+    packed layout, else a plain bf16 linear."""
+    from qwenkit.runtime.packed import inference_linear
 
     weight = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
     bias_ = torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16), requires_grad=False) if bias else None
-    if packing_works():
-        return PackedLinear(weight, bias_)
+    layer = inference_linear(weight, bias_, torch.bfloat16)
+    if layer is not None:
+        return layer
     linear = torch.nn.Linear(k, n, bias=bias, dtype=torch.bfloat16)
     linear.weight.data = weight
     return linear
@@ -73,7 +76,7 @@ FORMATS = [
     ("int4 g32, int4 head (g32h4)", int4_layer, True, 32, int4_layer),
     ("int4 g128, int8 head (--quantize int4)", int4_layer, True, 128, int8_layer),
     ("int8 (--quantize int8)", int8_layer, False, None, int8_layer),
-    ("bf16, packed (default)", bf16_layer, False, None, bf16_layer),
+    ("bf16 weights (float weights' default)", bf16_layer, True, None, bf16_layer),
 ]
 
 
