@@ -79,10 +79,10 @@ class LocalModel:
         pairs = [self._pair(context, " " + text) for text in texts]
         context_ids = pairs[0][0]
         continuations = [c for _, c in pairs]
-        if len(context_ids) + max(map(len, continuations)) > window:
+        longest = max(map(len, continuations))
+        if len(context_ids) + longest > window:
             return [self._cut_loglikelihood(context_ids, c, window) for c in continuations], True
         start = len(context_ids) - 1  # its logits predict every choice's first token
-        longest = max(map(len, continuations))
         first = torch.log_softmax(self._logits(context_ids, start, rows=len(texts), room=longest)[0], dim=-1)
         for t in self._cache.k + self._cache.v:  # the context, in every choice's row
             t[1:len(texts), :, :start + 1] = t[:1, :, :start + 1]

@@ -14,6 +14,24 @@ from ..model import Model
 
 
 @torch.no_grad()
+def window_nll(model: Model, window: Sequence[int] | torch.Tensor, scored: int | None = None,
+               chunk: int = 1024) -> float:
+    """The summed negative log-likelihood of the last `scored` tokens of `window` (default: all but the
+    first), each given the window before it, in one forward. The head runs over the scored positions only,
+    `chunk` at a time (a 16K window's logits at once would take gigabytes)."""
+    ids = torch.as_tensor(window, dtype=torch.long).flatten().to(model.device)
+    n = ids.numel()
+    hidden = model.model(ids[None])[0]
+    total = 0.0
+    first = 0 if scored is None else n - 1 - scored  # the position whose logits predict the first scored token
+    for start in range(first, n - 1, chunk):
+        end = min(start + chunk, n - 1)
+        logits = model.lm_head(hidden[start:end]).float()
+        total += float(F.cross_entropy(logits, ids[start + 1:end + 1], reduction="sum"))
+    return total
+
+
+@torch.no_grad()
 def perplexity(model: Model, ids: Sequence[int] | torch.Tensor, seq_len: int = 512, stride: int | None = None) -> float:
     """exp(mean negative log-likelihood) of the tokens of `ids`, scored in windows of `seq_len`.
 
@@ -31,28 +49,13 @@ def perplexity(model: Model, ids: Sequence[int] | torch.Tensor, seq_len: int = 5
     nll, scored, scored_until = 0.0, 0, 1  # tokens before scored_until are done (token 0 never is)
     for begin in range(0, n - 1, stride):
         end = min(begin + seq_len, n)
-        window = ids[begin:end].to(model.device)
+        window = ids[begin:end]
         new = min(end - scored_until, window.numel() - 1)
-        logits = model(window[None])[0, -new - 1:-1].float()
-        nll += float(F.cross_entropy(logits, window[-new:], reduction="sum"))
+        nll += window_nll(model, window, new)
         scored, scored_until = scored + new, end
         if end == n:
             break
     return math.exp(nll / scored)
-
-
-@torch.no_grad()
-def window_nll(model: Model, window: list[int], chunk: int = 1024) -> float:
-    """The summed negative log-likelihood of window[1:] in one forward; the head runs `chunk` positions at a
-    time (a 16K window's logits at once would take gigabytes)."""
-    ids = torch.tensor(window, device=model.device)[None]
-    hidden = model.model(ids)[0]
-    total = 0.0
-    for start in range(0, len(window) - 1, chunk):
-        end = min(start + chunk, len(window) - 1)
-        logits = model.lm_head(hidden[start:end]).float()
-        total += float(F.cross_entropy(logits, ids[0, start + 1:end + 1], reduction="sum"))
-    return total
 
 
 TECHNIQUES = {"none": (False, False), "ntk": (True, False), "logn": (False, True), "ntk+logn": (True, True)}
