@@ -488,6 +488,8 @@ def test_bad_input_is_named(tmp_path):
         HELLASWAG.load(tmp_path / "arc")
     with pytest.raises(QwenkitError, match="hellaswag score every token of a text"):
         run(tasks=["hellaswag"], server="http://127.0.0.1:9")
+    with pytest.raises(QwenkitError, match="ppl, ppl-long score every token of a text"):
+        run(tasks=["ppl", "ppl-long"], server="http://127.0.0.1:9")
     assert main(["eval", "--tasks", "nope", "--samples", str(tmp_path / "x")]) == 2
 
 

@@ -99,7 +99,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     if compare is not None and (samples is not None or server is not None or compare == quantize):
         raise QwenkitError("--compare loads the model a second time with another quantization: it needs -m (not "
                            "--samples or --server) and a --quantize other than its own")
-    scored_by_tokens = [t for t in tasks if isinstance(TASKS[t], (LoglikelihoodTask, LongPerplexity))]
+    scored_by_tokens = [t for t in tasks if isinstance(TASKS[t], (Perplexity, LoglikelihoodTask, LongPerplexity))]
     if server is not None and scored_by_tokens:
         raise QwenkitError(f"{', '.join(scored_by_tokens)} score every token of a text, which needs the model "
                            "itself (OpenAI-compatible servers do not all return prompt log-probabilities): drop "
@@ -232,8 +232,6 @@ def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) ->
                 record = task.judge(item, completions.get(item["id"], ""), "base")
                 save(item, {**record, "missing": True} if item["id"] not in completions else record)
         elif task.name == "ppl":
-            if not hasattr(backend, "model"):
-                raise QwenkitError("the ppl task needs the model itself (it scores every token): drop --server")
             from ..quant.calibration import heldout_ids
             ids = heldout_ids(backend.tokenizer, task.tokens)
             save(todo[0], {"score": perplexity(backend.model, ids, seq_len=task.seq_len), "tokens": len(ids),
