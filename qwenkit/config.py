@@ -43,6 +43,9 @@ class ModelConfig:
     use_logn_attn: bool = False
     # linear, dynamic or yarn RoPE scaling as transformers applies it, normalized (rope_scaling_of); None: plain
     rope_scaling: dict | None = None
+    # Each layer's attention window (a query sees the keys of its last `window` positions, itself included),
+    # None for full attention; the whole field None when every layer attends fully (attention_windows_of).
+    attention_windows: list[int | None] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict = field(default_factory=dict, repr=False)  # untouched source keys
@@ -62,6 +65,7 @@ class ModelConfig:
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ConfigError(f"rotary dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
         self.rope_scaling = rope_scaling_of(self.rope_scaling, self.max_position_embeddings)
+        self.attention_windows = attention_windows_of(self.attention_windows, self.num_layers)
 
     @property
     def context_length(self) -> int:
@@ -103,7 +107,7 @@ class ModelConfig:
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "use_sliding_window": False,
+            **_sliding_window_fields(self.attention_windows),
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
@@ -175,6 +179,7 @@ class ModelConfig:
             use_dynamic_ntk=bool(d.get("use_dynamic_ntk", False)),
             use_logn_attn=bool(d.get("use_logn_attn", False)),
             rope_scaling=d.get("rope_scaling"),
+            attention_windows=d.get("attention_windows"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             extra=d,
@@ -183,10 +188,6 @@ class ModelConfig:
     @classmethod
     def _from_qwen2(cls, d, source, model_type):
         get = _getter(d, source)
-        if d.get("use_sliding_window"):
-            raise UnsupportedModelError(
-                f"{source} sets use_sliding_window=true; qwenkit does not implement Qwen2 sliding-window "
-                "attention yet. Set it to false (Qwen2/2.5 checkpoints ship it false) to run full attention.")
         if d.get("num_experts") or d.get("num_experts_per_tok"):
             raise UnsupportedModelError(
                 f"{source} describes a mixture-of-experts model; qwenkit runs dense models only: "
@@ -217,6 +218,7 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             rotary_dim=int(head_dim * d.get("partial_rotary_factor", 1.0)),
             rope_scaling=rope_scaling,
+            attention_windows=d.get("attention_windows") or _sliding_windows(d, source),
             # Qwen v1 long context, when a v1 model was saved in Qwen2 form (see to_hf_dict).
             seq_length=d.get("seq_length"),
             use_dynamic_ntk=bool(d.get("use_dynamic_ntk", False)),
@@ -260,6 +262,74 @@ def rope_scaling_of(spec: dict | str | None, max_position_embeddings: int) -> di
                           "a positive integer")
     extra = {k: spec[k] for k in YARN_KEYS if kind == "yarn" and spec.get(k) is not None}
     return {"rope_type": kind, "factor": float(factor), "original_max_position_embeddings": original, **extra}
+
+
+def attention_windows_of(spec: str | list | None, num_layers: int) -> list[int | None] | None:
+    """Each layer's attention window from a per-layer list, or from "SIZE[:LAYERS],SIZE[:LAYERS],..." as
+    --window-attention takes it: groups of layers from the bottom up, SIZE a number of positions or "full", the
+    last group's LAYERS defaulting to every layer left, layers past the groups attending fully ("2048:4,4096:4"
+    is the Qwen-7B tech report's example: shorter windows below, longer above). None when no layer is windowed."""
+    if isinstance(spec, str):
+        text, spec = spec, []
+        if text.strip().lower() not in ("", "none", "full"):
+            for group in text.split(","):
+                size, _, layers = group.strip().partition(":")
+                try:
+                    count = int(layers) if layers else num_layers - len(spec)
+                    window = None if size.strip().lower() == "full" else int(size)
+                except ValueError:
+                    raise ConfigError(f"window attention {text!r}: expected SIZE[:LAYERS],... with SIZE a number "
+                                      "of positions or 'full', e.g. 1024 or 2048:4,4096:4") from None
+                if count <= 0:
+                    raise ConfigError(f"window attention {text!r}: {group.strip()!r} covers no layer")
+                spec += [window] * count
+            if len(spec) > num_layers:
+                raise ConfigError(f"window attention {text!r} names {len(spec)} layers; the model has {num_layers}")
+            spec += [None] * (num_layers - len(spec))
+    if not spec or all(w is None for w in spec):
+        return None
+    if len(spec) != num_layers or any(w is not None and (not isinstance(w, int) or w <= 0) for w in spec):
+        raise ConfigError(f"attention windows {spec}: one per layer ({num_layers}), each a positive integer or None")
+    return list(spec)
+
+
+def _sliding_windows(d: dict, source: str) -> list[int | None] | None:
+    """Qwen2/Qwen3 sliding-window attention as transformers applies it: with use_sliding_window, the layers
+    that layer_types marks "sliding_attention", else those from max_window_layers up, see `sliding_window`
+    positions."""
+    if not d.get("use_sliding_window"):
+        return None
+    window, layers = d.get("sliding_window"), d.get("num_hidden_layers")
+    if not isinstance(window, int) or window <= 0:
+        raise ConfigError(f"{source} sets use_sliding_window=true with sliding_window={window!r}: it must be a "
+                          "positive number of positions")
+    if d.get("layer_types"):
+        return [window if kind == "sliding_attention" else None for kind in d["layer_types"]]
+    first = d.get("max_window_layers", 28)
+    return [window if i >= first else None for i in range(layers)]
+
+
+def _sliding_window_fields(windows: list[int | None] | None) -> dict:
+    """config.json's form of the windows: Qwen2's sliding-window keys where they express them (one size, on
+    the layers from some index up), else qwenkit's own per-layer list (which transformers ignores)."""
+    if windows is None:
+        return {"use_sliding_window": False}
+    sizes = {w for w in windows if w is not None}
+    first = next(i for i, w in enumerate(windows) if w is not None)
+    if len(sizes) == 1 and all(w is not None for w in windows[first:]):
+        return {"use_sliding_window": True, "sliding_window": sizes.pop(), "max_window_layers": first}
+    return {"use_sliding_window": False, "attention_windows": windows}
+
+
+def yarn_for_context(config: ModelConfig, context: int) -> dict | None:
+    """The rope scaling that gives `config` a context of `context` tokens: None when it has that already,
+    else YaRN over the original trained length (Qwen2.5's recipe for 128K: factor 4 over 32K)."""
+    if not isinstance(context, int) or context <= 0:
+        raise ConfigError(f"context {context!r} must be a positive number of tokens")
+    if context <= config.context_length:
+        return None
+    original = (config.rope_scaling or {}).get("original_max_position_embeddings") or config.max_position_embeddings
+    return {"rope_type": "yarn", "factor": context / original, "original_max_position_embeddings": original}
 
 
 def _rope_theta(d):

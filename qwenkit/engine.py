@@ -154,6 +154,7 @@ class EngineMetrics:
         self.counters = dict.fromkeys(self.COUNTERS, 0)
         self.queue_depth = 0
         self.running = 0
+        self.kv_cache_bytes = 0
         self.batch_size = Histogram("qwenkit_decode_batch_size", "Sequences decoded together per step.",
                                     [1, 2, 4, 8, 16, 32, 64])
         self.ttft = Histogram("qwenkit_time_to_first_token_seconds", "From submission to the first token.",
@@ -167,7 +168,9 @@ class EngineMetrics:
             lines += [f"# HELP qwenkit_{name} {help}", f"# TYPE qwenkit_{name} counter",
                       f"qwenkit_{name} {self.counters[name]}"]
         for name, value, help in (("queue_depth", self.queue_depth, "Requests waiting for a cache row."),
-                                  ("running", self.running, "Sequences in the decode batch.")):
+                                  ("running", self.running, "Sequences in the decode batch."),
+                                  ("kv_cache_bytes", self.kv_cache_bytes,
+                                   "Memory the KV cache holds (every row, at the full context).")):
             lines += [f"# HELP qwenkit_{name} {help}", f"# TYPE qwenkit_{name} gauge", f"qwenkit_{name} {value}"]
         for hist in (self.batch_size, self.ttft, self.token_latency):
             lines += hist.render()
@@ -186,6 +189,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.decoder = Decoder(model, tokenizer, max_batch, self.context_length, prefill_chunk=prefill_chunk)
         self.metrics = EngineMetrics()
+        self.metrics.kv_cache_bytes = self.decoder.cache.nbytes
         self.failure: str | None = None  # why the engine stopped for good
         self.on_failure = on_failure
         self._failures: list[float] = []  # when the scheduler died, within the window

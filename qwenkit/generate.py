@@ -261,6 +261,10 @@ class Decoder:
         if best != slot:
             self._swap(best, slot)
         reuse = min(best_len, len(prompt) - 1)
+        if any(r is not None for r in self.cache.ring):
+            # A windowed layer's ring holds the newest positions the row wrote (a step queued ahead's too), which
+            # may lie past the prefix and have overwritten the prefix's last ones.
+            reuse = 0
         cfg = self.model.config
         if reuse and cfg.use_dynamic_ntk and cfg.seq_length and \
                 float(self.cache.ntk_alpha[slot]) != ntk_alpha(len(prompt), cfg.seq_length):
@@ -274,7 +278,7 @@ class Decoder:
         queued after such a step, on the same stream, so they move what it writes."""
         n = max(len(self.slot_tokens[a]), len(self.slot_tokens[b]),
                 *(r.pos for r in (self.rows[i] for i in (a, b) if i < len(self.rows))))
-        for t in self.cache.k + self.cache.v:
+        for t in self.cache.tensors():
             t[[a, b], :, :n] = t[[b, a], :, :n]
         self.cache.ntk_alpha[[a, b]] = self.cache.ntk_alpha[[b, a]]
         self.slot_tokens[a], self.slot_tokens[b] = self.slot_tokens[b], self.slot_tokens[a]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig, rope_scaling_of
+from .config import ModelConfig, attention_windows_of, rope_scaling_of
 from .errors import ConfigError
 
 
@@ -41,6 +41,14 @@ class KVCache:
     """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] tensor per layer, written
     by position; a forward attends to the first `length` positions.
 
+    A layer with an attention window shorter than `max_len` keeps a ring of `window` positions instead
+    (`ring[layer]`, position p in slot p % window): its memory stays bounded however long the sequence.
+    With `int8`, keys and values are stored as int8 with one float32 scale per row, head and position
+    (symmetric, absmax / 127), dequantized to `dtype` as they are read: about half a bf16 cache's memory.
+    Keys are stored less a per-row, per-head vector (`k_center`: the mean of the first keys a row's prefill
+    writes), which moves every score of a query by the same amount, so leaves attention as it was: Qwen's keys
+    carry large per-channel offsets (their bias) that would otherwise take most of the int8 range.
+
     One tensor per layer rather than a slice of a shared one: torch.compile writes a whole tensor
     it is passed in place, but copies the whole of one that a write reaches through a view.
     `ntk_alpha` holds each row's dynamic-NTK alpha, fixed when that row is prefilled and reused by
@@ -48,10 +56,18 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+                 dtype: torch.dtype, device: torch.device | str, int8: bool = False):
+        windows = config.attention_windows or [None] * config.num_layers
+        self.ring = [w if w is not None and w < max_len else None for w in windows]
+        shapes = [(batch_size, config.num_kv_heads, ring or max_len, config.head_dim) for ring in self.ring]
+        stored = torch.int8 if int8 else dtype
+        self.k = [torch.zeros(shape, dtype=stored, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=stored, device=device) for shape in shapes]
+        # [batch, kv_heads, positions, 1] each, for keys and for values
+        self.k_scale = [torch.zeros(*shape[:-1], 1, device=device) for shape in shapes] if int8 else None
+        self.v_scale = [torch.zeros(*shape[:-1], 1, device=device) for shape in shapes] if int8 else None
+        self.k_center = [torch.zeros(*shape[:2], 1, shape[3], device=device) for shape in shapes] if int8 else None
+        self.dtype = dtype
         # On the host: every step reads it there, and a copy from the GPU would wait for the GPU.
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32)
         self.max_len = self.length = max_len
@@ -60,21 +76,69 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """The memory its keys and values (and their scales) take."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor that holds positions of the rows, batch first (keys, values, scales): what moves a row."""
+        return self.k + self.v + (self.k_scale + self.v_scale + self.k_center if self.k_scale else [])
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor) -> None:
+        """Store k and v [B, kv_heads, T, head_dim] of positions write_pos ([T], or [B, T] per row); a ring keeps
+        the last of them that fit."""
+        if self.k_center is not None:
+            if k.shape[2] > 1:  # a prefill from position 0 sets the row's center (on the device: no host sync)
+                starts = (write_pos[..., :1] == 0).reshape(-1, 1, 1, 1)
+                center = k[:, :, :CENTER_TOKENS].float().mean(2, keepdim=True)
+                self.k_center[layer].copy_(torch.where(starts, center, self.k_center[layer]))
+            k = k.float() - self.k_center[layer]
+        ring = self.ring[layer]
+        if ring is not None:
+            keep = max(k.shape[2] - ring, 0)
+            k, v, write_pos = k[:, :, keep:], v[:, :, keep:], write_pos[..., keep:] % ring
+        targets, values = [self.k[layer], self.v[layer]], [k, v]
+        if self.k_scale is not None:
+            scales = [t.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127 for t in values]
+            values = [(t / scale).round_().to(torch.int8) for t, scale in zip(values, scales)] + scales
+            targets += [self.k_scale[layer], self.v_scale[layer]]
+        rows = torch.arange(k.shape[0], device=k.device)[:, None] if write_pos.dim() == 2 else None
+        for target, value in zip(targets, values):
+            if rows is None:  # every row writes the same positions
+                target.index_copy_(2, write_pos, value)
+            else:
+                target[rows, :, write_pos] = value.transpose(1, 2)
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys and values as attention reads them: the first `length` positions, or a ring's every
+        slot, in `dtype`."""
+        stop = self.k[layer].shape[2] if self.ring[layer] is not None else self.length
+        k, v = self.k[layer][:, :, :stop], self.v[layer][:, :, :stop]
+        if self.k_scale is None:
+            return k, v
+        return ((k * self.k_scale[layer][:, :, :stop]).to(self.dtype),
+                (v * self.v_scale[layer][:, :, :stop]).to(self.dtype))
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows [start, stop): writes through it land in this cache."""
         if (start, stop) == (0, self.batch_size):
             return self
-        return self._view([t[start:stop] for t in self.k], [t[start:stop] for t in self.v],
-                          self.ntk_alpha[start:stop], self.length)
+        view = self._view(self.length)
+        for name in ("k", "v", "k_scale", "v_scale", "k_center"):
+            tensors = getattr(self, name)
+            setattr(view, name, tensors and [t[start:stop] for t in tensors])
+        view.ntk_alpha = self.ntk_alpha[start:stop]
+        return view
 
     def prefix(self, length: int) -> "KVCache":
         """The same rows, attending to their first `length` positions."""
-        return self._view(self.k, self.v, self.ntk_alpha, length)
+        return self._view(length)
 
-    def _view(self, k: list[torch.Tensor], v: list[torch.Tensor], ntk_alpha: torch.Tensor, length: int) -> "KVCache":
+    def _view(self, length: int) -> "KVCache":
         view = object.__new__(KVCache)
-        view.k, view.v, view.ntk_alpha, view.length = k, v, ntk_alpha, length
-        view.max_len = self.max_len
+        view.__dict__.update(self.__dict__)
+        view.length = length
         return view
 
 
@@ -213,6 +277,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return (probs.to(compute) @ v.to(compute)).to(q.dtype).reshape(B, H, 1, D)
 
 
+KV_CACHE_KINDS = ("float", "int8")
+CENTER_TOKENS = 64  # the first keys of a row whose mean an int8 cache subtracts from every key (KVCache)
+
+# Queries per block in windowed attention over several tokens: each block's mask and scores span the block
+# and its window, not the whole sequence.
+WINDOW_QUERY_BLOCK = 1024
+
+
+def band_mask(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, 1, T, L]: whether a query at q_pos [B, T] sees the key at key_pos [B, L] (negative: an empty
+    slot) through a window of `window` positions ending at its own, q - window < k <= q, as transformers'
+    sliding-window mask."""
+    q, k = q_pos[:, None, :, None], key_pos[:, None, None, :]
+    return (k <= q) & (k > q - window) & (k >= 0)
+
+
 class Attention(nn.Module):
     # One query per row (decode); qwenkit.runtime.small_ops gives a module the same arithmetic in one call.
     decode_attention = staticmethod(decode_attention)
@@ -220,6 +300,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        # Keys this layer's queries see: the last `window` positions, or all (None); Model.set_window_attention.
+        self.window = config.attention_windows[layer_idx] if config.attention_windows else None
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -245,23 +327,62 @@ class Attention(nn.Module):
         if q_scale is not None:  # Qwen v1 LogN: queries past the training length are sharpened
             q = q * q_scale.to(q.dtype)
 
-        if cache is not None:
-            k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            if write_pos.dim() == 1:  # every row writes the same positions
-                k_cache.index_copy_(2, write_pos, k)
-                v_cache.index_copy_(2, write_pos, v)
-            else:
-                rows = torch.arange(B, device=x.device)[:, None]
-                k_cache[rows, :, write_pos] = k.transpose(1, 2)
-                v_cache[rows, :, write_pos] = v.transpose(1, 2)
-            k, v = k_cache[:, :, :cache.length], v_cache[:, :, :cache.length]
-
-        if T == 1:
-            y = self.decode_attention(q, k, v, mask)
+        ring = cache.ring[self.layer_idx] if cache is not None else None
+        if self.window is not None:
+            y = self.windowed(q, k, v, write_pos, cache, ring)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.num_kv_heads != self.num_heads)
+            if cache is not None:
+                k, v = self.cached(k, v, write_pos, cache)
+            if T == 1:
+                y = self.decode_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                   enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def cached(self, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor,
+               cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k and v at `write_pos` ([T], or [B, T] per row); the keys and values attended (KVCache.read)."""
+        cache.write(self.layer_idx, k, v, write_pos)
+        return cache.read(self.layer_idx)
+
+    def windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor,
+                 cache: KVCache | None, ring: int | None) -> torch.Tensor:
+        """Attention to the keys at positions q - window < p <= q. The keys are the cache's (a ring's slots, or
+        its positions from 0) followed, in a forward of several tokens, by this forward's own; queries go in
+        blocks, each against the keys its window can reach, so that memory stays linear in the length."""
+        B, _, T, _ = q.shape
+        q_pos = write_pos.expand(B, T)  # the queries' positions are those they write
+        if cache is None:
+            key_pos = q_pos
+        elif ring is None:
+            k, v = self.cached(k, v, write_pos, cache)
+            key_pos = torch.arange(k.shape[2], device=q.device).expand(B, -1)
+        else:
+            # The position each slot holds: the newest at or before the last one written (negative: none yet).
+            last = (q_pos[:, -1:] if T == 1 else q_pos[:, :1] - 1)
+            slots = torch.arange(ring, device=q.device)
+            slot_pos = last - (last - slots) % ring
+            if T == 1:
+                k, v = self.cached(k, v, write_pos, cache)
+                key_pos = slot_pos
+            else:  # what the ring held before this forward, then this forward's keys
+                key_pos = torch.cat((slot_pos, q_pos), dim=1)
+                held_k, held_v = cache.read(self.layer_idx)  # (views of the ring: joined before it is written)
+                k_new, v_new = k, v
+                k, v = torch.cat((held_k, k_new), dim=2), torch.cat((held_v, v_new), dim=2)
+                cache.write(self.layer_idx, k_new, v_new, write_pos)
+        if T == 1:
+            return self.decode_attention(q, k, v, band_mask(q_pos, key_pos, self.window))
+        ys, held = [], k.shape[2] - T  # keys before this forward's own
+        for a in range(0, T, WINDOW_QUERY_BLOCK):
+            b = min(a + WINDOW_QUERY_BLOCK, T)
+            # The first key column a query of this block may see: a ring's slots are in no order, so all of them.
+            lo = 0 if ring is not None and a < self.window - 1 else max(held + a - self.window + 1, 0)
+            mask = band_mask(q_pos[:, a:b], key_pos[:, lo:held + b], self.window)
+            ys.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:held + b], v[:, :, lo:held + b],
+                                                     attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads))
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """q, k and v of x side by side on the last dimension (qwenkit.runtime.fused may run them as
@@ -352,7 +473,7 @@ class Transformer(nn.Module):
         mask = None
         if cache is not None:
             kv_len = int(host_pos.max()) + 1  # the cached positions this forward attends to
-            if kv_len > cache.max_len:
+            if kv_len > cache.max_len and None in cache.ring:  # (rings take any position)
                 raise ValueError(f"position {kv_len - 1} is past the KV cache length {cache.max_len}")
             cache = cache.prefix(kv_len)
             if kv_len > T and (B > 1 or T > 1):
@@ -412,6 +533,7 @@ class Model(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # The checkpoint's generation_config.json (load() fills it): sampling defaults, eos, chat format.
         self.generation_config: dict = {}
+        self.kv_cache = "float"  # how new caches store keys and values (set_kv_cache)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, *, last_only: bool = False,
@@ -427,7 +549,14 @@ class Model(nn.Module):
         return self.lm_head(hidden)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config, batch_size, max_len or self.config.context_length, self.dtype, self.device)
+        return KVCache(self.config, batch_size, max_len or self.config.context_length, self.dtype, self.device,
+                       int8=self.kv_cache == "int8")
+
+    def set_kv_cache(self, kind: str) -> None:
+        """How caches made from now on store keys and values: "float" (the model's dtype) or "int8" (KVCache)."""
+        if kind not in KV_CACHE_KINDS:
+            raise ConfigError(f"KV cache {kind!r}: choose {' or '.join(KV_CACHE_KINDS)}")
+        self.kv_cache = kind
 
     def set_long_context(self, dynamic_ntk: bool | None = None, logn: bool | None = None,
                          train_length: int | None = None) -> None:
@@ -441,6 +570,20 @@ class Model(nn.Module):
             cfg.use_dynamic_ntk = dynamic_ntk
         if logn is not None:
             cfg.use_logn_attn = logn
+
+    def set_window_attention(self, spec: str | list | None) -> None:
+        """Attention windows per layer over the config's: "SIZE[:LAYERS],..." (config.attention_windows_of; e.g.
+        "2048:4,4096:4", the Qwen-7B tech report's shorter windows below), a per-layer list, or None / "none"
+        for full attention everywhere. Caches made afterwards keep a ring for each windowed layer."""
+        cfg = self.config
+        windows = attention_windows_of(spec, cfg.num_layers)
+        wide = [w for w in windows or () if w is not None and w > cfg.context_length]
+        if wide:
+            raise ConfigError(f"a window of {wide[0]} positions is longer than the model's context "
+                              f"({cfg.context_length}); it would change nothing: give a smaller size")
+        cfg.attention_windows = windows
+        for layer, window in zip(self.model.layers, windows or [None] * cfg.num_layers):
+            layer.self_attn.window = window
 
     def set_rope_scaling(self, spec: str | dict | None) -> None:
         """RoPE scaling over the config's: "linear:F", "dynamic:F", "yarn:F", a rope_scaling dict, or None /

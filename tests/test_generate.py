@@ -146,6 +146,27 @@ def test_a_prompt_prefilled_in_chunks_decodes_as_in_one_forward(tiny, tok):
         Decoder(tiny, tok, max_len=16, prefill_chunk=-1)
 
 
+def test_a_windowed_model_decodes_through_its_rings(tiny, tok):
+    """With window attention the decode loop prefills in chunks longer than the window into ring caches and
+    greedy-decodes what the whole-sequence forward does; a ring reuses no prefix (it holds the newest positions)."""
+    from qwenkit.generate import Decoder, make_request
+
+    from .conftest import assert_greedy
+
+    model = copy.deepcopy(tiny)
+    model.set_window_attention("4:1")
+    kw = dict(temperature=0, max_new_tokens=10, stop_token_ids=[])
+    decoder = Decoder(model, tok, max_batch=2, max_len=128, prefill_chunk=6)
+    assert decoder.cache.k[0].shape[2] == 4 and decoder.cache.k[1].shape[2] == 128
+    first = make_request(model, tok, "a prompt of a dozen tokens or so, past the window", **kw)
+    _, out = _run(decoder, first)
+    assert_greedy(model, tok, first.prompt_ids, out)
+    follow = make_request(model, tok, first.prompt_ids + out + tok.encode(" and more"), **kw)
+    row, again = _run(decoder, follow)
+    assert row.cached_tokens == 0
+    assert_greedy(model, tok, follow.prompt_ids, again)
+
+
 def _drive(model, tok, requests, ahead, cancel=None):
     """Run `requests` through one two-row Decoder, adding each as a row frees up and cancelling
     request `cancel` once it has three deltas; each request's deltas as tuples."""

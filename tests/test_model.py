@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from qwenkit.errors import ConfigError
 from qwenkit.model import logn_scale, ntk_alpha
 
 from .conftest import (TINY, assert_close, hf_config, hf_qwen2, hf_state, load_fp32, randomize, tokens, v1_checkpoint,
@@ -104,6 +105,131 @@ def test_rope_scaling_errors_and_context_length():
     assert tiny_config(rope_scaling="linear:2").context_length == 2 * tiny_config().max_position_embeddings
 
 
+# ----------------------------------------------------------------------------- window attention
+def sliding_window_pair(tmp_path, arch: str, window: int, first_windowed: int, layers: int = 3):
+    """transformers' Qwen2 or Qwen3 with sliding-window attention from layer `first_windowed` up, and qwenkit's
+    load of it."""
+    fields = dict(**{**TINY, "num_hidden_layers": layers}, num_key_value_heads=2, use_sliding_window=True,
+                  sliding_window=window, max_window_layers=first_windowed)
+    if arch == "qwen3":
+        ref = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**fields, head_dim=16)).eval()
+    else:
+        ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**fields)).eval()
+    randomize(ref, 6)
+    return ref, load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
+
+
+def chunked_then_stepped(model, x: torch.Tensor, chunks: list[int], max_len: int) -> torch.Tensor:
+    """Logits of x through a cache: prefill in chunks of the given sizes, then one token at a time."""
+    cache, at, out = model.new_cache(batch_size=x.shape[0], max_len=max_len), 0, []
+    for size in chunks + [1] * (x.shape[1] - sum(chunks)):
+        out.append(model(x[:, at:at + size], torch.arange(at, at + size), cache))
+        at += size
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("block", [1024, 5])
+def test_sliding_window_matches_transformers(tmp_path, monkeypatch, arch, block):
+    """Logits past the window equal transformers' in one forward, and through a cache, prefilled in chunks
+    shorter and longer than the window, then step by step: a ring of `window` slots (a cache shorter than the
+    sequence then suffices) or the full length. `block`: windowed queries in blocks of 5, as long prompts go."""
+    monkeypatch.setattr("qwenkit.model.WINDOW_QUERY_BLOCK", block)
+    ref, ours = sliding_window_pair(tmp_path, arch, window=7, first_windowed=1)
+    assert ours.config.attention_windows == [None, 7, 7]
+    x = tokens(n=40)
+    with torch.no_grad():
+        expected = ref(x).logits
+        assert_close(ours(x), expected)
+        assert_close(chunked_then_stepped(ours, x, [13, 3, 9], max_len=64), expected)
+        ring = ours.new_cache(batch_size=2, max_len=64)
+        assert [t.shape[2] for t in ring.k] == [64, 7, 7]
+    ref, ours = sliding_window_pair(tmp_path / "all", arch, window=6, first_windowed=0, layers=2)
+    with torch.no_grad():  # every layer a ring: the sequence may outgrow max_len
+        assert_close(chunked_then_stepped(ours, x, [10, 2], max_len=16), ref(x).logits)
+
+
+def test_window_rings_rows_at_different_positions(tmp_path):
+    _, ours = sliding_window_pair(tmp_path, "qwen2", window=4, first_windowed=0, layers=2)
+    a, b = tokens(n=12, batch=1, seed=1), tokens(n=3, batch=1, seed=2)
+    with torch.no_grad():
+        cache = ours.new_cache(batch_size=2, max_len=32)
+        ours(a[:, :-1], torch.arange(11), cache.rows(0, 1))
+        ours(b[:, :-1], torch.arange(2), cache.rows(1, 2))  # its ring not yet full
+        step = ours(torch.cat([a[:, -1:], b[:, -1:]]), torch.tensor([[11], [2]]), cache)
+        assert_close(step[0, -1], ours(a)[0, -1])
+        assert_close(step[1, -1], ours(b)[0, -1])
+
+
+def band_attention(windows: list):
+    """A reference for window attention: transformers' eager attention with an explicit band mask for each
+    layer's window (None: causal), registered as an attention implementation of transformers."""
+    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        n = query.shape[2]
+        pos = torch.arange(n)
+        window = windows[module.layer_idx] or n
+        allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        scores = (query @ key.transpose(2, 3) * scaling).masked_fill(~allowed, float("-inf"))
+        return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
+    return attend
+
+
+def test_v1_window_attention_equals_band_masked_reference(tmp_path):
+    """Qwen v1 with the tech report's layer-wise windows (--window-attention 5:1,9:1, then full) equals full
+    attention under an explicit band mask per layer, in one forward and through ring caches step by step."""
+    transformers.AttentionInterface.register("qwenkit_band", band_attention([5, 9, None, None]))
+    config = transformers.Qwen2Config(**{**TINY, "num_hidden_layers": 4}, num_key_value_heads=4,
+                                      tie_word_embeddings=False)
+    ref = randomize(transformers.Qwen2ForCausalLM(config).eval(), 5)
+    config, state = v1_checkpoint(ref, old_names=False)
+    ours = load_fp32(write_checkpoint(tmp_path, config, state))
+    ours.set_window_attention("5:1,9:1")
+    assert ours.config.attention_windows == [5, 9, None, None]
+    ref.config._attn_implementation = "qwenkit_band"
+    x = tokens(n=30)
+    with torch.no_grad():
+        expected = ref(x).logits
+        assert_close(ours(x), expected)
+        assert_close(chunked_then_stepped(ours, x, [7, 8], max_len=32), expected)
+        ours.set_window_attention(None)
+        assert (ours(x) - expected).abs().max() > 1e-2  # the windows changed the logits
+
+
+def test_window_attention_specs_errors_and_config_round_trip(tmp_path):
+    from qwenkit.config import ModelConfig, attention_windows_of, yarn_for_context
+    from qwenkit.errors import ConfigError
+
+    assert attention_windows_of("2048:2,4096:1", 5) == [2048, 2048, 4096, None, None]
+    assert attention_windows_of("full:2,64", 4) == [None, None, 64, 64]
+    assert attention_windows_of("none", 4) is None and attention_windows_of([None] * 4, 4) is None
+    for bad, match in (("0", "positive"), ("64:0", "covers no layer"), ("64:3,32:2", "names 5 layers"),
+                       ("big", "SIZE"), ("64:x", "SIZE")):
+        with pytest.raises(ConfigError, match=match):
+            attention_windows_of(bad, 4)
+    from .conftest import tiny_model
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="longer than the model's context.*smaller"):
+        model.set_window_attention("1000")
+    ref, ours = sliding_window_pair(tmp_path, "qwen2", window=7, first_windowed=1)
+    d = ours.config.to_hf_dict()
+    assert (d["use_sliding_window"], d["sliding_window"], d["max_window_layers"]) == (True, 7, 1)
+    ours.set_window_attention("5:1,9:1")
+    assert ModelConfig.from_dict(ours.config.to_hf_dict()).attention_windows == [5, 9, None]
+    with pytest.raises(ConfigError, match="sliding_window=0"):
+        ModelConfig.from_dict({**hf_config(ref), "sliding_window": 0})
+    import qwenkit
+    with pytest.raises(ConfigError, match="not both"):  # before anything loads
+        qwenkit.load(tmp_path / "nothing", context=4096, rope_scaling="yarn:2")
+    with pytest.raises(ConfigError, match="KV cache 'fp8': choose float or int8"):
+        qwenkit.load(tmp_path / "nothing", kv_cache="fp8")
+    cfg = ModelConfig.from_dict(hf_config(ref))
+    assert yarn_for_context(cfg, 100) is None
+    assert yarn_for_context(cfg, 4 * 512) == {"rope_type": "yarn", "factor": 4.0,
+                                              "original_max_position_embeddings": 512}
+
+
 # ----------------------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("maker", [lambda: hf_qwen2(tie=False), hf_qwen3])
 def test_cached_decode_equals_full_forward(tmp_path, maker):
@@ -131,6 +257,33 @@ def test_cache_rows_at_different_positions(tmp_path):
         step = ours(torch.cat([a[:, -1:], b[:, -1:]]), torch.tensor([[11], [6]]), cache)
         assert_close(step[0, -1], ours(a)[0, -1])
         assert_close(step[1, -1], ours(b)[0, -1])
+
+
+@pytest.mark.parametrize("windows", [None, "5:1"])
+def test_int8_kv_cache_stays_close_and_halves_memory(tmp_path, windows):
+    """Keys and values stored as int8 with per-row, head and position scales: decode logits within 3 % of the
+    float cache's (random weights; the real tier holds the demo's perplexity to 0.5 %), rows at different
+    positions too, with ring caches too; half a bf16 cache's bytes."""
+    ref = hf_qwen2(tie=False)
+    ours = load_fp32(write_checkpoint(tmp_path, hf_config(ref), hf_state(ref)))
+    ours.set_window_attention(windows)
+    x = tokens(n=24)
+    with torch.no_grad():
+        expected = chunked_then_stepped(ours, x, [9], max_len=32)
+        ours.set_kv_cache("int8")
+        got = chunked_then_stepped(ours, x, [9], max_len=32)
+        assert (got - expected).norm() / expected.norm() < 0.03
+        cache = ours.new_cache(batch_size=2, max_len=32)
+        ours(x[:1, :-1], torch.arange(23), cache.rows(0, 1))
+        ours(x[1:, :6], torch.arange(6), cache.rows(1, 2))
+        step = ours(torch.cat([x[:1, -1:], x[1:, 6:7]]), torch.tensor([[23], [6]]), cache)
+        assert (step[:, 0] - torch.stack([expected[0, 23], expected[1, 6]])).norm() / step.norm() < 0.03
+    ours.set_kv_cache("float")
+    head_dim, fp32 = 16, ours.new_cache(batch_size=2, max_len=32)
+    centers = sum(t.nbytes for t in cache.k_center)  # one vector per row and head, whatever the length
+    assert cache.nbytes - centers == fp32.nbytes * (head_dim + 4) / (head_dim * 4)  # a bf16 model's: (16 + 4) / 32
+    with pytest.raises(ConfigError, match="KV cache 'fp8': choose float or int8"):
+        ours.set_kv_cache("fp8")
 
 
 def test_last_only_logits_at_and_cache_overflow(tmp_path):

@@ -23,8 +23,8 @@ def add_model_arg(parser: argparse.ArgumentParser, help_text: str = MODEL_HELP) 
 def add_load_args(parser: argparse.ArgumentParser, quantize: bool = True, model_help: str = MODEL_HELP,
                   dtype_help: str = DTYPE_HELP) -> None:
     """-m, --device, --dtype and, for the verbs that run the model as it loads (unless the verb decides the
-    quantization itself), --quantize and the long-context options (--rope-scaling, --dynamic-ntk, --logn,
-    --train-length)."""
+    quantization itself), --quantize and the long-context options (--rope-scaling, --context, --dynamic-ntk,
+    --logn, --train-length, --window-attention) and --kv-cache."""
     add_model_arg(parser, model_help)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     parser.add_argument("--dtype", default="auto", help=dtype_help)
@@ -41,6 +41,9 @@ def add_load_args(parser: argparse.ArgumentParser, quantize: bool = True, model_
                         help="RoPE scaling over the checkpoint's: linear:F, dynamic:F or yarn:F (the context becomes F "
                              "times the trained length; yarn:4 is Qwen2.5's documented 128K), or none (default: the "
                              "checkpoint's rope_scaling)")
+    parser.add_argument("--context", type=int, default=None, metavar="N",
+                        help="the context length wanted: past the model's own, YaRN scaling stretches it to N tokens "
+                             "(--context 131072 on a 32K Qwen2.5 is yarn:4); instead of --rope-scaling")
     parser.add_argument("--dynamic-ntk", action="store_true", default=None,
                         help="Qwen's dynamic NTK for any model: past the trained length the RoPE base stretches with "
                              "the prompt (Qwen v1 configs switch it on themselves)")
@@ -50,6 +53,16 @@ def add_load_args(parser: argparse.ArgumentParser, quantize: bool = True, model_
     parser.add_argument("--train-length", type=int, default=None, metavar="N",
                         help="the trained length --dynamic-ntk and --logn act past (default: the config's "
                              "seq_length, else max_position_embeddings)")
+    parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
+                        help="how the KV cache stores keys and values: float (the model's dtype, default) or int8 "
+                             "(one scale per token and head: about half a bf16 cache's memory, perplexity within "
+                             "0.5 %%)")
+    parser.add_argument("--window-attention", default=None, metavar="SIZE[:LAYERS],...",
+                        help="window attention: each layer's queries see only the last SIZE positions, in groups of "
+                             "LAYERS from the bottom up (SIZE 'full' for full attention; the last group's LAYERS "
+                             "default to the rest): 1024 windows every layer, 2048:4,4096:4 is the Qwen-7B tech "
+                             "report's shorter windows below; 'none' turns off a config's sliding window. Windowed "
+                             "layers keep a ring KV cache of SIZE positions (default: the config's)")
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +136,8 @@ def load_for(args: argparse.Namespace):
                             adapter=getattr(args, "adapter", None), rope_scaling=getattr(args, "rope_scaling", None),
                             dynamic_ntk=getattr(args, "dynamic_ntk", None), logn=getattr(args, "logn", None),
                             train_length=getattr(args, "train_length", None),
+                            window_attention=getattr(args, "window_attention", None),
+                            context=getattr(args, "context", None), kv_cache=getattr(args, "kv_cache", "float"),
                             cuda_graphs=not getattr(args, "no_cuda_graphs", False))
     if getattr(args, "compile", False):
         from ..runtime.compiled import compile_decode

@@ -52,8 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default=None, metavar="N,N,...",
                         help="ppl-long: the context lengths (default 1024,2048,4096,8192,16384)")
     parser.add_argument("--techniques", default=None, metavar="T,T,...",
-                        help="ppl-long: none, ntk, logn, ntk+logn, each a row (default none,ntk,ntk+logn); they act "
-                             "past --train-length")
+                        help="ppl-long: none, ntk, logn, ntk+logn, ntk+logn+window, each a row (default "
+                             "none,ntk,ntk+logn); they act past --train-length. window: --window-attention's windows, "
+                             "by default the tech report's scheme (an eighth of the layers at a time, from the "
+                             "bottom: the trained length, then twice it, ...)")
     parser.add_argument("--compare", choices=("none", "int8", "int4", "gguf"), default=None, metavar="QUANTIZE",
                         help="evaluate the model again loaded with this quantization (none, int8, int4, gguf) into "
                              "OUT/compare-QUANTIZE/ and print both side by side (OUT/comparison.md), as the Qwen-7B "
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
              dtype=args.dtype, device=args.device, quantize=args.quantize, max_seq_len=args.max_seq_len,
              server=args.server, api_key=args.api_key, compare=args.compare, rope_scaling=args.rope_scaling,
              dynamic_ntk=args.dynamic_ntk, logn=args.logn, train_length=args.train_length,
+             window_attention=args.window_attention, context=args.context, kv_cache=args.kv_cache,
              lengths=_numbers(args.lengths), techniques=_words(args.techniques))
     return 0
 

@@ -84,7 +84,7 @@ class LocalModel:
             return [self._cut_loglikelihood(context_ids, c, window) for c in continuations], True
         start = len(context_ids) - 1  # its logits predict every choice's first token
         first = torch.log_softmax(self._logits(context_ids, start, rows=len(texts), room=longest)[0], dim=-1)
-        for t in self._cache.k + self._cache.v:  # the context, in every choice's row
+        for t in self._cache.tensors():  # the context, in every choice's row
             t[1:len(texts), :, :start + 1] = t[:1, :, :start + 1]
         self._cache.ntk_alpha[1:len(texts)] = self._cache.ntk_alpha[0]
         out = [float(first[c[0]]) for c in continuations]
@@ -122,7 +122,9 @@ class LocalModel:
             self._cache = self.model.new_cache(max(rows, 4), max(len(ids) + room, min(self.context_length, 4096)))
             self._held = []
         reuse = 0
-        for a, b in zip(self._held, ids[:start]):
+        # A windowed layer's ring holds the newest positions written, maybe past the common prefix: no reuse.
+        held = [] if any(r is not None for r in self._cache.ring) else self._held
+        for a, b in zip(held, ids[:start]):
             if a != b:
                 break
             reuse += 1

@@ -18,10 +18,14 @@ def window_nll(model: Model, window: Sequence[int] | torch.Tensor, scored: int |
                chunk: int = 1024) -> float:
     """The summed negative log-likelihood of the last `scored` tokens of `window` (default: all but the
     first), each given the window before it, in one forward. The head runs over the scored positions only,
-    `chunk` at a time (a 16K window's logits at once would take gigabytes)."""
+    `chunk` at a time (a 16K window's logits at once would take gigabytes). A model whose caches are int8
+    (Model.set_kv_cache) runs through one, so that attention reads the keys and values as decoding would."""
     ids = torch.as_tensor(window, dtype=torch.long).flatten().to(model.device)
     n = ids.numel()
-    hidden = model.model(ids[None])[0]
+    if model.kv_cache == "float":
+        hidden = model.model(ids[None])[0]
+    else:
+        hidden = model.model(ids[None], torch.arange(n), model.new_cache(1, n))[0]
     total = 0.0
     first = 0 if scored is None else n - 1 - scored  # the position whose logits predict the first scored token
     for start in range(first, n - 1, chunk):
@@ -58,7 +62,22 @@ def perplexity(model: Model, ids: Sequence[int] | torch.Tensor, seq_len: int = 5
     return math.exp(nll / scored)
 
 
-TECHNIQUES = {"none": (False, False), "ntk": (True, False), "logn": (False, True), "ntk+logn": (True, True)}
+# technique -> (dynamic NTK, LogN, window attention)
+TECHNIQUES = {"none": (False, False, False), "ntk": (True, False, False), "logn": (False, True, False),
+              "ntk+logn": (True, True, False), "window": (False, False, True), "ntk+logn+window": (True, True, True)}
+
+
+def report_windows(num_layers: int, train_length: int, context_length: int) -> str:
+    """The Qwen-7B tech report's layer-wise windows, as its maintainers describe them for 32 layers trained at
+    2048 (QwenLM/Qwen#422: 4 layers at 2048, 4 at 4096, then 8192, ...): an eighth of the layers at a time from
+    the bottom, the trained length doubling each group; layers whose window would pass the context attend fully."""
+    group, window, groups = max(num_layers // 8, 1), train_length, []
+    for _ in range(0, num_layers, group):
+        if window > context_length:
+            break
+        groups.append(f"{window}:{group}")
+        window *= 2
+    return ",".join(groups)
 
 
 class LongPerplexity:
@@ -70,19 +89,20 @@ class LongPerplexity:
     argparse.py: ~25-36K tokens each), or the .txt files of --data-dir. Each length scores the same number of
     tokens (`tokens`, default the longest length), so the columns compare like with like. Techniques: none,
     ntk (dynamic NTK), logn, ntk+logn, past `train_length` (default the model's; a smaller one shows what
-    they do on a model trained longer).
+    they do on a model trained longer); window and ntk+logn+window add window attention, `windows` (as
+    --window-attention takes them) or by default report_windows.
     """
     name = "ppl-long"
 
     def __init__(self, lengths: Sequence[int] | None = None, techniques: Sequence[str] | None = None,
-                 train_length: int | None = None, tokens: int | None = None):
+                 train_length: int | None = None, windows: str | None = None, tokens: int | None = None):
         lengths, techniques = lengths or (1024, 2048, 4096, 8192, 16384), techniques or ("none", "ntk", "ntk+logn")
         unknown = [t for t in techniques if t not in TECHNIQUES]
         if unknown or not techniques or not lengths or min(lengths) < 2:
             raise QwenkitError(f"ppl-long: techniques are {', '.join(TECHNIQUES)} (not {', '.join(unknown)}) and "
                                "lengths at least 2 tokens")
         self.lengths, self.techniques = sorted(set(lengths)), list(dict.fromkeys(techniques))
-        self.train_length, self.tokens = train_length, tokens or max(lengths)
+        self.train_length, self.tokens, self.windows_spec = train_length, tokens or max(lengths), windows
 
     def load(self, data_dir: Path | None) -> tuple[list[dict], list[Path]]:
         self.files = sorted(data_dir.glob("*.txt")) if data_dir is not None else []
@@ -102,18 +122,22 @@ class LongPerplexity:
     def run(self, model: Model, tokenizer, items: list[dict], save) -> None:
         docs = self.documents(tokenizer)
         cfg = model.config
-        kept = (cfg.use_dynamic_ntk, cfg.use_logn_attn, cfg.seq_length)
+        kept = (cfg.use_dynamic_ntk, cfg.use_logn_attn, cfg.seq_length, cfg.attention_windows)
         try:
             for item in items:
-                ntk, logn = TECHNIQUES[item["technique"]]
+                ntk, logn, windowed = TECHNIQUES[item["technique"]]
                 model.set_long_context(ntk, logn, self.train_length)
+                spec = self.windows_spec or report_windows(cfg.num_layers, cfg.seq_length, cfg.context_length)
+                model.set_window_attention(spec if windowed else None)
                 windows = self.windows(docs, item["length"])
                 nll = sum(window_nll(model, window) for window in windows)
                 scored = sum(len(window) - 1 for window in windows)
                 save(item, {"score": math.exp(nll / scored), "tokens": scored, "windows": len(windows),
-                            "train_length": cfg.seq_length, "lower_is_better": True})
+                            "train_length": cfg.seq_length, "lower_is_better": True}
+                     | ({"attention_windows": spec} if windowed else {}))
         finally:
-            cfg.use_dynamic_ntk, cfg.use_logn_attn, cfg.seq_length = kept
+            cfg.use_dynamic_ntk, cfg.use_logn_attn, cfg.seq_length = kept[:3]
+            model.set_window_attention(kept[3])
 
     def windows(self, docs: list[list[int]], length: int) -> list[list[int]]:
         out, total = [], 0

@@ -70,7 +70,8 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         batch_size: int = 8, samples: str | Path | None = None, dtype: str = "auto", device: str = "auto",
         quantize: str | None = "auto", max_seq_len: int = 2048, server: str | None = None, api_key: str | None = None,
         compare: str | None = None, rope_scaling: str | None = None, dynamic_ntk: bool | None = None,
-        logn: bool | None = None, train_length: int | None = None, lengths: list[int] | None = None,
+        logn: bool | None = None, train_length: int | None = None, window_attention: str | None = None,
+        context: int | None = None, kv_cache: str = "float", lengths: list[int] | None = None,
         techniques: list[str] | None = None, verbose: bool = True) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
@@ -81,8 +82,9 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     last max_seq_len - 1 tokens when longer (a server applies its own limit). `compare`: evaluate the
     model again loaded with this quantization (none, int8, int4, gguf) into OUT/compare-{compare}/ and
     write OUT/comparison.md, the Qwen-7B release's BF16-against-Int4 table for this model; results.json
-    then holds the other run's scores under "compare". `rope_scaling`, `dynamic_ntk`, `logn`, `train_length`:
-    as qwenkit.load takes them. `lengths`, `techniques`: ppl-long's (perplexity.LongPerplexity).
+    then holds the other run's scores under "compare". `rope_scaling`, `dynamic_ntk`, `logn`, `train_length`,
+    `window_attention`, `context`, `kv_cache`: as qwenkit.load takes them (ppl-long's window technique uses the
+    windows given). `lengths`, `techniques`: ppl-long's (perplexity.LongPerplexity).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -94,8 +96,9 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     if batch_size < 1:
         raise QwenkitError(f"--batch-size must be at least 1, not {batch_size}")
     data_dir = None if data_dir is None else Path(data_dir)
-    long_context = dict(rope_scaling=rope_scaling, dynamic_ntk=dynamic_ntk, logn=logn, train_length=train_length)
-    task_of = {**TASKS, "ppl-long": LongPerplexity(lengths, techniques, train_length)}
+    long_context = dict(rope_scaling=rope_scaling, dynamic_ntk=dynamic_ntk, logn=logn, train_length=train_length,
+                        window_attention=window_attention, context=context, kv_cache=kv_cache)
+    task_of = {**TASKS, "ppl-long": LongPerplexity(lengths, techniques, train_length, window_attention)}
     if compare is not None and (samples is not None or server is not None or compare == quantize):
         raise QwenkitError("--compare loads the model a second time with another quantization: it needs -m (not "
                            "--samples or --server) and a --quantize other than its own")
@@ -190,7 +193,7 @@ def _load(model, dtype, device, quantize, batch_size, long_context: dict):
     setup = {"model": source.name, "source": str(source), "dtype": str(net.dtype).removeprefix("torch."),
              "device": str(net.device), "quantize": quantize, "quantized_layers": quantized}
     # Only what was asked for: earlier runs' records keep matching their setup.
-    setup |= {k: v for k, v in long_context.items() if v is not None}
+    setup |= {k: v for k, v in long_context.items() if v not in (None, "float")}  # (float: the default cache)
     return LocalModel(net, tokenizer, batch_size), setup
 
 

@@ -10,21 +10,20 @@ import torch
 from torch import nn
 
 from ..generate import Decoder, Request
-from ..model import Model
+from ..model import KVCache, Model
 from ..runtime.packed import packed_bytes
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 
 
-def decode_bytes_per_token(model: Model, context: int) -> int:
+def decode_bytes_per_token(model: Model, context: int = 0, cache: KVCache | None = None) -> int:
     """Bytes a batch-1 decode step reads: every weight but the embedding table (unless the head reads
-    it), packed ones included, plus the KV cache."""
+    it), packed ones included, plus `cache`'s first `context` positions (a ring's every slot)."""
     head_reads_embedding = type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                   if n != "model.embed_tokens.weight" or head_reads_embedding)
     weights += packed_bytes(model)
-    c = model.config
-    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize * context
+    kv = sum(t[:1].nbytes // t.shape[2] * min(t.shape[2], context) for t in cache.tensors()) if cache else 0
     return weights + kv
 
 
@@ -53,15 +52,17 @@ def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_
     request = Request(prompt, new_tokens, SamplingParams(temperature=0.0))
     if warmup:
         _timed_run(model, tokenizer, Request(prompt[:32], 4, SamplingParams(temperature=0.0)), ahead)
-    ttft, decode_s, produced = _timed_run(model, tokenizer, request, ahead)
+    ttft, decode_s, produced, cache = _timed_run(model, tokenizer, request, ahead)
     decode_tok_s = (produced - 1) / decode_s
-    bytes_per_token = decode_bytes_per_token(model, prompt_tokens + new_tokens // 2)
+    bytes_per_token = decode_bytes_per_token(model, prompt_tokens + new_tokens // 2, cache)
     return {
         "prefill_tok_s": round(prompt_tokens / ttft, 2),
         "decode_tok_s": round(decode_tok_s, 2),
         "ttft_s": round(ttft, 4),
         "gb_per_s": round(bytes_per_token * decode_tok_s / 1e9, 2),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "kv_cache_mib": round(cache.nbytes / 2**20, 1),
+        "kv_cache": model.kv_cache,
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
         "threads": torch.get_num_threads(),
@@ -76,7 +77,8 @@ def _cpu_plan() -> dict:
     return {"cpu_class": p.cpu_class, "quantized_kernels": p.kernels or "torch"}
 
 
-def _timed_run(model: Model, tokenizer: Tokenizer, request: Request, ahead: bool | None) -> tuple[float, float, int]:
+def _timed_run(model: Model, tokenizer: Tokenizer, request: Request,
+               ahead: bool | None) -> tuple[float, float, int, KVCache]:
     decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens, ahead=ahead)
     start = time.perf_counter()
     decoder.add(request)
@@ -86,5 +88,5 @@ def _timed_run(model: Model, tokenizer: Tokenizer, request: Request, ahead: bool
     while decoder.rows:
         produced += len(decoder.step())
     _sync(model)
-    return first - start, time.perf_counter() - first, produced
+    return first - start, time.perf_counter() - first, produced, decoder.cache
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..checkpoint_names import canonical_names
-from ..config import ModelConfig
-from ..errors import CheckpointError, UnsupportedModelError
-from ..model import Model
+from ..config import ModelConfig, yarn_for_context
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..model import KV_CACHE_KINDS, Model
 from ..progress import progress
 from ..quant import autogptq
 from ..qwen7b import ChatModel
@@ -65,7 +65,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
          quantize: str | None = "auto", adapter: str | Path | None = None,
          compile: bool = False, cuda_graphs: bool = True, pack: bool = True,
          rope_scaling: str | dict | None = None, dynamic_ntk: bool | None = None, logn: bool | None = None,
-         train_length: int | None = None) -> tuple[Model, Tokenizer]:
+         train_length: int | None = None, window_attention: str | list | None = None,
+         context: int | None = None, kv_cache: str = "float") -> tuple[Model, Tokenizer]:
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
     `quantize`: "auto", None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it
@@ -96,11 +97,20 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     dict, or "none" (plain RoPE); None keeps the checkpoint's (qwenkit.config.rope_scaling_of).
     `dynamic_ntk`, `logn`: Qwen's dynamic NTK and LogN attention for any model, past `train_length` (default:
     a Qwen v1 config's seq_length, else max_position_embeddings); None keeps the config's (Model.set_long_context).
+    `window_attention`: attention windows per layer over the config's, "SIZE[:LAYERS],..." or "none"
+    (Model.set_window_attention). `context`: the context length wanted; past the model's own, YaRN scaling
+    stretches it that far (Qwen2.5's documented recipe; not with `rope_scaling` too). `kv_cache`: "float" (the
+    model's dtype) or "int8" keys and values (Model.set_kv_cache: about half the memory).
     """
     from .on_load import QUANTIZE_MODES
 
     if quantize not in (None, "auto", "none", *QUANTIZE_MODES):
         raise ValueError(f"quantize={quantize!r}: use 'auto', None, {', '.join(map(repr, QUANTIZE_MODES))}")
+    if kv_cache not in KV_CACHE_KINDS:  # before the model loads
+        raise ConfigError(f"KV cache {kv_cache!r}: choose {' or '.join(KV_CACHE_KINDS)}")
+    if context is not None and rope_scaling is not None:
+        raise ConfigError("give the context length or the rope scaling, not both: --context N is YaRN scaling up "
+                          "to N tokens")
     if adapter is not None:
         from ..train.lora import read_adapter_config
         read_adapter_config(adapter)  # a bad adapter directory fails before the model loads
@@ -145,10 +155,15 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         if pack:
             from ..runtime.packed import pack_linears
             pack_linears(net, weight_dtype)
+    if context is not None:
+        rope_scaling = yarn_for_context(net.config, context)
     if rope_scaling is not None:
         net.set_rope_scaling(rope_scaling)
     if (dynamic_ntk, logn, train_length) != (None, None, None):
         net.set_long_context(dynamic_ntk, logn, train_length)
+    if window_attention is not None:
+        net.set_window_attention(window_attention)
+    net.set_kv_cache(kv_cache)
     if device.type == "cpu":
         # From here on (faster prefill: qwenkit/runtime/allocator.py); not while loading, whose freed
         # temporaries would stay with the process.
