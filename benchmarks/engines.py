@@ -59,7 +59,7 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def run_qwenkit(dtype: str, n_prompt: int, n_new: int, quantize: str | None = None, compile: bool = False,
-                source: str = "demo") -> dict:
+                source: str = "demo", once: bool = False, kv_cache: str = "float") -> dict:
     import qwenkit
     from qwenkit.evals.speed import run_bench
     from qwenkit.loading.demo import demo_gguf_path
@@ -67,21 +67,24 @@ def run_qwenkit(dtype: str, n_prompt: int, n_new: int, quantize: str | None = No
     demo_gguf_path()  # assemble outside the timed load
     rss_before = rss_mib()
     start = time.perf_counter()
-    model, tokenizer = qwenkit.load(source, dtype=dtype, device="cpu", quantize=quantize)
+    model, tokenizer = qwenkit.load(source, dtype=dtype, device="cpu", quantize=quantize, kv_cache=kv_cache)
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mib()
     extra = {"compile_s": qwenkit.compile_decode(model)} if compile else {}
-    ids = torch.tensor([prompt_ids(n_prompt)])
-    with torch.inference_mode():
-        model(ids[:, :32], last_only=True)
-        prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(3))
+    if not once:  # the prompt as one forward, best of three (`once`: the bench's own, chunked prefill)
+        ids = torch.tensor([prompt_ids(n_prompt)])
+        with torch.inference_mode():
+            model(ids[:, :32], last_only=True)
+            prefill = min(_timed(lambda: model(ids, last_only=True)) for _ in range(3))
     result = run_bench(model, tokenizer, prompt_tokens=n_prompt, new_tokens=n_new)
+    prefill_tok_s = result["prefill_tok_s"] if once else n_prompt / prefill
     return {"load_s": load_s, "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_loaded,
-            "prefill_tok_s": n_prompt / prefill, "ttft_s": result["ttft_s"], "decode_tok_s": result["decode_tok_s"], "gb_per_s": result["gb_per_s"],
+            "prefill_tok_s": prefill_tok_s, "ttft_s": result["ttft_s"], "decode_tok_s": result["decode_tok_s"],
+            "gb_per_s": result["gb_per_s"], "kv_cache_mib": result["kv_cache_mib"],
             "weight_mib": weight_bytes(model, False) / 2**20, "peak_rss_mib": peak_rss_mib(), **extra}
 
 
-def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
+def run_transformers(dtype: str, n_prompt: int, n_new: int, once: bool = False) -> dict:
     import transformers
 
     from qwenkit.loading.demo import demo_gguf_path
@@ -98,7 +101,11 @@ def run_transformers(dtype: str, n_prompt: int, n_new: int) -> dict:
     greedy = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         model(ids[:, :32])
-        prefill = min(_timed(lambda: model(ids, logits_to_keep=1)) for _ in range(3))
+        prefill = min(_timed(lambda: model(ids, logits_to_keep=1)) for _ in range(1 if once else 3))
+        if once:  # a long prompt: its prefill alone (generate would prefill it twice more)
+            return {"load_s": load_s, "rss_before_load_mib": rss_before, "rss_after_load_mib": rss_loaded,
+                    "prefill_tok_s": n_prompt / prefill, "ttft_s": prefill, "weight_mib": weight_bytes(model, False)
+                    / 2**20, "peak_rss_mib": peak_rss_mib()}
         ttft = _timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **greedy))
         total = _timed(lambda: model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **greedy))
     decode = (n_new - 1) / (total - ttft)
@@ -134,7 +141,7 @@ def llama_cpp_gguf(dtype: str):
     return out
 
 
-def run_llama_cpp(dtype: str, n_prompt: int, n_new: int) -> dict:
+def run_llama_cpp(dtype: str, n_prompt: int, n_new: int, once: bool = False) -> dict:
     import gguf
     import numpy as np
     from llama_cpp import Llama
@@ -156,8 +163,11 @@ def run_llama_cpp(dtype: str, n_prompt: int, n_new: int) -> dict:
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
 
     llm.eval(ids[:32])
-    prefill_s = min(_timed(prefill) for _ in range(3))
-    ttft = _timed(lambda: (prefill(), next_token()))
+    if once:  # a long prompt: one prefill, which is the time to the first token
+        ttft = prefill_s = _timed(lambda: (prefill(), next_token()))
+    else:
+        prefill_s = min(_timed(prefill) for _ in range(3))
+        ttft = _timed(lambda: (prefill(), next_token()))
     token = next_token()
     start = time.perf_counter()
     for _ in range(n_new - 1):
@@ -184,14 +194,17 @@ def _timed(fn) -> float:
 
 
 def measure(engine: str, dtype: str, n_prompt: int = 512, n_new: int = 128, quantize: str | None = None,
-            compile: bool = False, model: str | None = None, env: dict | None = None) -> dict:
+            compile: bool = False, model: str | None = None, env: dict | None = None, once: bool = False,
+            kv_cache: str | None = None) -> dict:
     """Run one engine in a child process (with `env` added to its environment) and return its JSON
-    result (with an `error` on failure)."""
+    result (with an `error` on failure). `once`: prefill the prompt once (long prompts)."""
     cmd = [sys.executable, __file__, engine, dtype, "--prompt-tokens", str(n_prompt), "--new-tokens", str(n_new)]
     cmd += (["--quantize", quantize] if quantize else []) + (["--compile"] if compile else [])
-    cmd += ["--model", model] if model else []
+    cmd += (["--model", model] if model else []) + (["--once"] if once else [])
+    cmd += ["--kv-cache", kv_cache] if kv_cache else []
     meta = {"engine": engine, "dtype": dtype, **({"quantize": quantize} if quantize else {}),
-            **({"compile": True} if compile else {}), **({"model": model} if model else {})}
+            **({"compile": True} if compile else {}), **({"model": model} if model else {}),
+            **({"kv_cache": kv_cache} if kv_cache else {})}
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode:
         return {**meta, "error": out.stderr.strip().splitlines()[-1:]}
@@ -215,17 +228,22 @@ if __name__ == "__main__":
                         help="qwenkit only (default: none, float weights)")
     parser.add_argument("--compile", action="store_true", help="qwenkit only: compile the decode step")
     parser.add_argument("--model", default="demo", help="qwenkit only: what qwenkit.load takes (default demo)")
+    parser.add_argument("--kv-cache", default="float", help="qwenkit only: float or int8")
+    parser.add_argument("--once", action="store_true",
+                        help="prefill once (a long prompt): qwenkit times its chunked prefill, transformers its "
+                             "prefill alone")
     a = parser.parse_args()
-    if (a.quantize or a.compile or a.model != "demo") and a.engine != "qwenkit":
-        parser.error("--quantize, --compile and --model are qwenkit options")
+    if (a.quantize or a.compile or a.model != "demo" or a.kv_cache != "float") and a.engine != "qwenkit":
+        parser.error("--quantize, --compile, --model and --kv-cache are qwenkit options")
     if (a.engine == "llama.cpp") != (a.dtype in ("gguf", "q8_0")):
         parser.error("llama.cpp runs the GGUF file as it is (dtype gguf) or requantized to Q8_0 (q8_0); "
                      "the others take auto, bfloat16 or float32")
     if a.engine == "qwenkit":
-        result = run_qwenkit(a.dtype, a.prompt_tokens, a.new_tokens, a.quantize, a.compile, a.model)
+        result = run_qwenkit(a.dtype, a.prompt_tokens, a.new_tokens, a.quantize, a.compile, a.model, a.once,
+                             a.kv_cache)
     else:
         run = run_transformers if a.engine == "transformers" else run_llama_cpp
-        result = run(a.dtype, a.prompt_tokens, a.new_tokens)
+        result = run(a.dtype, a.prompt_tokens, a.new_tokens, a.once)
     print(json.dumps({k: round(v, 3) for k, v in result.items()}))
 
 

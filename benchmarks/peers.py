@@ -2,6 +2,7 @@
 
     python benchmarks/peers.py [--prompt-tokens 512] [--new-tokens 128] [--rounds 3] [--compile]
                                [--checkpoint DIR ...] [--isa avx2]
+    python benchmarks/peers.py --long [4096,16384,32768] [--isa avx2]
 
 Rows: qwenkit's default path (no flags: the GGUF's own quantization, dtype auto), float weights
 (`--quantize none`, dtype auto: bf16 weights, with bf16 activations where the CPU has bf16 natively,
@@ -22,6 +23,11 @@ and prefill ratios to each peer, compiled rows the compile warm-up. Goals (per C
 the default path decodes >= 1.0x llama.cpp Q4_K_M and prefills >= 1.5x llama.cpp; int4 decodes
 >= 1.5x llama.cpp Q4_K_M, int8 >= 1.0x Q8_0; no row under 0.5x in decode or 1.0x in prefill.
 Results go to benchmarks/results/peers-DATE.json (peers-avx2-DATE.json with --isa avx2).
+
+--long: long prompts instead, each length once per engine (one prefill each; 16 new tokens): qwenkit's
+default path with its chunked prefill, the same with --kv-cache int8, transformers (its prefill alone) and
+llama.cpp Q4_K_M; prefill tok/s, TTFT, decode tok/s after the long prompt, peak RSS and qwenkit's cache
+MiB, with qwenkit's prefill ratios to the peers at the same length. Results: peers-long[-avx2]-DATE.json.
 """
 
 import argparse
@@ -53,7 +59,11 @@ def main():
                         help="run every engine this many times, taking turns, and keep each one's best "
                              "figures: on a shared machine a slow minute then hurts no engine alone (default 3)")
     parser.add_argument("--isa", choices=sorted(FORCED), help="run every engine as on a CPU of this class")
+    parser.add_argument("--long", nargs="?", const="4096,16384,32768", default=None, metavar="N,N,...",
+                        help="long prompts of these lengths instead (default 4096,16384,32768)")
     args = parser.parse_args()
+    if args.long:
+        return long_prompts([int(n) for n in args.long.split(",")], args.isa)
     n = (args.prompt_tokens, args.new_tokens)
     env = FORCED.get(args.isa, {})
     float_dtype = float_dtype_of(env)
@@ -90,6 +100,32 @@ def main():
                     row[column] = row[key] / peer[key]
     report(f"peers-{args.isa}" if args.isa else "peers", rows + peers, columns, {}, isa=args.isa or "native",
            prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+
+
+def long_prompts(lengths: list[int], isa: str | None) -> None:
+    """Prefill speed and memory at long prompts, each engine once per length."""
+    env = FORCED.get(isa, {})
+    engines = [("qwenkit default", "qwenkit", "auto", {"quantize": "auto"}, env),
+               ("qwenkit default, int8 cache", "qwenkit", "auto", {"quantize": "auto", "kv_cache": "int8"}, env),
+               (f"transformers {float_dtype_of(env)}", "transformers", float_dtype_of(env), {}, env)]
+    llama_env = llama_cpp_for(isa)
+    if llama_env is not None:
+        engines.append(("llama.cpp Q4_K_M", "llama.cpp", "gguf", {}, {**env, **llama_env}))
+    rows = []
+    for n in lengths:
+        at = [{"name": f"{name} @{n}", "prompt_tokens": n,
+               **measure(engine, dtype, n, 16, **options, env=engine_env, once=True)}
+              for name, engine, dtype, options, engine_env in engines]
+        for peer, short in zip(at[2:], ("hf", "llama")):
+            for row in at[:2]:
+                if "error" not in row and "error" not in peer:
+                    row[f"prefill_vs_{short}"] = row["prefill_tok_s"] / peer["prefill_tok_s"]
+        rows += at
+    columns = [("prefill_tok_s", "prefill tok/s", ".1f"), ("ttft_s", "TTFT s", ".1f"),
+               ("decode_tok_s", "decode tok/s", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
+               ("kv_cache_mib", "cache MiB", ".0f"), ("prefill_vs_hf", "prefill /hf", ".2f"),
+               ("prefill_vs_llama", "prefill /llama", ".2f")]
+    report(f"peers-long-{isa}" if isa else "peers-long", rows, columns, {}, isa=isa or "native", lengths=lengths)
 
 
 def float_dtype_of(env: dict) -> str:

@@ -424,6 +424,7 @@ def test_metrics_count_each_request_exactly(puppet, tok, client):
     assert grew("qwenkit_decode_steps_total") == grew('qwenkit_decode_batch_size_bucket{le="1"}') == steps
     assert grew("qwenkit_requests_cancelled_total") == grew("qwenkit_requests_failed_total") == 0
     assert metric(after, "qwenkit_queue_depth") == metric(after, "qwenkit_running") == 0
+    assert metric(after, "qwenkit_kv_cache_bytes") > 0
     # Counted as they start: the first /metrics, /tokenize and the chat (not the /metrics being rendered).
     assert grew('qwenkit_http_responses_total{code="200"}') == 3
 
@@ -692,3 +693,41 @@ def test_real_concurrent_streams_batch_and_disconnect_frees_slot(demo_server, oa
         assert time.monotonic() < deadline, "the abandoned stream kept its slot"
         time.sleep(0.05)
     assert metric(demo_metrics(url), "qwenkit_requests_cancelled_total") == cancelled + 1
+
+
+def test_a_stream_keeps_its_tokens_coming_while_a_long_prompt_prefills(tiny, tok, monkeypatch):
+    """Over HTTP: a client streaming a reply keeps receiving tokens while another request's long prompt is
+    prefilled in chunks (each chunk slowed, so the prefill spans many of the stream's steps)."""
+    seen = []
+    forward = tiny.forward
+
+    def recorded(tokens, *args, **kwargs):
+        seen.append("chunk" if tokens.shape[1] > 1 else "step")
+        if tokens.shape[1] > 1:
+            time.sleep(0.02)
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(tiny, "forward", recorded)
+    settings = Settings(served_model_name="tiny", max_batch=2, prefill_chunk=8)
+    body = {"model": "tiny", "max_tokens": 80, "temperature": 0, "stream": True, "prompt": "short"}
+    with live(create_app(lambda: (tiny, tok), settings)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json=body) as short:
+            lines = short.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # the short stream runs
+            done = threading.Event()
+
+            def long_request():
+                long_prompt = " ".join(f"word{i}" for i in range(80))
+                client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2, "prompt": long_prompt})
+                done.set()
+
+            threading.Thread(target=long_request).start()
+            for line in lines:
+                if line.startswith("data: {"):
+                    seen.append("token")
+                if done.is_set():
+                    break
+            done.wait(30)
+    chunks = [i for i, e in enumerate(seen) if e == "chunk"][1:]  # the long prompt's (the first: "short")
+    between = seen[chunks[0]:chunks[-1]]  # decode steps ran between the chunks, and their tokens arrived
+    assert len(chunks) >= 8 and between.count("step") >= len(chunks) - 1 and between.count("token") >= len(chunks) // 2
