@@ -25,17 +25,21 @@ pytestmark = pytest.mark.skipif(not os.environ.get("QWENKIT_TEST_COMPILE"),
 
 def loaded_tiny(kind: str) -> Model:
     """Built as load() builds it: float q/k/v and gate/up as joint tensors (qwenkit.runtime.fused), or, for
-    "int4", int4 blocks (group 32) and an int8 head, both kernels running inside the compiled step."""
+    "int4", int4 blocks (group 32) and an int8 head, both kernels running inside the compiled step; "windowed",
+    float with a 6-position window on layer 0 (a ring cache) and an int8 KV cache."""
     config = tiny_config(vocab_size=151936, hidden_size=64, intermediate_size=128, head_dim=16)
     state = randomize(Model(config), seed=5, scale=0.3).state_dict()
     model = build_model(config, state.items(), torch.float32, torch.device("cpu"))
     model.generation_config = {}
+    if kind == "windowed":
+        model.set_window_attention("6:1")
+        model.set_kv_cache("int8")
     return quantize_model(model, bits=4, group_size=32) if kind == "int4" else model
 
 
 # float32 activations, so eager and compiled agree to rounding (in bf16, inductor's fused fp32
 # arithmetic rounds less often than eager's op-by-op bf16, and logits differ by ~1 %).
-@pytest.fixture(scope="module", params=["int4", "float"])
+@pytest.fixture(scope="module", params=["int4", "float", "windowed"])
 def compiled(request):
     model = loaded_tiny(request.param)
     seconds = qwenkit.compile_decode(model, batch_sizes=(1, 3))
