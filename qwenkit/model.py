@@ -37,6 +37,15 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
+class Int8KV(NamedTuple):
+    """Keys or values as an int8 KVCache holds them: int8 `values` [B, G, L, D] and float32 `scales` [B, G, L, 1]."""
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.values * self.scales).to(dtype)
+
+
 class KVCache:
     """Preallocated keys/values, one [batch, kv_heads, max_len, head_dim] tensor per layer, written
     by position; a forward attends to the first `length` positions.
@@ -110,15 +119,16 @@ class KVCache:
             else:
                 target[rows, :, write_pos] = value.transpose(1, 2)
 
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, quantized: bool = False) -> tuple[torch.Tensor | Int8KV, torch.Tensor | Int8KV]:
         """A layer's keys and values as attention reads them: the first `length` positions, or a ring's every
-        slot, in `dtype`."""
+        slot, in `dtype`; with `quantized`, an int8 cache's as it holds them (Int8KV: one-query attention reads
+        them so, rather than widening the whole cache every step)."""
         stop = self.k[layer].shape[2] if self.ring[layer] is not None else self.length
         k, v = self.k[layer][:, :, :stop], self.v[layer][:, :, :stop]
         if self.k_scale is None:
             return k, v
-        return ((k * self.k_scale[layer][:, :, :stop]).to(self.dtype),
-                (v * self.v_scale[layer][:, :, :stop]).to(self.dtype))
+        k, v = Int8KV(k, self.k_scale[layer][:, :, :stop]), Int8KV(v, self.v_scale[layer][:, :, :stop])
+        return (k, v) if quantized else (k.dequantize(self.dtype), v.dequantize(self.dtype))
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows [start, stop): writes through it land in this cache."""
@@ -261,6 +271,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     "Quantized decode against llama.cpp and transformers" (the decode changes of 2026-11-27).
     q [B, H, 1, D], k/v [B, G, L, D] with H a multiple of G (query head h reads kv head h // (H/G)).
     """
+    if isinstance(k, Int8KV):  # an int8 cache (qwenkit's CPU kernel reads it as it is: runtime/small_ops.py)
+        k, v = k.dequantize(q.dtype), v.dequantize(q.dtype)
     B, H, _, D = q.shape
     G = k.shape[1]
     if q.device.type != "cpu":
@@ -332,7 +344,7 @@ class Attention(nn.Module):
             y = self.windowed(q, k, v, write_pos, cache, ring)
         else:
             if cache is not None:
-                k, v = self.cached(k, v, write_pos, cache)
+                k, v = self.cached(k, v, write_pos, cache, one_query=T == 1)
             if T == 1:
                 y = self.decode_attention(q, k, v, mask)
             else:
@@ -340,11 +352,12 @@ class Attention(nn.Module):
                                                    enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def cached(self, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor,
-               cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k and v at `write_pos` ([T], or [B, T] per row); the keys and values attended (KVCache.read)."""
+    def cached(self, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor, cache: KVCache,
+               one_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k and v at `write_pos` ([T], or [B, T] per row); the keys and values attended (KVCache.read; for
+        `one_query`, decode_attention, an int8 cache's as it holds them)."""
         cache.write(self.layer_idx, k, v, write_pos)
-        return cache.read(self.layer_idx)
+        return cache.read(self.layer_idx, quantized=one_query)
 
     def windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_pos: torch.Tensor,
                  cache: KVCache | None, ring: int | None) -> torch.Tensor:
@@ -356,15 +369,15 @@ class Attention(nn.Module):
         if cache is None:
             key_pos = q_pos
         elif ring is None:
-            k, v = self.cached(k, v, write_pos, cache)
-            key_pos = torch.arange(k.shape[2], device=q.device).expand(B, -1)
+            k, v = self.cached(k, v, write_pos, cache, one_query=T == 1)
+            key_pos = torch.arange(cache.length, device=q.device).expand(B, -1)
         else:
             # The position each slot holds: the newest at or before the last one written (negative: none yet).
             last = (q_pos[:, -1:] if T == 1 else q_pos[:, :1] - 1)
             slots = torch.arange(ring, device=q.device)
             slot_pos = last - (last - slots) % ring
             if T == 1:
-                k, v = self.cached(k, v, write_pos, cache)
+                k, v = self.cached(k, v, write_pos, cache, one_query=True)
                 key_pos = slot_pos
             else:  # what the ring held before this forward, then this forward's keys
                 key_pos = torch.cat((slot_pos, q_pos), dim=1)

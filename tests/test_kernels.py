@@ -140,7 +140,7 @@ def test_layers_run_the_op_and_act_order_permutes_x():
 def check_small_ops():
     """The one-call ops of an eager step against the model's torch code, on odd sizes (the vector
     loops' tails), grouped heads, a used prefix of a longer cache and a mask."""
-    from qwenkit.model import RMSNorm, decode_attention
+    from qwenkit.model import Int8KV, RMSNorm, decode_attention
 
     gen = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 4e-3)):
@@ -150,13 +150,28 @@ def check_small_ops():
             x = torch.randn(3, 2, k, generator=gen).mul(4).to(dtype)
             assert rel_err(ops.rms_norm(x, norm.weight, 1e-6), norm(x)) < tol, ("rms_norm", dtype, k)
         for heads, kv_heads, dim, length in ((14, 2, 64, 37), (4, 4, 80, 5), (8, 2, 128, 300)):
-            k, v = (torch.randn(2, kv_heads, length + 9, dim, generator=gen).to(dtype)[:, :, :length] for _ in "kv")
+            full = [torch.randn(2, kv_heads, length + 9, dim, generator=gen).to(dtype) for _ in "kv"]
+            k, v = (t[:, :, :length] for t in full)
+            # As an int8 cache holds them: a scale per position and head, read through the used prefix.
+            scales = [t.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127 for t in full]
+            kq, vq = (Int8KV((t / s).round().to(torch.int8)[:, :, :length], s[:, :, :length])
+                      for t, s in zip(full, scales))
             q = torch.randn(2, heads, 1, dim, generator=gen).mul(2).to(dtype)
             mask = torch.rand(2, 1, 1, length, generator=gen) > 0.3
             mask[..., 0] = True
+            full = [torch.randn(2, kv_heads, length + 9, dim, generator=gen).to(dtype) for _ in "kv"]
+            k, v = (t[:, :, :length] for t in full)
+            # As an int8 cache holds them: a scale per position and head, read through the used prefix.
+            scales = [t.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127 for t in full]
+            kq, vq = (Int8KV((t / s).round().to(torch.int8)[:, :, :length], s[:, :, :length])
+                      for t, s in zip(full, scales))
             for m in (None, mask):
                 err = rel_err(ops.decode_attention(q, k, v, m), decode_attention(q, k, v, m))
                 assert err < tol, ("decode_attention", dtype, heads, kv_heads, dim, length, m is None, err)
+                # An int8 cache read as it is held, against the model's code, which widens it to q's dtype first.
+                err = rel_err(ops.decode_attention_int8(q, kq.values, vq.values, kq.scales, vq.scales, m),
+                              decode_attention(q, kq, vq, m))
+                assert err < 2 * tol, ("decode_attention_int8", dtype, heads, kv_heads, dim, length, m is None, err)
 
 
 def test_small_ops_equal_the_model_code():

@@ -171,6 +171,9 @@ inline __m512 dot_u8s8(__m512i u, __m512i s) {
 #if defined(__AVX2__)
 // 8 or 16 scales or zeros as floats (bfloat16: its bits, moved up).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(
       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
@@ -179,6 +182,9 @@ inline __m256 load8(const c10::BFloat16* p) {
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
@@ -628,58 +634,188 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
-// One query per row against the first `length` cached positions, as model.decode_attention computes it:
-// scores and softmax in float32, the probabilities rounded to the cache's dtype before they meet v,
-// the sum in float32. q [B, H, D]; k, v [B, G, >= length, D] with D contiguous (a cache and its
-// used prefix); mask [B, length] bool or None; query head h reads kv head h / (H / G).
+// exp(x) for x <= 0 (scores less their maximum), a vector at a time: 2^n * p(r) with r = x - n ln2, n the
+// nearest integer to x log2(e), p Cephes expf's polynomial (within 2 ulp of std::exp); 0 below -87.3,
+// where float exp underflows, and for -inf (a masked key).
+#if defined(__AVX512F__)
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 floor_x = _mm512_set1_ps(-87.3f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, floor_x, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, floor_x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+#elif defined(__AVX2__)
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 floor_x = _mm256_set1_ps(-87.3f);
+  const __m256 live = _mm256_cmp_ps(x, floor_x, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, floor_x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  }
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  // 2^n from its exponent bits: n >= -126 here, so the result is a normal float.
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                               _mm256_set1_epi32(127)), 23));
+  return _mm256_and_ps(live, _mm256_mul_ps(p, two_n));
+}
+#endif
+
+// p[i] = exp(p[i] - top) over n, in place; returns their sum.
+inline float exp_shifted(float* p, int64_t n, float top) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p + i), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(p + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + i), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(p + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum(acc);
+#endif
+  for (; i < n; ++i) {
+    p[i] = p[i] == -INFINITY ? 0.f : std::exp(p[i] - top);
+    total += p[i];
+  }
+  return total;
+}
+
+// out[0, dim) = sum over l < n of p[l] * v[l * stride + i]: each output vector stays in a register while
+// the rows go by (an update in memory per row would wait on the one before).
 template <typename T>
-void attend_one(const T* q, const T* k, const T* v, const bool* mask, T* y, int64_t batch, int64_t heads,
-                int64_t kv_heads, int64_t length, int64_t dim, std::array<int64_t, 3> k_strides,
-                std::array<int64_t, 3> v_strides) {
+inline void weighted_rows(const float* p, const T* v, int64_t stride, int64_t n, float* out, int64_t dim) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= dim; i += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t l = 0; l < n; ++l) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[l]), load16(v + l * stride + i), acc);
+    _mm512_storeu_ps(out + i, acc);
+  }
+#elif defined(__AVX2__)
+  for (; i + 8 <= dim; i += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t l = 0; l < n; ++l) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[l]), load8(v + l * stride + i), acc);
+    _mm256_storeu_ps(out + i, acc);
+  }
+#endif
+  for (; i < dim; ++i) {
+    float acc = 0.f;
+    for (int64_t l = 0; l < n; ++l) acc += p[l] * static_cast<float>(v[l * stride + i]);
+    out[i] = acc;
+  }
+}
+
+// Where a cache's keys or values are: the values [B, G, >= length, D] with D contiguous (a cache and its used
+// prefix) and their strides; for an int8 cache also one float32 scale per row, head and position.
+template <typename KV>
+struct CacheSide {
+  const KV* values;
+  std::array<int64_t, 3> strides;
+  const float* scales = nullptr;
+  std::array<int64_t, 3> scale_strides{};
+  const KV* at(int64_t b, int64_t g) const { return values + b * strides[0] + g * strides[1]; }
+  const float* scales_at(int64_t b, int64_t g) const {
+    return scales ? scales + b * scale_strides[0] + g * scale_strides[1] : nullptr;
+  }
+};
+
+// One query per row against the first `length` cached positions, as model.decode_attention computes it:
+// scores and softmax in float32, the probabilities rounded to the query's dtype before they meet v,
+// the sum in float32. q [B, H, D]; mask [B, length] bool or None; query head h reads kv head h / (H / G).
+// An int8 cache's scales multiply each key's score and each value's probability (the values are not widened
+// to a float copy first). The H / G query heads of a kv head go together (its keys and values are read from
+// memory once for all of them), the exponentials a vector at a time, and the value sums in registers.
+template <typename T, typename KV>
+void attend_one(const T* q, CacheSide<KV> k, CacheSide<KV> v, const bool* mask, T* y, int64_t batch, int64_t heads,
+                int64_t kv_heads, int64_t length, int64_t dim) {
   const int64_t group = heads / kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(dim));
   // Short caches in one thread: a split would cost more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, length * dim));
-  at::parallel_for(0, batch * heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(dim), out(dim), scores(length);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / heads, g = (bh % heads) / group;
-      to_float(q + bh * dim, qf.data(), dim);
-      const T* kb = k + b * k_strides[0] + g * k_strides[1];
-      const T* vb = v + b * v_strides[0] + g * v_strides[1];
-      float top = -INFINITY;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, group * length * dim));
+  at::parallel_for(0, batch * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), out(dim), scores(group * length);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / kv_heads, first = bg * group;  // the first query head (over all rows) of this kv head
+      to_float(q + first * dim, qf.data(), group * dim);
+      const int64_t g = bg % kv_heads;
+      const KV *kb = k.at(b, g), *vb = v.at(b, g);
+      const float *k_scales = k.scales_at(b, g), *v_scales = v.scales_at(b, g);
       for (int64_t l = 0; l < length; ++l) {
-        if (mask && !mask[b * length + l]) {
-          scores[l] = -INFINITY;
-          continue;
+        const bool seen = !mask || mask[b * length + l];
+        const float key_scale = k_scales ? scale * k_scales[l * k.scale_strides[2]] : scale;
+        for (int64_t j = 0; j < group; ++j) {
+          scores[j * length + l] = seen ? dot(qf.data() + j * dim, kb + l * k.strides[2], dim) * key_scale : -INFINITY;
         }
-        scores[l] = dot(qf.data(), kb + l * k_strides[2], dim) * scale;
-        top = std::max(top, scores[l]);
       }
-      float total = 0.f;
-      for (int64_t l = 0; l < length; ++l) {
-        scores[l] = scores[l] == -INFINITY ? 0.f : std::exp(scores[l] - top);
-        total += scores[l];
+      for (int64_t j = 0; j < group; ++j) {
+        float* row = scores.data() + j * length;
+        float top = -INFINITY;
+        for (int64_t l = 0; l < length; ++l) top = std::max(top, row[l]);
+        const float total = exp_shifted(row, length, top);
+        for (int64_t l = 0; l < length; ++l) {
+          const float value_scale = v_scales ? v_scales[l * v.scale_strides[2]] : 1.f;
+          row[l] = static_cast<float>(round_to<T>(row[l] / total)) * value_scale;
+        }
+        weighted_rows(row, vb, v.strides[2], length, out.data(), dim);
+        for (int64_t i = 0; i < dim; ++i) y[(first + j) * dim + i] = round_to<T>(out[i]);
       }
-      std::fill(out.begin(), out.end(), 0.f);
-      for (int64_t l = 0; l < length; ++l) {
-        const float p = static_cast<float>(round_to<T>(scores[l] / total));
-        if (p != 0.f) add_scaled(p, vb + l * v_strides[2], out.data(), dim);
-      }
-      for (int64_t i = 0; i < dim; ++i) y[bh * dim + i] = round_to<T>(out[i]);
     }
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& mask) {
+template <typename KV>
+CacheSide<KV> cache_side(const at::Tensor& values, const c10::optional<at::Tensor>& scales) {
+  CacheSide<KV> side{reinterpret_cast<const KV*>(values.data_ptr()),
+                     {values.stride(0), values.stride(1), values.stride(2)}};
+  if (scales.has_value()) {
+    side.scales = scales->data_ptr<float>();
+    side.scale_strides = {scales->stride(0), scales->stride(1), scales->stride(2)};
+  }
+  return side;
+}
+
+// q [B, H, 1, D] float32 or bfloat16; k and v [B, G, L, D] of q's dtype, or int8 with k_scale and v_scale
+// float32 [B, G, L, 1] (an int8 KVCache's used prefix).
+at::Tensor attention_one_query(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
+                               const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) &&
               k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0,
               "decode_attention: q [B, H, 1, D], k and v [B, G, L, D] with G dividing H");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v contiguous along D");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
-              (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
-              "decode_attention: q, k, v all float32 or all bfloat16");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "decode_attention: q float32 or bfloat16");
+  const bool int8 = k.scalar_type() == at::kChar;
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (int8 || k.scalar_type() == q.scalar_type()),
+              "decode_attention: k and v of q's dtype, or int8 with scales");
+  TORCH_CHECK(int8 == (k_scale.has_value() && v_scale.has_value()), "decode_attention: int8 k and v need scales");
+  if (int8) {
+    TORCH_CHECK(k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                k_scale->numel() == k.numel() / k.size(3) && v_scale->numel() == v.numel() / v.size(3),
+                "decode_attention: scales float32 [B, G, L, 1]");
+  }
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), length = k.size(2), dim = q.size(3);
   at::Tensor mask_rows;
   if (mask.has_value()) {
@@ -689,18 +825,33 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   }
   const at::Tensor qc = q.contiguous();
   at::Tensor y = at::empty_like(qc);
-  const std::array<int64_t, 3> ks{k.stride(0), k.stride(1), k.stride(2)}, vs{v.stride(0), v.stride(1), v.stride(2)};
   const bool* m = mask.has_value() ? mask_rows.data_ptr<bool>() : nullptr;
+  const auto run = [&](auto* q_ptr, auto kv_type) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(q_ptr)>>;
+    using KV = decltype(kv_type);
+    attend_one(q_ptr, cache_side<KV>(k, k_scale), cache_side<KV>(v, v_scale), m, reinterpret_cast<T*>(y.data_ptr()),
+               batch, heads, kv_heads, length, dim);
+  };
   if (q.scalar_type() == at::kFloat) {
-    attend_one(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), m, y.data_ptr<float>(), batch,
-               heads, kv_heads, length, dim, ks, vs);
+    const float* qp = qc.data_ptr<float>();
+    int8 ? run(qp, int8_t{}) : run(qp, float{});
   } else {
-    using B = c10::BFloat16;
-    attend_one(reinterpret_cast<const B*>(qc.data_ptr()), reinterpret_cast<const B*>(k.data_ptr()),
-               reinterpret_cast<const B*>(v.data_ptr()), m, reinterpret_cast<B*>(y.data_ptr()), batch, heads,
-               kv_heads, length, dim, ks, vs);
+    const auto* qp = reinterpret_cast<const c10::BFloat16*>(qc.data_ptr());
+    int8 ? run(qp, int8_t{}) : run(qp, c10::BFloat16{});
   }
   return y;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask) {
+  return attention_one_query(q, k, v, c10::nullopt, c10::nullopt, mask);
+}
+
+at::Tensor decode_attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                 const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(k.scalar_type() == at::kChar, "decode_attention_int8: int8 k and v");
+  return attention_one_query(q, k, v, k_scale, v_scale, mask);
 }
 
 // --------------------------------------------------------------------------- bf16 weights
@@ -753,6 +904,7 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor[] weights, Tensor scales, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
+  m.def("decode_attention_int8(Tensor q, Tensor k, Tensor v, Tensor k_scale, Tensor v_scale, Tensor? mask) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor[] weights, Tensor? bias) -> Tensor");
   m.def("isa() -> str", &isa);
 }
@@ -762,5 +914,6 @@ TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_attention_int8", &decode_attention_int8);
   m.impl("bf16_linear", &bf16_linear);
 }

@@ -4,9 +4,9 @@ Eager decode pays a dispatch and an allocation for every torch op: the norm is f
 attention about a dozen, together a tenth of a demo token's time on two cores (benchmarks/results/
 README.md, "The small ops of an eager step"). qwenkit's CPU kernels (qwenkit/kernels) do the same
 arithmetic in one call. `use_small_ops(model)` applies them from outside the model: each RMSNorm
-becomes a KernelRMSNorm, each Attention takes `kernel_decode_attention`. The model's own code runs
-wherever they do not apply: another device or dtype, autograd, and torch.compile (which fuses these
-ops itself).
+becomes a KernelRMSNorm, each Attention takes `kernel_decode_attention` (which also reads an int8 cache as
+it is held). The model's own code runs wherever they do not apply: another device or dtype, autograd,
+and torch.compile (which fuses these ops itself).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import Attention, RMSNorm, decode_attention
+from ..model import Attention, Int8KV, RMSNorm, decode_attention
 from .cpu_plan import kernel_ops
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -35,8 +35,12 @@ class KernelRMSNorm(RMSNorm):
         return super().forward(x)
 
 
-def kernel_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-    if _applies(q, k, v):
+def kernel_decode_attention(q: torch.Tensor, k: torch.Tensor | Int8KV, v: torch.Tensor | Int8KV,
+                            mask: torch.Tensor | None):
+    if isinstance(k, Int8KV):  # an int8 cache, read as it is held
+        if _applies(q):
+            return kernel_ops().decode_attention_int8(q, k.values, v.values, k.scales, v.scales, mask)
+    elif _applies(q, k, v):
         return kernel_ops().decode_attention(q, k, v, mask)
     return decode_attention(q, k, v, mask)
 
