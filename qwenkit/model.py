@@ -119,6 +119,11 @@ class KVCache:
             else:
                 target[rows, :, write_pos] = value.transpose(1, 2)
 
+    def centered(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """Keys as this cache gives them back: an int8 cache's less the row's center (so that keys read from it
+        and keys not yet written attend alike)."""
+        return k if self.k_center is None else (k.float() - self.k_center[layer]).to(k.dtype)
+
     def read(self, layer: int, quantized: bool = False) -> tuple[torch.Tensor | Int8KV, torch.Tensor | Int8KV]:
         """A layer's keys and values as attention reads them: the first `length` positions, or a ring's every
         slot, in `dtype`; with `quantized`, an int8 cache's as it holds them (Int8KV: one-query attention reads
@@ -383,7 +388,8 @@ class Attention(nn.Module):
                 key_pos = torch.cat((slot_pos, q_pos), dim=1)
                 held_k, held_v = cache.read(self.layer_idx)  # (views of the ring: joined before it is written)
                 k_new, v_new = k, v
-                k, v = torch.cat((held_k, k_new), dim=2), torch.cat((held_v, v_new), dim=2)
+                k = torch.cat((held_k, cache.centered(self.layer_idx, k_new)), dim=2)
+                v = torch.cat((held_v, v_new), dim=2)
                 cache.write(self.layer_idx, k_new, v_new, write_pos)
         if T == 1:
             return self.decode_attention(q, k, v, band_mask(q_pos, key_pos, self.window))

@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for a batch slot before new ones get 503 (default: %(default)s)")
-    parser.add_argument("--ctx", type=int, help="context length to serve, prompt plus reply "
-                                                "(default: the model's, at most 8192)")
+    parser.add_argument("--ctx", type=int, help="context length to serve, prompt plus reply (default: --context "
+                                                "when given, else the model's, at most 8192)")
     parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                         help="prefill long prompts this many tokens per forward, so memory grows with the chunk, not "
                              "the prompt (default: 512 on a CPU, 4096 on a GPU; 0: one forward per prompt)")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or served_name(args.model),
         model_aliases=(args.model,) if args.model else (), api_key=args.api_key or None,
         api_auth=args.api_auth or None, max_batch=args.max_batch, max_queue=args.max_queue,
-        context_length=args.ctx, prefill_chunk=args.prefill_chunk, cors_origins=origins,
+        context_length=args.ctx or args.context, prefill_chunk=args.prefill_chunk, cors_origins=origins,
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
     return serve(lambda: load_for(args), settings, host=args.host, port=args.port)
