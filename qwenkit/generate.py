@@ -261,7 +261,7 @@ class Decoder:
         if best != slot:
             self._swap(best, slot)
         reuse = min(best_len, len(prompt) - 1)
-        if any(r is not None for r in self.cache.ring):
+        if self.cache.has_ring:
             # A windowed layer's ring holds the newest positions the row wrote (a step queued ahead's too), which
             # may lie past the prefix and have overwritten the prefix's last ones.
             reuse = 0

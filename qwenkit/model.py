@@ -86,6 +86,11 @@ class KVCache:
         return self.k[0].shape[0]
 
     @property
+    def has_ring(self) -> bool:
+        """Whether some layer keeps a ring (its slots hold the newest positions written, not a prefix)."""
+        return any(r is not None for r in self.ring)
+
+    @property
     def nbytes(self) -> int:
         """The memory its keys and values (and their scales) take."""
         return sum(t.numel() * t.element_size() for t in self.tensors())

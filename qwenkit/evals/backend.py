@@ -123,7 +123,7 @@ class LocalModel:
             self._held = []
         reuse = 0
         # A windowed layer's ring holds the newest positions written, maybe past the common prefix: no reuse.
-        held = [] if any(r is not None for r in self._cache.ring) else self._held
+        held = [] if self._cache.has_ring else self._held
         for a, b in zip(held, ids[:start]):
             if a != b:
                 break
