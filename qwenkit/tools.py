@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -155,6 +156,13 @@ class PlainParser:
 # ------------------------------------------------------------------------- Hermes <tool_call>
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+FENCE = "```"
+JSON_FENCES = ("", "json", "json5", "tool_call", "tool_calls")  # a fence a call may hide in; others are code
+_CLOSING_FENCE = re.compile(r"\n[ \t]*```")
+_PARTIAL_CLOSING_FENCE = re.compile(r"\n[ \t]*`{0,2}$")
+_FENCE_OR_BRACE = re.compile(r"(?m)^[ \t]*(```|\{)")
+_PARTIAL_FENCE = re.compile(r"(?:^|\n)[ \t]*`{0,2}$")
+MAX_HELD = 1 << 16  # characters of a possible call held back before they are let out as content
 
 
 def _partial_tag(text: str, tag: str) -> int:
@@ -165,53 +173,211 @@ def _partial_tag(text: str, tag: str) -> int:
     return 0
 
 
-class HermesParser:
-    """Finds ``<tool_call>{json}</tool_call>`` blocks in streamed text.
+def _call_objects(text: str, names: frozenset[str] | None) -> list[tuple[str, dict]] | None:
+    """The calls ``text`` holds: one JSON object ``{"name": ..., "arguments": {...}}`` (or "parameters", or
+    arguments as a JSON string of an object), a list of them, or several in a row. With ``names``, each name
+    must be one of them. None when the text is anything else."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while at < len(text):
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except (ValueError, RecursionError):
+            return None
+        values += value if isinstance(value, list) else [value]
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+    calls = []
+    for value in values:
+        if not isinstance(value, dict) or deeper_than(value, MAX_JSON_DEPTH) is not None:
+            return None
+        name = value.get("name")
+        arguments = value.get("arguments", value.get("parameters", {}))
+        if isinstance(arguments, str):
+            arguments = _json_object(arguments)
+        if not (isinstance(name, str) and name and isinstance(arguments, dict)) or (names and name not in names):
+            return None
+        calls.append((name, arguments))
+    return calls or None
 
-    Text outside the blocks streams as content, except what could still turn into a tag: a partial
-    ``<tool_call`` and the whitespace before it are held back. Whitespace next to a call (the
-    newlines between and after blocks) is layout, not content, so it is dropped; a broken block is
-    returned as content verbatim, that whitespace included. A block cut off without ``</tool_call>``
-    (the model stopped right after the JSON) still counts when its JSON is a complete call.
-    """
+
+class _ObjectEnd:
+    """Finds where a JSON object ends in text that arrives in pieces: braces inside strings do not count,
+    and each character is looked at once."""
 
     def __init__(self):
+        self.at, self.depth, self.in_string, self.escaped = 0, 0, False, False
+
+    def __call__(self, text: str) -> int:
+        """The index after the closing brace of the object ``text`` starts with, or -1 if it has not ended."""
+        for i in range(self.at, len(text)):
+            c = text[i]
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (c == "\\", c != '"')
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        self.at = len(text)
+        return -1
+
+
+class HermesParser:
+    """Finds tool calls in streamed text, in the shapes models write them:
+
+    - ``<tool_call>{json}</tool_call>`` blocks (the Qwen2.5+ format), any name;
+    - a fenced block (```` ```json ```` or a bare fence) holding a call object, a list of them or several,
+      each naming one of ``names`` (the declared functions): what small models write instead;
+    - such an object alone on its line, naming a declared function.
+
+    A call object is ``{"name": ..., "arguments": {...}}``; "parameters" for "arguments", or arguments as JSON
+    text of an object, also pass. Anything else is content: a fenced block in another language streams as
+    it comes and nothing inside it is read as a call; a JSON block or object that is not a call comes back
+    verbatim once it has ended. Text that could still turn into a call (a partial ``<tool_call``, a fence
+    line not yet ended, a JSON block or a line-start object not yet closed) and the whitespace before it are
+    held back. Whitespace next to a call is layout, not content, so it is dropped. A call cut off without its
+    closing tag or fence (the model stopped right after the JSON) still counts when its JSON is complete.
+    """
+
+    def __init__(self, names: frozenset[str] | set[str] = frozenset()):
         self.stop: list[str] = []
+        self._names = frozenset(names)
         self._calls: list[ToolCall] = []
-        self._buffer = ""  # text not yet emitted; inside a call, the call's body so far
-        self._opening = ""  # inside a call: the whitespace and <tool_call> that began it
+        self._buffer = ""  # text not yet emitted; inside a held block, the block's body so far
+        self._opening = ""  # inside a held block: the whitespace and the opener (tag, fence line) before it
+        self._state = "text"  # or held: "tag", "fence", "object"; or "code", a fenced block in another language
+        self._searched = 0  # how much of the buffer a held block's end was looked for in
+        self._object_end, self._end = _ObjectEnd(), -1  # a line-start object: where it ends, once known
+        self._line_start = True  # the buffer begins a line (nothing emitted yet, or a call just ended)
         self._after_call = False  # no content since the last call: leading whitespace is layout
 
     def feed(self, text: str) -> list[Event]:
         self._buffer += text
         events: list[Event] = []
-        while True:
-            if self._opening:
-                end = self._buffer.find(CLOSE)
-                if end < 0:
-                    return events
-                body, self._buffer = self._buffer[:end], self._buffer[end + len(CLOSE):]
-                events += self._close(body, CLOSE)
-                continue
-            start = self._buffer.find(OPEN)
-            if start < 0:
-                undecided = _partial_tag(self._buffer, OPEN)
-                cut = len(self._buffer[:len(self._buffer) - undecided].rstrip())
-                events += self._text(self._buffer[:cut])
-                self._buffer = self._buffer[cut:]
-                return events
-            cut = len(self._buffer[:start].rstrip())
-            events += self._text(self._buffer[:cut])
-            self._opening = self._buffer[cut:start + len(OPEN)]
-            self._buffer = self._buffer[start + len(OPEN):]
+        steps = {"text": self._in_text, "tag": self._in_tag, "fence": self._in_fence, "object": self._in_object,
+                 "code": self._in_code}
+        while (step := steps[self._state]()) is not None:
+            events += step
+        return events
 
     def finish(self) -> tuple[list[Event], list[ToolCall]]:
-        if self._opening:
-            events = self._close(self._buffer, "")
+        if self._state in ("tag", "fence", "object"):
+            events = self._close(len(self._buffer), "", None if self._state == "tag" else self._names)
         else:
-            events = self._text(self._buffer)
-        self._buffer = ""
+            events = _content(self._buffer) if self._state == "code" else self._text(self._buffer)
+        self._buffer, self._state = "", "text"
         return events, list(self._calls)
+
+    # Each state's step: the events of what it settled, or None when it needs more text.
+
+    def _in_text(self) -> list[Event] | None:
+        buffer = self._buffer
+        tag = buffer.find(OPEN)
+        found = _FENCE_OR_BRACE.search(buffer) if self._names else None
+        if found and found.start() == 0 and not self._line_start:
+            found = _FENCE_OR_BRACE.search(buffer, 1)
+        block = found.start(1) if found else -1
+        if tag < 0 and block < 0:  # let out all but what could still become a call
+            undecided = _partial_tag(buffer, OPEN)
+            partial = _PARTIAL_FENCE.search(buffer) if self._names else None
+            if partial and (buffer.startswith("\n", partial.start()) or self._line_start):
+                undecided = max(undecided, len(buffer) - partial.start())
+            return self._let_out(len(buffer) - undecided)
+        if block >= 0 and (tag < 0 or block < tag):
+            start = block
+            if buffer.startswith(FENCE, block):
+                line_end = buffer.find("\n", block)
+                if line_end < 0:  # the fence's language is not known yet
+                    return self._let_out(found.start())
+                if buffer[block + len(FENCE):line_end].strip().lower() not in JSON_FENCES:
+                    events = self._text(buffer[:line_end])  # code: it streams, and nothing in it is a call
+                    self._take(line_end)
+                    self._enter("code")
+                    return events
+                opener_end = line_end  # the newline stays in the body, where a closing fence looks for it
+                self._enter("fence")
+            else:
+                opener_end = block
+                self._enter("object")
+        else:
+            start, opener_end = tag, tag + len(OPEN)
+            self._enter("tag")
+        cut = len(buffer[:start].rstrip())
+        events = self._text(buffer[:cut])
+        self._opening, self._buffer = buffer[cut:opener_end], buffer[opener_end:]
+        return events
+
+    def _in_tag(self) -> list[Event] | None:
+        end = self._buffer.find(CLOSE, max(0, self._searched - len(CLOSE)))
+        self._searched = len(self._buffer)
+        return self._close(end, CLOSE, None) if end >= 0 else self._overflow()
+
+    def _in_fence(self) -> list[Event] | None:
+        closing = self._closing_fence()
+        if closing is None:
+            return self._overflow()
+        return self._close(closing.start(), self._buffer[closing.start():closing.end()], self._names)
+
+    def _in_object(self) -> list[Event] | None:
+        if self._end < 0 and (end := self._object_end(self._buffer)) >= 0:
+            self._end = end
+        if self._end < 0:
+            return self._overflow()
+        rest = self._buffer[self._end:]
+        line = rest[:rest.find("\n")] if "\n" in rest else rest
+        if not line.strip():  # alone on its line: a call if it names one
+            return self._close(self._end, "", self._names) if "\n" in rest else None
+        raw, self._buffer = self._opening + self._buffer[:self._end], rest  # more on its line: prose
+        self._opening, self._state, self._line_start = "", "text", False
+        return self._text(raw)
+
+    def _in_code(self) -> list[Event] | None:
+        closing = self._closing_fence()
+        if closing is not None:
+            events = _content(self._buffer[:closing.end()])
+            self._take(closing.end())
+            self._state = "text"
+            return events
+        partial = _PARTIAL_CLOSING_FENCE.search(self._buffer, max(0, self._buffer.rfind("\n")))
+        keep = len(self._buffer) - partial.start() if partial else 0
+        events = _content(self._buffer[:len(self._buffer) - keep])
+        self._take(len(self._buffer) - keep)
+        self._searched = 0
+        return events or None
+
+    def _closing_fence(self) -> re.Match | None:
+        """A closing fence in the buffer, looked for from the last line already searched."""
+        found = _CLOSING_FENCE.search(self._buffer, max(0, self._buffer.rfind("\n", 0, self._searched)))
+        self._searched = len(self._buffer)
+        return found
+
+    def _enter(self, state: str) -> None:
+        self._state, self._searched, self._object_end, self._end = state, 0, _ObjectEnd(), -1
+
+    def _overflow(self) -> list[Event] | None:
+        """A held block past MAX_HELD is no call anyone wants: it goes out as content."""
+        if len(self._buffer) <= MAX_HELD:
+            return None
+        events = self._text(self._opening + self._buffer)
+        self._opening = self._buffer = ""
+        self._state = "text"
+        return events
+
+    def _let_out(self, end: int) -> list[Event] | None:
+        """Emit the buffer up to `end`, less the whitespace before it (layout if a call follows)."""
+        cut = len(self._buffer[:end].rstrip())
+        events = self._text(self._buffer[:cut])
+        self._take(cut)
+        return events or None
+
+    def _take(self, n: int) -> None:
+        if n:
+            self._line_start = self._buffer[n - 1] == "\n"
+            self._buffer = self._buffer[n:]
 
     def _text(self, text: str) -> list[Event]:
         if self._after_call:
@@ -219,16 +385,21 @@ class HermesParser:
             self._after_call = not text
         return _content(text)
 
-    def _close(self, body: str, closing: str) -> list[Event]:
-        """The call whose JSON is ``body``, or its raw text as content when it is not one."""
-        raw, self._opening = self._opening + body + closing, ""
-        call = _json_object(body)
-        name, arguments = (call or {}).get("name"), (call or {}).get("arguments", {})
-        if not (isinstance(name, str) and name and isinstance(arguments, dict)):
+    def _close(self, end: int, closing: str, names: frozenset[str] | None) -> list[Event]:
+        """Settle a held block whose body is the buffer up to `end`, followed by `closing`: its calls, or its
+        raw text as content when it holds none."""
+        body, raw = self._buffer[:end], self._opening + self._buffer[:end] + closing
+        self._buffer, self._opening, self._state = self._buffer[end + len(closing):], "", "text"
+        calls = _call_objects(body, names)
+        if calls is None:
+            self._line_start = raw.endswith("\n")
             return self._text(raw)
-        tool_call, events = _new_call(len(self._calls), name, arguments)
-        self._calls.append(tool_call)
-        self._after_call = True
+        events = []
+        for name, arguments in calls:
+            tool_call, announced = _new_call(len(self._calls), name, arguments)
+            self._calls.append(tool_call)
+            events += announced
+        self._after_call = self._line_start = True
         return events
 
 
@@ -488,4 +659,6 @@ def new_parser(tokenizer: Tokenizer, tools: list[dict] | None, tool_choice=None)
     """A fresh parser for one reply: content only when there are no tools or tool_choice is "none"."""
     if not tools or _tool_choice(tool_choice)[0] == "none":
         return PlainParser()
-    return parser_for(tokenizer)()
+    if parser_for(tokenizer) is ReActParser:
+        return ReActParser()
+    return HermesParser({function["name"] for function in checked_functions(tools)})

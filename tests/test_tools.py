@@ -102,6 +102,81 @@ def test_hermes_unterminated_call():
         '<tool_call>\n{"name": "f", "argu', [], ["ContentDelta"])
 
 
+# ----------------------------------------------------------------------------- the shapes small models write
+
+def declared(*names):
+    return lambda: HermesParser(set(names))
+
+
+def test_fenced_json_naming_a_declared_function_is_a_call():
+    # What the demo (Qwen2.5-Coder-0.5B) writes under tool_choice auto.
+    text = '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```'
+    assert same_streamed(declared("get_weather"), text) == ("", [("get_weather", '{"city": "Paris"}')],
+                                                            ["ToolCallStart", "ToolCallArgs"])
+    text = 'Sure.\n\n```\n{"name": "get_weather", "parameters": {"city": "Oslo"}}\n```\nDone.'
+    assert same_streamed(declared("get_weather"), text) == (
+        "Sure.Done.", [("get_weather", '{"city": "Oslo"}')], ["ContentDelta", "ToolCallStart", "ToolCallArgs",
+                                                              "ContentDelta"])
+
+
+def test_bare_objects_lists_and_several_calls():
+    parser = declared("get_weather", "get_time")
+    one = '{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}'  # arguments as JSON text
+    assert same_streamed(parser, one)[1] == [("get_weather", '{"city": "Rome"}')]
+    both = ('{"name": "get_weather", "arguments": {"city": "Rome"}}\n'
+            '{"name": "get_time", "arguments": {"zone": "CET"}}')
+    assert same_streamed(parser, both)[1] == [("get_weather", '{"city": "Rome"}'), ("get_time", '{"zone": "CET"}')]
+    listed = '```json\n[{"name": "get_weather", "arguments": {"city": "A"}}, {"name": "get_weather", ' \
+             '"arguments": {"city": "B"}}]\n```'
+    assert same_streamed(parser, listed)[1] == [("get_weather", '{"city": "A"}'), ("get_weather", '{"city": "B"}')]
+    two_fences = listed.replace("[", "").replace("]", "").replace("}}, {", "}}\n```\n```json\n{")
+    assert same_streamed(parser, two_fences)[1] == same_streamed(parser, listed)[1]
+
+
+@pytest.mark.parametrize("text", [
+    # ordinary code, even with a call-shaped line inside it
+    'Here:\n```python\ndef f():\n    return 1\n{"name": "get_weather", "arguments": {}}\n```\nThat is all.',
+    # JSON that names no declared function, or is no call at all
+    '```json\n{"name": "get_stock", "arguments": {"ticker": "X"}}\n```',
+    'Config:\n```json\n{"city": "Paris", "units": "metric"}\n```\n',
+    '{"name": "get_weather"} is how a call starts, {"x": 1} too.',
+    '```\nls -la {dir}\n```',
+    # an unclosed fence or object: content as it was
+    '```json\n{"name": "get_weather", "argu',
+    'Use {braces',
+])
+def test_ordinary_text_and_code_are_never_calls(text):
+    assert same_streamed(declared("get_weather"), text) == (text, [], ["ContentDelta"])
+
+
+def test_code_streams_as_it_comes_and_a_call_waits_for_its_end():
+    parser = HermesParser({"get_weather"})
+
+    def content(chunk):
+        return "".join(e.text for e in parser.feed(chunk))
+
+    assert content("```py") == ""  # the fence's language is not known yet
+    assert content("thon\nx = {") == "```python\nx = {"
+    assert content("}\n") == "}"  # a newline could begin the closing fence
+    assert content("```\n{") == "\n```"
+    assert content('"name": "get_weather", "arguments": {}}') == ""  # alone on its line? not known yet
+    events = parser.feed("\n")
+    assert [type(e) for e in events] == [ToolCallStart, ToolCallArgs]
+    assert parser.finish() == ([], parser._calls) and len(parser._calls) == 1
+
+
+def test_tag_calls_still_take_any_name_and_new_parser_declares_the_tools(tok):
+    text = '<tool_call>\n{"name": "anything", "arguments": {}}\n</tool_call>'
+    assert same_streamed(declared("get_weather"), text)[1] == [("anything", "{}")]
+    template = "{%- if tools %}{%- endif %}" + (tok.chat_template or "")
+    hermes = copy.copy(tok)
+    hermes.chat_template = template
+    parser = new_parser(hermes, [WEATHER])
+    assert isinstance(parser, HermesParser)
+    assert run(parser, ['```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```'])[1] == [
+        ("get_weather", '{"city": "Oslo"}')]
+
+
 # ----------------------------------------------------------------------------- ReAct parser
 
 def test_react_action():
