@@ -9,12 +9,14 @@ score, the setup, the data files' hashes and the time each task took; OUT/result
 the published figure beside ours where the model is one the Qwen-7B release reports.
 
 The model is a local one (`backend.LocalModel`, loaded here) or an OpenAI-compatible server
-(`backend.ServerModel`, `server=URL`); HumanEval's `samples=FILE` needs neither.
+(`backend.ServerModel`, `server=URL`); HumanEval's `samples=FILE` needs neither. Under torchrun every
+process makes a share of each task's records and rank 0 merges, scores and writes them (shards.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 
 from ..errors import QwenkitError
 from ..progress import progress
+from . import shards
 from .choice import CEVAL, CMMLU, MMLU, ChoiceTask
 from .data import file_hash, read_jsonl
 from .gsm8k import GSM8K
@@ -85,7 +88,8 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     write OUT/comparison.md, the Qwen-7B release's BF16-against-Int4 table for this model; results.json
     then holds the other run's scores under "compare". `rope_scaling`, `dynamic_ntk`, `logn`, `train_length`,
     `window_attention`, `context`, `kv_cache`: as qwenkit.load takes them (ppl-long's window technique uses the
-    windows given). `lengths`, `techniques`: ppl-long's (perplexity.LongPerplexity).
+    windows given). `lengths`, `techniques`: ppl-long's (perplexity.LongPerplexity). Under torchrun (WORLD_SIZE > 1)
+    each process makes a share of every task (shards.py); rank 0 returns the results, the others {}.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -114,33 +118,39 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         samples = Path(samples)
         if not samples.is_file():
             raise QwenkitError(f"--samples {samples} does not exist")
-        backend, setup = None, {"model": f"samples:{samples.name}", "samples_hash": file_hash(samples), "mode": "base"}
-    elif server is not None:
-        from .backend import ServerModel
-        backend = ServerModel(server, batch_size, api_key)
-        setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
-    else:
-        backend, setup = _load(model, dtype, device, quantize, batch_size, long_context)
-        setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
-    out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
-    results = _evaluate(task_of, tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
-    if compare is not None:
-        del backend  # one model in memory at a time
-        backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context)
-        other_setup["mode"] = setup["mode"]
-        other = _evaluate(task_of, tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup, None,
-                          max_seq_len, verbose)
-        results["compare"] = {"setup": other["setup"], "tasks": other["tasks"]}
-        (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-        table = comparison([results, other])
-        (out / "comparison.md").write_text(table)
-        if verbose:
-            print(table)
+    with shards.joined(device if samples is None and server is None else None) as device:
+        if samples is not None:
+            backend, setup = None, {"model": f"samples:{samples.name}", "samples_hash": file_hash(samples),
+                                    "mode": "base"}
+        elif server is not None:
+            from .backend import ServerModel
+            backend = ServerModel(server, batch_size, api_key)
+            setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
+        else:
+            backend, setup = _load(model, dtype, device, quantize, batch_size, long_context)
+            setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
+        setup = shards.agreed(setup)
+        out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
+        results = _evaluate(task_of, tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
+        if compare is not None:
+            del backend  # one model in memory at a time
+            backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context)
+            other_setup = shards.agreed({**other_setup, "mode": setup["mode"]})
+            other = _evaluate(task_of, tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup,
+                              None, max_seq_len, verbose)
+            if shards.world().rank == 0:
+                results["compare"] = {"setup": other["setup"], "tasks": other["tasks"]}
+                (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+                table = comparison([results, other])
+                (out / "comparison.md").write_text(table)
+                if verbose:
+                    print(table)
     return results
 
 
 def _evaluate(task_of, tasks, limit, out: Path, data_dir, backend, setup, samples, max_seq_len, verbose) -> dict:
-    """Every task on one backend into `out`: its records, results.json and results.md."""
+    """Every task on one backend into `out`: its records, results.json and results.md. Under torchrun the
+    ranks share each task's records and rank 0 alone scores and writes (the others return {})."""
     out.mkdir(parents=True, exist_ok=True)
     versions = {"qwenkit": _version(), "torch": torch.__version__, "python": platform.python_version()}
     results = {"setup": {**setup, **versions, "sandbox": isolation() if "humaneval" in tasks else None},
@@ -151,7 +161,10 @@ def _evaluate(task_of, tasks, limit, out: Path, data_dir, backend, setup, sample
         items = _limited(items, limit)
         results["data_files"].update({str(p): file_hash(p) for p in files})
         start = time.perf_counter()
-        records, truncated = _records(task, items, setup, out, backend, samples, max_seq_len, verbose)
+        made = _records(task, items, setup, out, backend, samples, max_seq_len, verbose)
+        if made is None:  # another rank than 0
+            continue
+        records, truncated = made
         score = task.score(items, records)
         if samples is not None:
             score["missing_samples"] = sum(records[item["id"]].get("missing", False) for item in items)
@@ -161,6 +174,8 @@ def _evaluate(task_of, tasks, limit, out: Path, data_dir, backend, setup, sample
         results["tasks"][name] = {**score, "mode": mode_shown, "seconds": round(time.perf_counter() - start, 1),
                                   "truncated_prompts": truncated, "limit": limit}
         (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    if shards.world().rank:
+        return {}
     table = markdown(results, published_for(setup["model"]))
     (out / "results.md").write_text(table)
     if verbose:
@@ -214,18 +229,52 @@ def _limited(items: list[dict], limit: int | None) -> list[dict]:
     return kept
 
 
-def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) -> tuple[dict[str, dict], int]:
-    """Every item's record, reading those a previous run of this setup wrote and making the rest."""
+def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) -> tuple[dict[str, dict], int] | None:
+    """Every item's record and how many prompts were cut, reading those earlier runs of this setup wrote and
+    making the rest; under torchrun each rank makes its share, rank 0 gets them all, the others return None."""
     path = out / f"{task.name}-{setup['mode']}.jsonl"
-    records = _cached(path, setup)
-    todo = [item for item in items if item["id"] not in records]
-    truncated = 0
-    if not todo:
-        return records, truncated
+    main = shards.world().rank == 0
+    records, left = _earlier(path, setup) if main else ({}, {})
+    done = records.keys() | left.keys()
+    missing = set(shards.from_rank0(lambda: [item["id"] for item in items if item["id"] not in done]))
+    mine = shards.my_share([item for item in items if item["id"] in missing])
+    made, truncated = _make(task, mine, setup, shards.own_file(path), backend, samples, max_seq_len,
+                            verbose) if mine else ({}, 0)
+    everyone = shards.to_rank0((made, truncated))
+    if not main:
+        return None
+    others = {i: r for made_by, _ in everyone[1:] for i, r in made_by.items()}
+    if left or others:  # all in the task's file, on disk, before the rank files holding them go
+        with _opened(path, setup) as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in (*left.values(), *others.values()))
+            f.flush()
+            os.fsync(f.fileno())
+    for rank_file in shards.rank_files(path):
+        rank_file.unlink()
+    return {**records, **left, **made, **others}, sum(cut for _, cut in everyone)
+
+
+def _earlier(path: Path, setup: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The records earlier runs of this setup wrote: those in the task's file, and those only in the rank files
+    an interrupted sharded run left."""
+    records, left = _cached(path, setup), {}
+    for rank_file in shards.rank_files(path):
+        left |= {i: r for i, r in _cached(rank_file, setup).items() if i not in records}
+    return records, left
+
+
+def _opened(path: Path, setup: dict):
+    """`path` open for appending records, its first line the setup."""
     if not path.exists():
         path.write_text(json.dumps({"setup": setup}, ensure_ascii=False) + "\n")
-    with open(path, "a", encoding="utf-8") as f, \
-            progress(f"{task.name} ({setup['mode']})", len(todo), show=verbose) as advance:
+    return open(path, "a", encoding="utf-8")
+
+
+def _make(task, todo, setup, path, backend, samples, max_seq_len, verbose) -> tuple[dict[str, dict], int]:
+    """The records of `todo`, each appended to `path` as it is made; and how many prompts were cut."""
+    records = {}
+    truncated = 0
+    with _opened(path, setup) as f, progress(f"{task.name} ({setup['mode']})", len(todo), show=verbose) as advance:
         def save(item: dict, record: dict) -> None:
             records[item["id"]] = record = {"id": item["id"], **record}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
