@@ -3,6 +3,10 @@ sandbox against hostile programs, resuming, and the errors a user meets."""
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -491,6 +495,100 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(QwenkitError, match="ppl, ppl-long score every token of a text"):
         run(tasks=["ppl", "ppl-long"], server="http://127.0.0.1:9")
     assert main(["eval", "--tasks", "nope", "--samples", str(tmp_path / "x")]) == 2
+
+
+# ------------------------------------------------------------------ under torchrun
+
+def torchrun_eval(*args, timeout: float = 300) -> tuple[int, str, str]:
+    """`torchrun --nproc-per-node 2 -m qwenkit eval ARGS` from this checkout: (exit code, stdout, stderr). A run
+    past `timeout` (a hang) is killed with its workers and fails the test."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), QWENKIT_NO_PROGRESS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qwenkit",
+               "eval", *map(str, args)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"torchrun hung past {timeout} s: {(out + err)[-3000:]}")
+    return process.returncode, out, err
+
+
+def records_of(path: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines()) if "id" in r}
+
+
+def timeless(results_file: Path, *dropped: str) -> dict:
+    """results.json without the seconds each task took (and `dropped`)."""
+    results = json.loads(results_file.read_text())
+    return {**results, "tasks": {name: {k: v for k, v in task.items() if k not in ("seconds", *dropped)}
+                                 for name, task in results["tasks"].items()}}
+
+
+def test_torchrun_shares_the_tasks_and_rank_0_writes_what_one_process_does(tiny_checkpoint, tmp_path):
+    """Two processes: the records, scores and results of one process (rank 0 alone prints); a rerun, with
+    any number of processes, makes only what is missing, reading what an interrupted run's ranks wrote."""
+    subjects = {"law": list("ABCDA"), "logic": list("BBCA"), "marxism": list("DCBA")}  # logic spans both ranks
+    data_dir = write_gsm8k(write_ceval(tmp_path / "data", subjects), 5)
+    kwargs = dict(mode="base", data_dir=data_dir, dtype="float32", device="cpu", verbose=False)
+    run(tiny_checkpoint, ["ceval", "gsm8k"], out=tmp_path / "one", **kwargs)
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ["-m", tiny_checkpoint, "--tasks", "ceval,gsm8k", "--mode", "base", "--data-dir", data_dir, "--dtype",
+             "float32", "--device", "cpu", "--out", two]
+    code, out, err = torchrun_eval(*flags)
+    assert code == 0, err[-3000:]
+    assert out.count("| task | score |") == 1 and "| ceval |" in out  # rank 0's table, once
+
+    def assert_same_as_one_process(*dropped):
+        assert timeless(two / "results.json", *dropped) == timeless(one / "results.json", *dropped)
+        assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no rank file left
+        for task in ("ceval-base", "gsm8k-base"):
+            assert records_of(two / f"{task}.jsonl") == records_of(one / f"{task}.jsonl"), task
+            made = [json.loads(line)["id"] for line in (two / f"{task}.jsonl").read_text().splitlines()[1:]]
+            assert len(made) == len(set(made)), made  # each item made by one rank
+    assert_same_as_one_process()
+    assert records_of(two / "ceval-base.jsonl")  # (not two empty runs alike)
+
+    # Interrupted: ceval's file lost its last 10 records; gsm8k's last two are only in rank 1's file, one of them
+    # marked, so that a rerun that made it again would show.
+    ceval = (two / "ceval-base.jsonl").read_text().splitlines(keepends=True)
+    (two / "ceval-base.jsonl").write_text("".join(ceval[:4]))
+    gsm8k = (two / "gsm8k-base.jsonl").read_text().splitlines(keepends=True)
+    (two / "gsm8k-base.jsonl").write_text("".join(gsm8k[:4]))
+    marked = {**json.loads(gsm8k[5]), "completion": "kept"}
+    (two / "gsm8k-base.rank1.jsonl").write_text(gsm8k[0] + gsm8k[4] + json.dumps(marked) + "\n")
+    code, out, err = torchrun_eval(*flags)
+    assert code == 0, err[-3000:]
+    assert (two / "ceval-base.jsonl").read_text().startswith("".join(ceval[:4]))  # kept, and the rest appended
+    assert records_of(two / "gsm8k-base.jsonl")[marked["id"]]["completion"] == "kept"
+    (two / "gsm8k-base.jsonl").write_text("".join(gsm8k))
+    assert_same_as_one_process("truncated_prompts")  # (a rerun counts the prompts it cut, not earlier runs')
+
+    # One process reads what four left (rank 3's file).
+    (two / "gsm8k-base.jsonl").write_text("".join(gsm8k[:5]))
+    (two / "gsm8k-base.rank3.jsonl").write_text(gsm8k[0] + json.dumps(marked) + "\n")
+    again = run(tiny_checkpoint, ["ceval", "gsm8k"], out=two, **kwargs)
+    assert records_of(two / "gsm8k-base.jsonl")[marked["id"]]["completion"] == "kept"
+    assert again["tasks"]["ceval"] == {**json.loads((one / "results.json").read_text())["tasks"]["ceval"],
+                                       "seconds": again["tasks"]["ceval"]["seconds"]}
+    assert not list(two.glob("*.rank*.jsonl"))
+
+
+def test_a_failing_rank_stops_every_rank_with_its_error(tiny_checkpoint, tmp_path):
+    """No hang: rank 1's share fails (no document holds 100000 tokens) while rank 0 waits for its records;
+    then every rank fails alike (no model there)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    code, out, err = torchrun_eval("-m", tiny_checkpoint, "--tasks", "ppl-long", "--lengths", "64,100000",
+                                   "--techniques", "none", "--train-length", "64", "--data-dir", docs, "--dtype",
+                                   "float32", "--device", "cpu", "--out", tmp_path / "out", timeout=120)
+    assert code != 0 and "qwenkit: error (rank 1 of 2): ppl-long: no document holds 100000 tokens" in err
+    code, out, err = torchrun_eval("-m", tmp_path / "nowhere", "--tasks", "gsm8k", "--out", tmp_path / "out",
+                                   timeout=120)
+    assert code != 0 and re.search(r"qwenkit: error \(rank 0 of 2\): '.*nowhere' does not exist", err), err[-3000:]
 
 
 @pytest.mark.real
