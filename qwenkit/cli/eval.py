@@ -15,7 +15,9 @@ DESCRIPTION = ("Run evaluation tasks as the Qwen-7B release's scripts do (prompt
                "layout). arc_easy, arc_challenge and hellaswag are scored as lm-evaluation-harness scores them "
                "(the log-likelihood of each choice: acc and acc_norm, 0-shot). tools scores function calling on the "
                "Berkeley Function Calling Leaderboard v4 (simple, multiple, parallel, irrelevance; AST match; data: "
-               "`pip install --no-deps bfcl-eval`) through the tool prompts and parsers `qwenkit serve` uses.")
+               "`pip install --no-deps bfcl-eval`) through the tool prompts and parsers `qwenkit serve` uses. "
+               "Under torchrun each process (on its own GPU, or on its share of the CPU cores) makes a share of every "
+               "task and rank 0 merges the records and writes the results one process would.")
 EPILOG = """examples:
   qwenkit eval -m demo --tasks humaneval                      chat mode for an instruct model
   qwenkit eval -m Qwen/Qwen-7B --tasks mmlu,gsm8k --limit 20   the first 20 of each subject / task
@@ -25,7 +27,8 @@ EPILOG = """examples:
   qwenkit eval -m demo --tasks ppl-long --lengths 2048,4096,8192 --train-length 4096   the long-context table
   qwenkit eval -m Qwen/Qwen-7B-Chat --tasks mmlu,gsm8k --quantize none --compare int4
   qwenkit eval --tasks humaneval --samples completions.jsonl   score a file, no model
-  qwenkit eval --server http://127.0.0.1:8080 --tasks gsm8k   another engine, the same harness"""
+  qwenkit eval --server http://127.0.0.1:8080 --tasks gsm8k   another engine, the same harness
+  torchrun --nproc-per-node 2 -m qwenkit eval -m demo --tasks mmlu   2 processes (GPUs) share each task"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
