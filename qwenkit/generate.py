@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .errors import ContextLengthError, RequestError
+from .grammar import Grammar, GrammarError, as_grammar, mask_logits
 from .model import Model, ntk_alpha
 from .runtime.decode import decode_step
 from .sampling import SamplingParams, TokenHistory, logprobs_of, make_generator, process_logits, sample
@@ -52,6 +53,7 @@ class Request:
     stop: Sequence[str] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: Grammar | None = None  # what the output must keep to (constrained decoding)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class _Row:
         self.output: list[int] = []
         self.pending = ""  # decoded text held back while it could still start a stop string
         self.hold = max((len(s) for s in request.stop), default=1) - 1
+        self.matcher = request.grammar.matcher(tokenizer) if request.grammar is not None else None
 
 
     def written(self) -> list[int]:
@@ -213,7 +216,9 @@ class Decoder:
         current = self.queued
         if current is None or not any(id(r) in active for r in current.rows):
             current = self._decode()
-        self.queued = self._decode(unread=current) if self._continues(current) else None
+        # A grammar's next mask needs the token just sampled: such rows are not queued ahead.
+        ahead = self._continues(current) and not any(r.matcher is not None for r in current.rows)
+        self.queued = self._decode(unread=current) if ahead else None
         return self._emit(current)
 
     @torch.inference_mode()  # moving a row writes into tensors made under inference mode
@@ -300,6 +305,9 @@ class Decoder:
         history = None if self.history is None else self.history.rows(start, stop)
         logits = logits.float()
         logits[:, self.tokenizer.vocab_size:] = float("-inf")  # the head's padding rows are not tokens
+        constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:
+            mask_logits(logits, constrained)
         logits = process_logits(logits, params, history)
         tokens = sample(logits, params, [r.generator for r in rows])
         sampled = _Sampled(rows, tokens)
@@ -348,6 +356,10 @@ class Decoder:
             if cut >= 0:
                 row.pending = row.pending[:cut]
                 return Delta(self._release(row, final=True, flush=False), token, finish_reason="stop")
+        if row.matcher is not None:
+            row.matcher.consume(token)
+            if row.matcher.finished:  # the grammar's text is complete: nothing but its end could follow
+                return Delta(self._release(row, final=True), token, finish_reason="stop")
         if len(row.output) >= req.max_new_tokens or row.pos >= self.max_len:
             return Delta(self._release(row, final=True), token, finish_reason="length")
         return Delta(self._release(row, final=False), token)
@@ -423,7 +435,7 @@ def make_request(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int]
                  max_new_tokens: int | None = None, stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None, logprobs: bool = False, top_logprobs: int = 0,
                  truncate: bool = False, context_length: int | None = None, max_new_tokens_must_fit: bool = False,
-                 **sampling) -> Request:
+                 grammar: Grammar | dict | str | None = None, **sampling) -> Request:
     """Build and check a Request: defaults from generation_config, then the caller's settings. The one
     place the rules live; the decode loop, the engine and the server take what it returns as it is.
     Every rule raises a RequestError (ContextLengthError for the context's) naming its field.
@@ -431,6 +443,7 @@ def make_request(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int]
     The prompt must leave room for one new token in the context (`context_length`, default the
     model's); `truncate` keeps its newest tokens instead. `max_new_tokens` is cut to the room left,
     unless `max_new_tokens_must_fit` (the server's max_tokens, as OpenAI has it), which refuses it.
+    `grammar` constrains the output (qwenkit.grammar): a Grammar, a JSON schema (dict), or Lark / GBNF text.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     vocab = model.config.vocab_size
@@ -461,7 +474,12 @@ def make_request(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int]
     params = SamplingParams(**{**sampling_defaults(model), **sampling}).validate(vocab)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stop_ids = default_stop_ids(model, tokenizer) | frozenset(stop_token_ids or ())
-    return Request(ids, min(max_new, room), params, stop_ids, [s for s in stops if s], logprobs, top_logprobs)
+    try:
+        grammar = as_grammar(grammar)
+    except GrammarError as e:
+        raise RequestError(str(e), "grammar") from None
+    return Request(ids, min(max_new, room), params, stop_ids, [s for s in stops if s], logprobs, top_logprobs,
+                   grammar)
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:

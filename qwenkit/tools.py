@@ -31,6 +31,7 @@ import sys
 from dataclasses import dataclass
 from typing import Protocol
 
+from .grammar import Grammar, GrammarError, lark_json
 from .prompts import DEFAULT_SYSTEM, MAX_JSON_DEPTH, apply_chat_template, render_qwen_v1, text_of
 from .tokenizer import Tokenizer
 
@@ -648,6 +649,71 @@ def forced_prefix(tokenizer: Tokenizer, tool_choice) -> str | None:
         return f'{OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
     # Up to the name's opening quote: after a bare "<tool_call>\n" small models end the turn at once.
     return f'{OPEN}\n{{"name": "'
+
+
+def _lit(text: str) -> str:
+    """A Lark string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _schema_of(function: dict) -> str:
+    parameters = function.get("parameters")
+    # Qwen v1's own parameter lists are not JSON schemas: any object then.
+    return lark_json(parameters if isinstance(parameters, dict) else {"type": "object"})
+
+
+HERMES_NAME = '\n{"name": "'  # what follows <tool_call> up to the name
+HERMES_ARGUMENTS = '", "arguments": '  # and from the name to the arguments
+
+
+def reply_grammar(tokenizer: Tokenizer, tools: list[dict] | None, tool_choice=None,
+                  answer: dict | None = None) -> Grammar | None:
+    """What a reply must keep to, or None when it is free.
+
+    With tool_choice "required" or a named function: the rest of the call after ``forced_prefix``, its
+    arguments valid against the function's JSON schema. With "auto": any text, but a call the model opens
+    (Hermes ``<tool_call>``, ReAct ``\nAction:``) names a declared function and gives arguments valid against
+    its schema (a lazy grammar: nothing is constrained until the call starts). `answer`, a JSON schema
+    (response_format): the reply is JSON valid against it, unless it is a call (Hermes only).
+    Raises GrammarError for a schema that cannot constrain decoding."""
+    mode, name = _tool_choice(tool_choice)
+    functions = checked_functions(tools or []) if mode != "none" else []
+    if not functions:
+        return Grammar.json_schema(answer, "response_format schema") if answer is not None else None
+    react = _is_react(tokenizer)
+    if react and answer is not None:
+        raise GrammarError("response_format with tools needs a model whose chat template lists tools (Qwen2.5 and "
+                           "later); this one uses ReAct prompts, whose answers are free text")
+    special = {OPEN, CLOSE} <= set(tokenizer.special_tokens)
+    open_tag, close_tag = (OPEN, CLOSE) if special else (_lit(OPEN), _lit(CLOSE))  # Lark: a token, or text
+    # After a call's JSON: what models write before they stop (the ReAct stop string; Hermes' closing tag).
+    after = f"/[ \\t]*/ {_lit(OBSERVATION)}?" if react else f"/[ \\t\\r\\n]*/ {close_tag}?"
+    if mode == "function":  # the forced prefix ends where the arguments begin
+        schema = _schema_of(next(f for f in functions if f["name"] == name))
+        rest = f'{_lit(" ")} {schema}' if react else f'{schema} {_lit("}")}'
+        return Grammar.lark(f"start: {rest} {after}\n", "function's parameters schema")
+    # Each declared function from its name on: ReAct " NAME\nAction Input: {...}", Hermes 'NAME", "arguments": {...}}'.
+    if react:
+        bodies = [f'{_lit(" " + f["name"] + ACTION_INPUT + " ")} {_schema_of(f)}' for f in functions]
+    else:
+        bodies = [f"{_lit(f['name'] + HERMES_ARGUMENTS)} {_schema_of(f)} {_lit('}')}" for f in functions]
+    rules = "".join(f"function_{i}: {body}\n" for i, body in enumerate(bodies))
+    function = "(" + " | ".join(f"function_{i}" for i in range(len(bodies))) + ")"
+    if mode == "required":  # the forced prefix ends where the name begins
+        return Grammar.lark(f"start: {function} {after}\n{rules}", "functions' parameters schemas")
+    if answer is not None:  # JSON valid against it, or calls and nothing else (Hermes only, see above)
+        start = f"start: call+ | {lark_json(answer)}\n"
+        call = f"call: {open_tag} {_lit(HERMES_NAME)} {function} {after}\n"
+    else:  # text with calls in it: a call starts at a special token (text cannot hold one), else lazily at text
+        start = "start: call* TEXT\n"
+        head = _lit(ACTION) if react else f"{open_tag} {_lit(HERMES_NAME)}" if special else _lit(OPEN)
+        rest = "" if react or special else f"{_lit(HERMES_NAME)} "
+        if special and not react:
+            call = f"call: TEXT {head} {function} {after}\n"
+        else:
+            call = f"call: trigger {rest}{function} {after}\ntrigger[lazy]: TEXT {head}\n"
+    lark = f"%llguidance {{}}\n{start}{call}{rules}TEXT: /(.|\\n)*/\n"
+    return Grammar.lark(lark, "tools' parameters schemas")
 
 
 def parser_for(tokenizer: Tokenizer) -> type[HermesParser] | type[ReActParser]:

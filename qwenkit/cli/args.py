@@ -4,8 +4,10 @@ sampling; options from environment variables; and loading the model the options 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from ..errors import QwenkitError
 from ..generate import SAMPLING_FIELDS
@@ -91,12 +93,39 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, help="1 is off")
     group.add_argument("--max-new-tokens", type=int, help="most tokens to generate per reply")
     group.add_argument("--seed", type=int, help="the same seed gives the same text")
+    shape = group.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="SCHEMA",
+                       help="constrain replies to JSON valid against this JSON schema (a .json file, or its text; "
+                            "'{}' for any JSON value)")
+    shape.add_argument("--grammar", metavar="GRAMMAR",
+                       help="constrain replies to a Lark or GBNF (llama.cpp's) grammar: a file, or its text")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The sampling options given on the command line (the others stay the checkpoint's)."""
-    return {name: getattr(args, name) for name in (*SAMPLING_FIELDS, "max_new_tokens")
-            if getattr(args, name, None) is not None}
+    """The sampling options given on the command line (the others stay the checkpoint's), with the grammar
+    --json-schema or --grammar gives (read from its file when it names one)."""
+    out = {name: getattr(args, name) for name in (*SAMPLING_FIELDS, "max_new_tokens")
+           if getattr(args, name, None) is not None}
+    if getattr(args, "json_schema", None) is not None:
+        out["grammar"] = _json_schema(_file_or_text(args.json_schema))
+    elif getattr(args, "grammar", None) is not None:
+        out["grammar"] = _file_or_text(args.grammar)
+    return out
+
+
+def _file_or_text(value: str) -> str:
+    path = Path(value)
+    return path.read_text() if len(value) < 4096 and path.is_file() else value
+
+
+def _json_schema(text: str) -> dict:
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise QwenkitError(f"--json-schema is neither a file nor JSON text ({e})") from None
+    if not isinstance(schema, dict):
+        raise QwenkitError(f"--json-schema must be a JSON object, not {type(schema).__name__}")
+    return schema
 
 
 def read_env_defaults(parser: argparse.ArgumentParser) -> None:

@@ -39,6 +39,7 @@ from starlette.staticfiles import StaticFiles
 from .. import __version__, tools
 from ..engine import Engine, EngineFailedError
 from ..errors import QwenkitError
+from ..grammar import Grammar, GrammarError
 from ..tokenizer import Tokenizer
 from .gate import PROTECTED, Gate, error_response, http_protocol
 from .generation import (
@@ -60,6 +61,7 @@ from .protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    GenerationRequest,
     DetokenizeRequest,
     EmbeddingRequest,
     TokenizeRequest,
@@ -356,15 +358,31 @@ def _chat_prompt(tok: Tokenizer, messages: list, tool_dicts: list[dict] | None,
     return ids + (tok.encode(prefix) if prefix else []), prefix
 
 
+def _reply_grammar(tok: Tokenizer, body: GenerationRequest, tool_dicts: list[dict] | None = None,
+                   tool_choice=None) -> Grammar | None:
+    """The grammar of the reply (response_format, tool calls), its errors a 400 naming the field."""
+    answer = body.response_format.answer_schema if body.response_format else None
+    try:
+        if answer is not None:
+            Grammar.json_schema(answer, "response_format schema")
+    except GrammarError as e:
+        raise APIError(400, str(e), param="response_format") from None
+    try:
+        return tools.reply_grammar(tok, tool_dicts, tool_choice, answer)
+    except GrammarError as e:
+        raise APIError(400, str(e), param="tools") from None
+
+
 async def chat_completions(request: HTTPRequest):
-    """OpenAI chat completions: tools, streaming, logprobs, n."""
+    """OpenAI chat completions: tools, response_format, streaming, logprobs, n."""
     service, engine, body = await _open(request, ChatCompletionRequest)
     tok = engine.tokenizer
     prompt, prefix = await run_in_threadpool(_chat_prompt, tok, body.messages, body.tool_dicts, body.choice)
+    grammar = await run_in_threadpool(_reply_grammar, tok, body, body.tool_dicts, body.choice)
     parsers = [tools.new_parser(tok, body.tool_dicts, body.choice) for _ in range(body.n)]
     requests = engine_requests(engine, body, prompt, body.completion_limit, None, prompt_param="messages",
                                stop=body.stops + parsers[0].stop, logprobs=body.logprobs,
-                               top_logprobs=body.top_logprobs or 0)
+                               top_logprobs=body.top_logprobs or 0, grammar=grammar)
     legacy = body.legacy_functions
     single_call = legacy or body.parallel_tool_calls is False
     choices = [Choice(i, stream, parsers[i], prefix, single_call)
@@ -410,12 +428,13 @@ async def completions(request: HTTPRequest):
     """OpenAI text completions."""
     service, engine, body = await _open(request, CompletionRequest)
     tok = engine.tokenizer
+    grammar = await run_in_threadpool(_reply_grammar, tok, body)
     requests = []
     for prompt in body.prompts:
         ids = await run_in_threadpool(tok.encode, prompt) if isinstance(prompt, str) else prompt
         requests += engine_requests(engine, body, ids, body.max_tokens, CompletionRequest.DEFAULT_MAX_TOKENS,
                                     prompt_param="prompt", stop=body.stops, logprobs=body.logprobs is not None,
-                                    top_logprobs=body.logprobs or 0)
+                                    top_logprobs=body.logprobs or 0, grammar=grammar)
     choices = [Choice(i, stream, tools.PlainParser()) for i, stream in enumerate(submit(engine, requests))]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": service.settings.served_model_name}

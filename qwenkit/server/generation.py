@@ -17,6 +17,7 @@ from ..engine import Engine, EngineFailedError, QueueFullError, Stream
 from ..errors import ContextLengthError, RequestError
 from ..generate import Delta, Request, make_request
 from ..generate import check_token_ids as check_in_vocabulary
+from ..grammar import Grammar
 from ..tokenizer import Tokenizer
 from ..tools import ContentDelta, Event, ToolCallArgs, ToolCallStart, ToolParser
 from .protocol import APIError, GenerationRequest
@@ -39,7 +40,7 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
 
 def engine_requests(engine: Engine, body: GenerationRequest, prompt_ids: list[int], max_tokens: int | None,
                     default_max_tokens: int | None, *, prompt_param: str, stop: list[str],
-                    logprobs: bool = False, top_logprobs: int = 0) -> list[Request]:
+                    logprobs: bool = False, top_logprobs: int = 0, grammar: Grammar | None = None) -> list[Request]:
     """The body's n engine requests for one prompt, each built and checked by make_request.
 
     max_tokens None means `default_max_tokens` (None: the rest of the context), cut to what fits;
@@ -58,7 +59,7 @@ def engine_requests(engine: Engine, body: GenerationRequest, prompt_ids: list[in
             requests.append(make_request(
                 engine.model, engine.tokenizer, prompt_ids, max_new_tokens=max_tokens,
                 max_new_tokens_must_fit=must_fit, stop=stop, stop_token_ids=body.stop_token_ids, logprobs=logprobs,
-                top_logprobs=top_logprobs, context_length=engine.context_length, **sampling))
+                top_logprobs=top_logprobs, context_length=engine.context_length, grammar=grammar, **sampling))
         except RequestError as e:
             raise api_error(e, prompt_param) from None
     return requests

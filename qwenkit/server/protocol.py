@@ -3,11 +3,11 @@
 This module is where a request is validated, and the OpenAPI schema the server publishes is made
 from these same models, so it states the same bounds. Requests are validated strictly: a field of
 the wrong type, out of range, or unknown is a 400 that names it; every number is bounded and a
-body may nest at most MAX_JSON_DEPTH levels; an option this server cannot honour (response_format
-json, echo, strict tool schemas, ...) is refused rather than ignored. OpenAI fields that can be
-honoured are (`n`, `stream_options`, `parallel_tool_calls`, `user` (recorded nowhere, as it changes
-nothing)), and so are the usual extensions of local servers: top_k, min_p, repetition_penalty,
-stop_token_ids.
+body may nest at most MAX_JSON_DEPTH levels; an option this server cannot honour (echo, ...) is
+refused rather than ignored. OpenAI fields that can be honoured are (`n`, `stream_options`,
+`parallel_tool_calls`, `response_format` and strict tool schemas (constrained decoding), `user`
+(recorded nowhere, as it changes nothing)), and so are the usual extensions of local servers: top_k,
+min_p, repetition_penalty, stop_token_ids; response_format is taken by text completions too.
 """
 
 from __future__ import annotations
@@ -186,13 +186,6 @@ class FunctionDef(Strict):
     name_for_human: str | None = None
     description_for_model: str | None = None
 
-    @field_validator("strict")
-    @classmethod
-    def _not_strict(cls, value):
-        if value:
-            raise ValueError("strict function schemas are not supported (generation is not constrained "
-                             "to the schema); leave strict unset or false")
-        return value
 
 
 class Tool(Strict):
@@ -213,16 +206,33 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(Strict):
-    type: str
-    json_schema: dict | None = None
+    """The reply's shape: free text, any JSON object, or JSON valid against a schema (always enforced by
+    constrained decoding, strict or not)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _text_only(self):
-        if self.type != "text":
-            raise ValueError(f"response_format {self.type!r} is not supported: output is not constrained to "
-                             "JSON here; ask for JSON in the prompt and parse the reply, or omit response_format")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with type 'json_schema', and that type needs it")
         return self
+
+    @property
+    def answer_schema(self) -> dict | None:
+        """The JSON schema replies must be valid against, or None for free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            return self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
+        return None
 
 
 # ----------------------------------------------------------------------------- requests
@@ -246,6 +256,7 @@ class GenerationRequest(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -341,7 +352,6 @@ class ChatCompletionRequest(GenerationRequest, ToolsInput):
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
