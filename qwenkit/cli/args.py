@@ -73,6 +73,11 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
                              "minute or more. On a GPU it adds ~20 %% to the CUDA graphs (bf16 and int4 on an "
                              "H100); on a 2-core CPU 10-50 %% to quantized decode (more on AVX2), while bf16 "
                              "weights get slower (they must be unpacked). Check with bench --compile")
+    parser.add_argument("--lookup", type=int, default=0, metavar="N",
+                        help="speculative decoding by prompt lookup: draft up to N tokens that followed the last "
+                             "words where they appeared before (code edits, quotes, summaries), checked in one "
+                             "forward; the same text as without (greedy), sampling's distribution kept. For a "
+                             "sequence decoding alone (default: 0, off)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="on a GPU, launch each decode step's kernels from Python instead of replaying them as "
                              "CUDA graphs (the default; several times faster at batch 1)")

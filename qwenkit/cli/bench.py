@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from ..errors import QwenkitError
 from ..evals.speed import run_bench
 from .args import add_load_args, add_speed_args, load_for
 
 HELP = "measure prefill and decode speed"
 DESCRIPTION = ("Prefill tok/s, decode tok/s, time to first token, achieved GB/s and peak RSS on a synthetic prompt "
-               "(greedy, eos ignored).")
+               "(greedy, eos ignored) or on --prompt (to the end of the reply). With --lookup N the same decode runs "
+               "again with prompt lookup drafts: their tokens per step and the speed-up are printed.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,12 +21,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_speed_args(parser)
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    parser.add_argument("--prompt", default=None, metavar="TEXT_OR_FILE",
+                        help="a real prompt instead of random tokens (as a user message through the chat template "
+                             "when the model has one); decoding then stops where the reply ends")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.lookup < 0:
+        raise QwenkitError(f"--lookup must be 0 (off) or a number of draft tokens, got {args.lookup}")
     model, tokenizer = load_for(args)
-    result = run_bench(model, tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    prompt = None
+    if args.prompt is not None:
+        text = Path(args.prompt).read_text() if len(args.prompt) < 4096 and Path(args.prompt).is_file() else args.prompt
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}]) if tokenizer.chat_template \
+            else tokenizer.encode(text)
+    result = run_bench(model, tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prompt=prompt)
+    if args.lookup:  # the same decode with drafts, after the plain one: the speed-up is theirs
+        drafted = run_bench(model, tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                            prompt=prompt, warmup=False, lookup=args.lookup)
+        result.update({k: drafted[k] for k in ("lookup", "lookup_tokens_per_step")})
+        result["lookup_decode_tok_s"] = drafted["decode_tok_s"]
+        result["lookup_speedup"] = round(drafted["decode_tok_s"] / result["decode_tok_s"], 2)
     if args.compile:
         result["compile_s"] = round(args.compile_s, 1)
     if args.json:

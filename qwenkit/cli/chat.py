@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for(args)
-    Repl(model, tokenizer, system=args.system, gen=sampling_kwargs(args), verbose=args.verbose).run()
+    gen = {**sampling_kwargs(args), **({"lookup": args.lookup} if args.lookup else {})}
+    Repl(model, tokenizer, system=args.system, gen=gen, verbose=args.verbose).run()
     return 0
 
 

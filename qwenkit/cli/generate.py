@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             {"role": "user", "content": prompt}]
         prompt = apply_chat_template(tokenizer, messages)
     text = []
-    for delta in stream_generate(model, tokenizer, prompt, **sampling_kwargs(args)):
+    for delta in stream_generate(model, tokenizer, prompt, lookup=args.lookup, **sampling_kwargs(args)):
         if args.stream:
             print(delta.text, end="", flush=True)
         text.append(delta.text)

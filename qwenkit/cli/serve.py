@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for option in POSITIVE_OPTIONS:
         if not getattr(args, option) > 0:
             raise QwenkitError(f"--{option.replace('_', '-')} must be more than 0, got {getattr(args, option)}")
+    if args.lookup < 0:
+        raise QwenkitError(f"--lookup must be 0 (off) or a number of draft tokens, got {args.lookup}")
     if args.prefill_chunk is not None and args.prefill_chunk < 0:
         raise QwenkitError(f"--prefill-chunk must be 0 (off) or a number of tokens, got {args.prefill_chunk}")
     origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or served_name(args.model),
         model_aliases=(args.model,) if args.model else (), api_key=args.api_key or None,
         api_auth=args.api_auth or None, max_batch=args.max_batch, max_queue=args.max_queue,
-        context_length=args.ctx or args.context, prefill_chunk=args.prefill_chunk, cors_origins=origins,
+        context_length=args.ctx or args.context, prefill_chunk=args.prefill_chunk, lookup=args.lookup,
+        cors_origins=origins,
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
     return serve(lambda: load_for(args), settings, host=args.host, port=args.port)

@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from ..generate import Decoder, Request
+from ..generate import Decoder, Request, default_stop_ids
 from ..model import KVCache, Model
 from ..runtime.packed import packed_bytes
 from ..sampling import SamplingParams
@@ -44,28 +44,37 @@ def _sync(model: Model) -> None:
 
 
 def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_tokens: int = 128,
-              warmup: bool = True, ahead: bool | None = None) -> dict:
-    """Greedy decode of `new_tokens` after a random `prompt_tokens` prompt, never stopping early.
-    `ahead` as in Decoder (default: steps queued ahead on a GPU)."""
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(1000, 20000, (prompt_tokens,), generator=gen).tolist()
-    request = Request(prompt, new_tokens, SamplingParams(temperature=0.0))
+              warmup: bool = True, ahead: bool | None = None, prompt: list[int] | None = None,
+              lookup: int = 0) -> dict:
+    """Greedy decode of `new_tokens` after a random `prompt_tokens` prompt, never stopping early; or after
+    `prompt`, stopping where the model ends its reply. `ahead` as in Decoder (default: steps queued ahead on a
+    GPU); `lookup` as in Decoder, with the tokens each speculative step emitted reported."""
+    greedy = SamplingParams(temperature=0.0)
+    if prompt is None:
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(1000, 20000, (prompt_tokens,), generator=gen).tolist()
+        request = Request(prompt, new_tokens, greedy)
+    else:
+        request = Request(prompt, new_tokens, greedy, default_stop_ids(model, tokenizer))
     if warmup:
-        _timed_run(model, tokenizer, Request(prompt[:32], 4, SamplingParams(temperature=0.0)), ahead)
-    ttft, decode_s, produced, cache = _timed_run(model, tokenizer, request, ahead)
+        _timed_run(model, tokenizer, Request(prompt[:32], 4, greedy), ahead, lookup)
+    ttft, decode_s, produced, decoder = _timed_run(model, tokenizer, request, ahead, lookup)
     decode_tok_s = (produced - 1) / decode_s
-    bytes_per_token = decode_bytes_per_token(model, prompt_tokens + new_tokens // 2, cache)
+    bytes_per_token = decode_bytes_per_token(model, len(prompt) + new_tokens // 2, decoder.cache)
+    steps, emitted = decoder.speculated
     return {
-        "prefill_tok_s": round(prompt_tokens / ttft, 2),
+        "prefill_tok_s": round(len(prompt) / ttft, 2),
         "decode_tok_s": round(decode_tok_s, 2),
         "ttft_s": round(ttft, 4),
         "gb_per_s": round(bytes_per_token * decode_tok_s / 1e9, 2),
         "peak_rss_mib": round(peak_rss_mib(), 1),
-        "kv_cache_mib": round(cache.nbytes / 2**20, 1),
+        "kv_cache_mib": round(decoder.cache.nbytes / 2**20, 1),
         "kv_cache": model.kv_cache,
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
         "threads": torch.get_num_threads(),
+        "new_tokens": produced,
+        **({"lookup": lookup, "lookup_tokens_per_step": round(emitted / steps, 2) if steps else 0.0} if lookup else {}),
         **(_cpu_plan() if model.device.type == "cpu" else {}),
     }
 
@@ -77,9 +86,10 @@ def _cpu_plan() -> dict:
     return {"cpu_class": p.cpu_class, "quantized_kernels": p.kernels or "torch"}
 
 
-def _timed_run(model: Model, tokenizer: Tokenizer, request: Request,
-               ahead: bool | None) -> tuple[float, float, int, KVCache]:
-    decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens, ahead=ahead)
+def _timed_run(model: Model, tokenizer: Tokenizer, request: Request, ahead: bool | None,
+               lookup: int = 0) -> tuple[float, float, int, Decoder]:
+    decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens, ahead=ahead,
+                      lookup=lookup)
     start = time.perf_counter()
     decoder.add(request)
     _sync(model)
@@ -88,5 +98,5 @@ def _timed_run(model: Model, tokenizer: Tokenizer, request: Request,
     while decoder.rows:
         produced += len(decoder.step())
     _sync(model)
-    return first - start, time.perf_counter() - first, produced, decoder.cache
+    return first - start, time.perf_counter() - first, produced, decoder
 

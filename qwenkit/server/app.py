@@ -91,6 +91,7 @@ class Settings:
     max_queue: int = 64
     context_length: int | None = None  # None: min(the model's context, DEFAULT_CONTEXT)
     prefill_chunk: int | None = None  # None: the decoder's default (generate.Decoder); 0: one forward a prompt
+    lookup: int = 0  # draft tokens of prompt lookup decoding (generate.Decoder), for a sequence decoding alone
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 8 << 20
     max_header_bytes: int = 16 << 10
@@ -128,7 +129,8 @@ class Service:
             if context > limit:
                 raise ValueError(f"--ctx {context} is more than the model's context of {limit} tokens")
             engine = Engine(model, tokenizer, self.settings.max_batch, self.settings.max_queue, context,
-                            on_failure=self._engine_failed, prefill_chunk=self.settings.prefill_chunk)
+                            on_failure=self._engine_failed, prefill_chunk=self.settings.prefill_chunk,
+                            lookup=self.settings.lookup)
             engine.start()
         except Exception as e:  # reported by /health, and `qwenkit serve` exits with it
             self.load_error = f"{type(e).__name__}: {e}"
