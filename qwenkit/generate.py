@@ -215,7 +215,8 @@ class Decoder:
         since then get theirs from the next call), and the next step is queued before they are read."""
         if not self.rows:
             return []
-        if self.lookup and len(self.rows) == 1 and self.pending is None and self.queued is None:
+        drafting = self.lookup and len(self.rows) == 1 and self.pending is None
+        if drafting and self.queued is None:
             events = self._speculate(self.rows[0])
             if events is not None:
                 return events
@@ -225,8 +226,8 @@ class Decoder:
         current = self.queued
         if current is None or not any(id(r) in active for r in current.rows):
             current = self._decode()
-        # A grammar's next mask needs the token just sampled: such rows are not queued ahead.
-        ahead = self._continues(current) and not any(r.matcher is not None for r in current.rows)
+        # A grammar's next mask needs the token just sampled, and so does a draft: such steps are not queued ahead.
+        ahead = self._continues(current) and not drafting and not any(r.matcher is not None for r in current.rows)
         self.queued = self._decode(unread=current) if ahead else None
         return self._emit(current)
 

@@ -19,10 +19,10 @@ def test_lookup_draft_takes_what_followed_the_latest_match():
     assert lookup_draft([1, 2, 3], 4) == [] and lookup_draft([7], 3) == []
 
 
-@pytest.mark.parametrize("lookup", [1, 3, 8])
-def test_greedy_lookup_gives_the_plain_tokens(tiny, tok, lookup):
+@pytest.mark.parametrize("lookup, ahead", [(1, False), (3, False), (8, False), (4, True)])
+def test_greedy_lookup_gives_the_plain_tokens(tiny, tok, lookup, ahead):
     plain = generate(tiny, tok, CODE, max_new_tokens=40, temperature=0.0)
-    decoder = Decoder(tiny, tok, 1, 512, lookup=lookup)
+    decoder = Decoder(tiny, tok, 1, 512, lookup=lookup, ahead=ahead)  # ahead: as on a GPU
     row, delta = decoder.add(make_request(tiny, tok, CODE, max_new_tokens=40, temperature=0.0))
     ids = [delta.token_id]
     while decoder.rows:
