@@ -704,14 +704,13 @@ def reply_grammar(tokenizer: Tokenizer, tools: list[dict] | None, tool_choice=No
     if answer is not None:  # JSON valid against it, or calls and nothing else (Hermes only, see above)
         start = f"start: call+ | {lark_json(answer)}\n"
         call = f"call: {open_tag} {_lit(HERMES_NAME)} {function} {after}\n"
-    else:  # text with calls in it: a call starts at a special token (text cannot hold one), else lazily at text
+    else:  # text with calls in it
         start = "start: call* TEXT\n"
-        head = _lit(ACTION) if react else f"{open_tag} {_lit(HERMES_NAME)}" if special else _lit(OPEN)
-        rest = "" if react or special else f"{_lit(HERMES_NAME)} "
-        if special and not react:
-            call = f"call: TEXT {head} {function} {after}\n"
-        else:
-            call = f"call: trigger {rest}{function} {after}\ntrigger[lazy]: TEXT {head}\n"
+        if special and not react:  # a special token opens a call: text cannot hold one, so no ambiguity
+            call = f"call: TEXT {open_tag} {_lit(HERMES_NAME)} {function} {after}\n"
+        else:  # text opens a call: matched lazily, where it first appears
+            opening, rest = (_lit(ACTION), "") if react else (_lit(OPEN), f"{_lit(HERMES_NAME)} ")
+            call = f"call: trigger {rest}{function} {after}\ntrigger[lazy]: TEXT {opening}\n"
     lark = f"%llguidance {{}}\n{start}{call}{rules}TEXT: /(.|\\n)*/\n"
     return Grammar.lark(lark, "tools' parameters schemas")
 

