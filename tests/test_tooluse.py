@@ -170,7 +170,9 @@ def test_tools_task_runs_locally_and_through_a_server_alike(tiny_checkpoint, tmp
     with live(create_app(lambda: (model, tokenizer), Settings(served_model_name="tiny-chat", max_batch=2))) as url:
         served = run(tasks=["tools"], data_dir=data_dir, out=tmp_path / "served", server=url, batch_size=2,
                      verbose=False)
-    records = [{r["id"]: r for r in map(json.loads, (folder / "tools-chat.jsonl").read_text().splitlines()[1:])}
+    # A random model's free text depends on float rounding, which batch shapes change: compare all but the text.
+    records = [{r["id"]: {k: v for k, v in r.items() if k != "content"}
+                for r in map(json.loads, (folder / "tools-chat.jsonl").read_text().splitlines()[1:])}
                for folder in (tmp_path / "local", tmp_path / "served")]
     assert records[0] == records[1] and len(records[0]) == 8
     result = local["tasks"]["tools"]
