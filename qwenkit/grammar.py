@@ -62,7 +62,7 @@ class _Tokens:
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.im_end_id if tokenizer.im_end_id is not None else tokenizer.eos_token_id
         self.bos_token_id = None
-        self.tokens = [_bytes(tokenizer, i) for i in range(tokenizer.vocab_size)]
+        self.tokens = [token_bytes(tokenizer, i) for i in range(tokenizer.vocab_size)]
         self.special_token_ids = sorted(tokenizer.special_tokens.values())
 
     def __call__(self, text: str | bytes) -> list[int]:
@@ -71,10 +71,11 @@ class _Tokens:
         return self.tokenizer.encode(text, allowed_special=set())
 
 
-def _bytes(tokenizer: Tokenizer, i: int) -> bytes:
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """A token's bytes; b"" for an id with no token (a hole in the ids, or a padding row of a wider lm_head)."""
     try:
-        return tokenizer.id_to_bytes(i)
-    except ValueError:  # a hole in the ids
+        return tokenizer.id_to_bytes(token_id)
+    except ValueError:
         return b""
 
 

@@ -17,7 +17,7 @@ from ..engine import Engine, EngineFailedError, QueueFullError, Stream
 from ..errors import ContextLengthError, RequestError
 from ..generate import Delta, Request, make_request
 from ..generate import check_token_ids as check_in_vocabulary
-from ..grammar import Grammar
+from ..grammar import Grammar, token_bytes
 from ..tokenizer import Tokenizer
 from ..tools import ContentDelta, Event, ToolCallArgs, ToolCallStart, ToolParser
 from .protocol import APIError, GenerationRequest
@@ -178,13 +178,6 @@ def usage(choices: list[Choice], n: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(c.stream.cached_tokens for c in firsts)}}
 
 
-def _token_bytes(tok: Tokenizer, token_id: int) -> bytes:
-    try:
-        return tok.id_to_bytes(token_id)
-    except ValueError:  # an id past the tokenizer (padding rows of a wider lm_head) has no text
-        return b""
-
-
 def _reported(logprob: float) -> float:
     """A logprob as JSON can carry it: OpenAI's -9999.0 for a token with no chance (-inf), or NaN."""
     return logprob if math.isfinite(logprob) else -9999.0
@@ -193,7 +186,7 @@ def _reported(logprob: float) -> float:
 def chat_logprob(tok: Tokenizer, delta: Delta) -> dict:
     """One token in OpenAI's chat shape: token, logprob, bytes and its top alternatives."""
     def entry(token_id: int, logprob: float) -> dict:
-        raw = _token_bytes(tok, token_id)
+        raw = token_bytes(tok, token_id)
         return {"token": raw.decode("utf-8", "replace"), "logprob": _reported(logprob), "bytes": list(raw)}
     return {**entry(delta.token_id, delta.logprob),
             "top_logprobs": [entry(i, lp) for i, lp in delta.top_logprobs or []]}
@@ -204,10 +197,10 @@ def completion_logprobs(tok: Tokenizer, scored: list[Delta], offset: int = 0) ->
     Returns the logprobs object and the offset after the last token."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for delta in scored:
-        text = _token_bytes(tok, delta.token_id).decode("utf-8", "replace")
+        text = token_bytes(tok, delta.token_id).decode("utf-8", "replace")
         out["tokens"].append(text)
         out["token_logprobs"].append(_reported(delta.logprob))
-        out["top_logprobs"].append({_token_bytes(tok, i).decode("utf-8", "replace"): _reported(lp)
+        out["top_logprobs"].append({token_bytes(tok, i).decode("utf-8", "replace"): _reported(lp)
                                     for i, lp in delta.top_logprobs or []})
         out["text_offset"].append(offset)
         offset += len(text)
