@@ -383,6 +383,40 @@ def test_loglikelihood_tasks_score_each_choice_as_the_harness_does(tiny_checkpoi
         assert value == pytest.approx(sum(float(lp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids))), abs=2e-4)
 
 
+def test_questions_scored_together_give_what_each_gives_alone(tiny_checkpoint):
+    """LocalModel.loglikelihood_batch: contexts of different lengths, 2 to 4 choices of 1 to many tokens, one
+    question past the window and an int8 cache (which go one at a time) give each question's own figures."""
+    import qwenkit
+    from qwenkit.evals.backend import LocalModel
+
+    model, tokenizer = qwenkit.load(tiny_checkpoint, dtype="float32", device="cpu")
+    requests = [("Question: Which is hot?\nAnswer:", ["ice", "the sun", "snow", "a cold rock"]),
+                ("Cooking: A man cuts onions. He", ["fries them.", "eats the knife."]),
+                ("Q: " + "a long context " * 6, ["x", "y", "a much longer answer than the others"]),
+                ("Pick:", ["a", "b"])]  # one token each: no second forward for these rows
+    alone = [LocalModel(model, tokenizer).loglikelihoods(context, texts, 60) for context, texts in requests]
+    assert [cut for _, cut in alone] == [False, False, True, False]
+    batches = []
+
+    def watched() -> LocalModel:
+        backend = LocalModel(model, tokenizer)
+        batched = backend._packed
+        backend._packed = lambda questions: batches.append(len(questions)) or batched(questions)
+        return backend
+
+    backend = watched()
+    together = backend.loglikelihood_batch(requests, 60)
+    for (ours, cut), (expected, expected_cut) in zip(together, alone):
+        assert cut == expected_cut and ours == pytest.approx(expected, abs=1e-5)
+    assert batches == [3]  # the three within the window, together
+    again = backend.loglikelihood_batch(requests[:2] + requests[3:], 60)  # the same cache again
+    for (ours, _), k in zip(again, (0, 1, 3)):
+        assert ours == pytest.approx(alone[k][0], abs=1e-5)
+    model.set_kv_cache("int8")  # its keys' center would take the padding in: one question at a time
+    int8_alone = [LocalModel(model, tokenizer).loglikelihoods(context, texts, 60)[0] for context, texts in requests]
+    assert [lp for lp, _ in watched().loglikelihood_batch(requests, 60)] == int8_alone and batches == [3, 3]
+
+
 def test_compare_evaluates_the_model_again_quantized(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     results = run(tiny_checkpoint, ["arc_easy"], data_dir=write_arc(tmp_path / "arc"), out=out, dtype="float32",

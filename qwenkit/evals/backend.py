@@ -5,6 +5,7 @@ Two backends answer the same questions, so one harness compares engines:
 - `LocalModel` runs a loaded qwenkit model. Multiple-choice prompts of one subject share their
   few-shot prefix (and a question's choices their context), so each is computed in one cache row that
   keeps what the previous prompt left there: only the tokens after the common prefix are prefilled.
+  Log-likelihood questions (ARC, HellaSwag) go `batch_size` at a time, packed in one forward.
   Completions go through qwenkit's decode loop with continuous batching (`batch_size` sequences at a time).
 - `ServerModel` asks any OpenAI-compatible server (qwenkit serve, llama.cpp's server, vLLM): choice
   probabilities from /v1/completions' top-20 logprobs of one token (a choice outside them counts as
@@ -35,6 +36,8 @@ from ..prompts import history_prompt
 from ..tokenizer import Tokenizer
 
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0}  # the release's evaluation scripts decode greedily
+PACKED_ROW_TOKENS = 512  # questions packed into one row of a batch, up to this many tokens (LocalModel._packed)
+HEAD_CHUNK = 256  # positions whose logits are made at a time (the vocabulary is ~152K wide)
 
 
 def seed_choice_probs(probabilities: Sequence[float]) -> list[float]:
@@ -99,6 +102,100 @@ class LocalModel:
                 out[i] += float(logprobs[i, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)].sum())
         self._held = context_ids + continuations[0][:-1]  # what row 0 now holds (a choice's last token is not fed)
         return out, False
+
+    @torch.inference_mode()
+    def loglikelihood_batch(self, requests: Sequence[tuple[str, Sequence[str]]],
+                            max_seq_len: int) -> list[tuple[list[float], bool]]:
+        """`loglikelihoods` of several questions (context, texts), returned in order: all of them in one forward
+        without a cache, packed (`_packed`). A question whose pair is past the window, a lone question (which
+        reuses the previous one's prefix in the cache row) and every question where packing would change the
+        arithmetic go one at a time through `loglikelihoods`: a model whose caches are int8 (its figures are the
+        int8 cache's) or that has attention windows, and NTK or dynamic RoPE past the lengths where they act."""
+        window = min(max_seq_len, self.context_length)
+        questions = []  # (index, context ids, continuations) of the questions batched
+        out: list[tuple[list[float], bool]] = [([], False)] * len(requests)
+        for i, (context, texts) in enumerate(requests):
+            pairs = [self._pair(context, " " + text) for text in texts]
+            ids, continuations = pairs[0][0], [c for _, c in pairs]
+            if len(ids) + max(map(len, continuations)) > window:
+                out[i] = self.loglikelihoods(context, texts, max_seq_len)
+            else:
+                questions.append((i, ids, continuations))
+        length = max((len(ids) + max(map(len, cs)) for _, ids, cs in questions), default=0)  # past every position
+        if len(questions) == 1 or not self._packable(length):
+            for i, _, _ in questions:
+                out[i] = self.loglikelihoods(*requests[i], max_seq_len)
+        elif questions:
+            for (i, _, _), logprobs in zip(questions, self._packed([(ids, cs) for _, ids, cs in questions])):
+                out[i] = (logprobs, False)
+        return out
+
+    def _packable(self, length: int) -> bool:
+        """Whether questions packed in rows, no position past `length`, compute what each computes alone."""
+        cfg, rotary = self.model.config, self.model.model.rotary
+        return (self.model.kv_cache == "float" and not cfg.attention_windows
+                and not (cfg.use_dynamic_ntk and cfg.seq_length is not None and length > cfg.seq_length)
+                and not (rotary.dynamic and length > rotary.max_position_embeddings))
+
+    def _packed(self, questions: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+        """Each question's choice log-likelihoods (`questions`: context ids, each choice's continuation ids) from
+        one forward without a cache. A question is packed as its context, then each choice's tokens but the last
+        at the positions they would have after the context; a mask lets a token see its own question's context
+        and its own choice's earlier tokens, nothing else, so each choice computes what it would alone. The
+        questions share out between rows of about PACKED_ROW_TOKENS, balanced, right-padded to the longest
+        (padding sees only padding). The head runs over the positions that predict a choice's token only."""
+        sizes = [len(ids) + sum(len(c) - 1 for c in cs) for ids, cs in questions]
+        rows: list[list[int]] = [[] for _ in range(-(-sum(sizes) // PACKED_ROW_TOKENS))]  # the questions of each row
+        filled = [0] * len(rows)
+        for q in sorted(range(len(questions)), key=lambda q: -sizes[q]):  # the longest first, to the emptiest row
+            r = filled.index(min(filled))
+            rows[r].append(q)
+            filled[r] += sizes[q]
+        width = max(filled)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        owner = torch.full((len(rows), width), -1)  # the question of each token (padding: -1)
+        segment = torch.zeros(len(rows), width, dtype=torch.long)  # 0: context, k + 1: choice k
+        picks = []  # (flat index of the logits, the token they predict, question, choice)
+        for r, row in enumerate(rows):
+            at = 0
+            for q in row:
+                ids, cs = questions[q]
+                n = len(ids)
+                tokens[r, at:at + n] = torch.tensor(ids)
+                positions[r, at:at + n] = torch.arange(n)
+                owner[r, at:at + n] = q
+                picks += [(r * width + at + n - 1, c[0], q, k) for k, c in enumerate(cs)]  # each first token
+                at += n
+                for k, c in enumerate(cs):
+                    m = len(c) - 1
+                    tokens[r, at:at + m] = torch.tensor(c[:-1], dtype=torch.long)
+                    positions[r, at:at + m] = torch.arange(n, n + m)
+                    owner[r, at:at + m], segment[r, at:at + m] = q, k + 1
+                    picks += [(r * width + at + j, c[j + 1], q, k) for j in range(m)]
+                    at += m
+        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+        mask = ((owner[:, :, None] == owner[:, None, :]) & (positions[:, None, :] <= positions[:, :, None])
+                & ((seg_k == 0) | (seg_k == seg_q)))[:, None]  # [rows, 1, query, key]
+        device = self.model.device
+        tokens = tokens.to(device)
+        net = self.model.model
+        inputs = net.step_inputs(tokens, positions, None)
+        hidden = net.blocks(tokens, inputs.rope, mask.to(device), inputs.write_pos, None, inputs.q_scale)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        values = []
+        for start in range(0, len(picks), HEAD_CHUNK):
+            chunk = picks[start:start + HEAD_CHUNK]
+            where = sorted({i for i, *_ in chunk})  # a context's last position predicts every choice's first token
+            logits = self.model.lm_head(hidden[torch.tensor(where, device=device)]).float()
+            row_of = {i: j for j, i in enumerate(where)}
+            rows_picked = torch.tensor([row_of[i] for i, *_ in chunk], device=device)
+            targets = torch.tensor([t for _, t, _, _ in chunk], device=device)
+            values += (logits[rows_picked, targets] - logits.logsumexp(-1)[rows_picked]).tolist()
+        out = [[0.0] * len(cs) for _, cs in questions]
+        for (_, _, q, k), value in zip(picks, values):
+            out[q][k] += value
+        return out
 
     def _cut_loglikelihood(self, context_ids: list[int], continuation: list[int], window: int) -> float:
         ids = (context_ids + continuation)[-window:]

@@ -336,11 +336,15 @@ def _choices(task: ChoiceTask, items, backend, max_seq_len, save) -> int:
 
 
 def _loglikelihoods(task: LoglikelihoodTask, items, backend, max_seq_len, save) -> int:
+    """`batch_size` questions at a time (LocalModel.loglikelihood_batch: one forward for all); each batch's
+    records are saved as it finishes."""
     truncated = 0
-    for item in items:
-        logprobs, cut = backend.loglikelihoods(*task.request(item), max_seq_len)
-        truncated += cut
-        save(item, task.judge(item, logprobs))
+    for at in range(0, len(items), backend.batch_size):
+        batch = items[at:at + backend.batch_size]
+        for item, (logprobs, cut) in zip(batch, backend.loglikelihood_batch([task.request(i) for i in batch],
+                                                                              max_seq_len)):
+            truncated += cut
+            save(item, task.judge(item, logprobs))
     return truncated
 
 
