@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .errors import QwenkitError
 from .generate import Decoder, Delta, Request
 from .model import Model
+from .speculative import Drafter
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("uvicorn.error")  # beside the server's own lines
@@ -183,12 +184,12 @@ class Engine:
 
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
                  context_length: int | None = None, on_failure: Callable[[str], None] | None = None,
-                 prefill_chunk: int | None = None, lookup: int = 0):
+                 prefill_chunk: int | None = None, draft: Drafter | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.context_length = min(context_length or model.config.context_length, model.config.context_length)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.decoder = Decoder(model, tokenizer, max_batch, self.context_length, prefill_chunk=prefill_chunk,
-                               lookup=lookup)
+                               draft=draft)
         self.metrics = EngineMetrics()
         self.metrics.kv_cache_bytes = self.decoder.cache.nbytes
         self.failure: str | None = None  # why the engine stopped for good

@@ -23,14 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
-import numpy as np
 import torch
 
 from .errors import ContextLengthError, RequestError
 from .grammar import Grammar, GrammarError, as_grammar, mask_logits
 from .model import Model, ntk_alpha
 from .runtime.decode import decode_step
-from .sampling import SamplingParams, TokenHistory, argmax, logprobs_of, make_generator, process_logits, sample
+from .sampling import SamplingParams, TokenHistory, logprobs_of, make_generator, process_logits, sample
+from .speculative import Drafter, DraftStats, common_prefix, verify_draft_token
 from .tokenizer import Tokenizer
 
 
@@ -122,15 +122,15 @@ class Decoder:
 
     `ahead` (default: on a GPU) queues each decode step before the previous one's tokens are read
     (see the module's docstring); on the CPU a forward runs as it is called, so nothing overlaps.
+    `draft` (qwenkit.speculative: prompt lookup or a draft model) proposes tokens for a row decoding
+    alone, checked in one forward (`_speculate`); `speculated` counts what the drafts did.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 1, max_len: int | None = None,
-                 ahead: bool | None = None, prefill_chunk: int | None = None, lookup: int = 0):
+                 ahead: bool | None = None, prefill_chunk: int | None = None, draft: Drafter | None = None):
         self.model, self.tokenizer = model, tokenizer
-        if lookup < 0:
-            raise ValueError(f"lookup must be 0 (off) or a number of draft tokens, not {lookup}")
-        self.lookup = lookup
-        self.speculated = [0, 0]  # speculative steps taken, and the tokens they emitted
+        self.draft = draft
+        self.speculated = DraftStats()
         if prefill_chunk is None:
             prefill_chunk = 4096 if model.device.type == "cuda" else 512
         if prefill_chunk < 0:
@@ -215,7 +215,7 @@ class Decoder:
         since then get theirs from the next call), and the next step is queued before they are read."""
         if not self.rows:
             return []
-        drafting = self.lookup and len(self.rows) == 1 and self.pending is None
+        drafting = self.draft is not None and len(self.rows) == 1 and self.pending is None
         if drafting and self.queued is None:
             events = self._speculate(self.rows[0])
             if events is not None:
@@ -258,17 +258,16 @@ class Decoder:
         return self._sample(0, n, logits[:, -1])
 
     def _speculate(self, row: _Row) -> list[tuple[_Row, Delta]] | None:
-        """Prompt lookup decoding for a row decoding alone: the tokens that followed the latest earlier
-        occurrence of the row's last n-gram are a draft, checked in one forward; the draft's tokens the model
-        agrees with are kept, then one token of its own. Greedy rows give exactly the tokens plain steps give;
-        sampled rows keep a draft token with its probability and otherwise draw from the rest (the standard
-        acceptance rule for a draft that proposes one token: the same distribution). None when there is no
-        draft, or the row needs what a step of one token gives (a grammar, logprobs, penalties, a ring cache)."""
+        """Speculative decoding for a row decoding alone (qwenkit.speculative): the drafter's tokens are checked
+        in one forward; those the model agrees with are kept, then one token of its own. Greedy rows give exactly
+        the tokens plain steps give; sampled rows keep a draft token with its probability and otherwise draw from
+        the rest (the standard acceptance rule for a deterministic draft: the same distribution). None when there
+        is no draft, or the row needs what a step of one token gives (a grammar, logprobs, penalties, a ring cache)."""
         request = row.request
         if row.matcher is not None or request.logprobs or self.history is not None or self.cache.has_ring:
             return None
-        room = min(self.lookup, self.max_len - row.pos, request.max_new_tokens - len(row.output) - 1)
-        draft = lookup_draft(request.prompt_ids + row.output, room) if room > 0 else []
+        room = min(self.max_len - row.pos, request.max_new_tokens - len(row.output) - 1)
+        draft = self.draft.propose(request.prompt_ids + row.output, room, self.max_len) if room > 0 else []
         if not draft:
             return None
         tokens = torch.tensor([[int(self.last_tokens[0])] + draft], device=self.model.device)
@@ -286,8 +285,11 @@ class Decoder:
                 break
             if j == len(draft) or token != draft[j]:
                 break
-        self.speculated[0] += 1
-        self.speculated[1] += len(events)
+        stats = self.speculated
+        stats.steps += 1
+        stats.emitted += len(events)
+        stats.proposed += len(draft)
+        stats.accepted += sum(t == d.token_id for t, (_, d) in zip(draft, events))
         return events
 
     def _continues(self, current: _Sampled) -> bool:
@@ -303,7 +305,7 @@ class Decoder:
         slot = len(self.rows)
         best, best_len = slot, 0
         for i in range(slot, self.cache.batch_size):
-            n = _common_prefix(self.slot_tokens[i], prompt)
+            n = common_prefix(self.slot_tokens[i], prompt)
             if n > best_len:
                 best, best_len = i, n
         if best != slot:
@@ -435,35 +437,6 @@ class Decoder:
                 self.history.copy_row(last + 1, last)
 
 
-def lookup_draft(tokens: list[int], n: int, max_ngram: int = 3) -> list[int]:
-    """Up to `n` tokens that followed the latest earlier occurrence of the sequence's last 3, 2 or 1 tokens
-    (prompt lookup: code edits and summaries repeat their input)."""
-    seq = np.asarray(tokens)
-    for size in range(min(max_ngram, len(seq) - 1), 0, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], size)
-        found = np.flatnonzero((windows == seq[-size:]).all(axis=1))
-        if len(found):
-            start = int(found[-1]) + size
-            return seq[start:start + n].tolist()
-    return []
-
-
-def verify_draft_token(logits: torch.Tensor, proposed: int | None, params: SamplingParams,
-                       generator: torch.Generator | None) -> int:
-    """The token to emit at a position whose processed `logits` are known and whose draft token is
-    `proposed` (None past the draft): greedy, the model's own choice; sampled, `proposed` with its
-    probability, else a draw from the other tokens renormalized (exactly the model's distribution)."""
-    if params.greedy:
-        return int(argmax(logits[None])[0])
-    probs = torch.softmax(logits, dim=-1)
-    if proposed is not None:
-        if float(torch.rand((), generator=generator, device=probs.device)) < float(probs[proposed]):
-            return proposed
-        probs = probs.clone()
-        probs[proposed] = 0
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 # ---------------------------------------------------------------------- the public API
 @dataclass
 class GenerationResult:
@@ -473,14 +446,6 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def default_stop_ids(model: Model, tokenizer: Tokenizer) -> frozenset[int]:
@@ -560,12 +525,12 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
         raise RequestError(f"token id {bad} is not in the vocabulary [0, {vocab_size})", param)
 
 
-def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], lookup: int = 0,
+def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], draft: Drafter | None = None,
                     **kwargs) -> Iterator[Delta]:
     """Yield text deltas (with token ids, logprobs and, last, the finish reason) as they are decoded;
-    `lookup` drafts that many tokens by prompt lookup (Decoder)."""
+    `draft` (qwenkit.speculative's PromptLookup or DraftModel) drafts tokens for speculative decoding."""
     request = make_request(model, tokenizer, prompt, **kwargs)
-    decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens, lookup=lookup)
+    decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens, draft=draft)
     _, delta = decoder.add(request)
     yield delta
     while decoder.rows:
@@ -580,14 +545,14 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **
 
 def generate_batch(model: Model, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
                    max_batch: int = 8, on_done: Callable[[int, GenerationResult], None] | None = None,
-                   lookup: int = 0, **kwargs) -> list[GenerationResult]:
+                   draft: Drafter | None = None, **kwargs) -> list[GenerationResult]:
     """Generate for many prompts of different lengths, decoding up to `max_batch` of them together;
     `on_done(index, result)` is called as each one finishes (e.g. to save it at once)."""
     requests = [make_request(model, tokenizer, p, **kwargs) for p in prompts]
     results: list[GenerationResult | None] = [None] * len(requests)
     parts: dict[int, list[Delta]] = {}
     max_len = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-    decoder = Decoder(model, tokenizer, min(max_batch, len(requests)), max_len, lookup=lookup)
+    decoder = Decoder(model, tokenizer, min(max_batch, len(requests)), max_len, draft=draft)
     index_of: dict[int, int] = {}
     waiting = list(enumerate(requests))
 

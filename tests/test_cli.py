@@ -82,3 +82,38 @@ def test_generate_and_bench(demo_path):
     assert bench.returncode == 0, bench.stderr
     result = json.loads(bench.stdout)
     assert {"prefill_tok_s", "decode_tok_s", "ttft_s", "gb_per_s", "peak_rss_mib"} <= set(result)
+
+
+@pytest.mark.real
+def test_draft_model_on_the_command_line(demo_path):
+    """The demo drafting for itself: the same greedy text as without, and bench reports the drafts."""
+    args = ("-m", "demo", "--prompt", "def add(a, b):", "--temperature", "0", "--max-new-tokens", "12")
+    plain = qwenkit_cli("generate", *args)
+    drafted = qwenkit_cli("generate", *args, "--draft", "demo", "--draft-tokens", "3")
+    assert drafted.returncode == 0 and drafted.stdout == plain.stdout, (drafted.stdout, plain.stdout, drafted.stderr)
+    bench = qwenkit_cli("bench", "-m", "demo", "--draft", "demo", "--prompt", "Write a Python function adding two "
+                        "numbers.", "--new-tokens", "12", "--json")
+    result = json.loads(bench.stdout)
+    assert result["draft"] == "demo, 4 tokens" and result["draft_steps"] > 0 and result["draft_speedup"] > 0
+    # The same weights, but one-token steps and the checking forward take other kernels: near-ties may differ.
+    assert 0.5 < result["draft_acceptance"] <= 1
+
+
+@pytest.mark.real
+def test_bench_measures_what_a_grammar_costs(demo_path):
+    schema = '{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}'
+    bench = qwenkit_cli("bench", "-m", "demo", "--prompt", "Name a colour, as JSON.", "--new-tokens", "24",
+                        "--json-schema", schema, "--json")
+    result = json.loads(bench.stdout)
+    assert 2 <= result["grammar_new_tokens"] <= 24 and result["grammar_decode_tok_s"] > 0
+    assert {"grammar_ratio", "grammar_ms_per_token"} <= set(result)
+    bad = qwenkit_cli("bench", "-m", "demo", "--json-schema", '{"type": "nonsense"}')
+    assert bad.returncode == 2 and "schema" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_draft_options_are_checked_before_loading(tmp_path):
+    for flags, message in ((("--lookup", "2", "--draft", "demo"), "give one of them"),
+                           (("--draft", "demo", "--draft-tokens", "0"), "--draft-tokens must be at least 1"),
+                           (("--lookup", "-1"), "--lookup must be 0")):
+        out = qwenkit_cli("generate", "-m", str(tmp_path / "nope"), "--prompt", "x", *flags)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -78,6 +78,16 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
                              "words where they appeared before (code edits, quotes, summaries), checked in one "
                              "forward; the same text as without (greedy), sampling's distribution kept. For a "
                              "sequence decoding alone (default: 0, off)")
+    parser.add_argument("--draft", metavar="MODEL", default=None,
+                        help="speculative decoding with a smaller draft model of the same tokenizer (e.g. "
+                             "Qwen/Qwen2.5-0.5B-Instruct for a Qwen2.5-7B-Instruct), loaded like -m with the same "
+                             "--device, --dtype and --quantize (or --draft-quantize); it proposes --draft-tokens "
+                             "greedily, the model checks them in one forward: the same text as without (greedy), "
+                             "sampling's distribution kept. For a sequence decoding alone")
+    parser.add_argument("--draft-tokens", type=int, default=4, metavar="N",
+                        help="tokens the --draft model proposes per step (default: %(default)s)")
+    parser.add_argument("--draft-quantize", choices=("auto", "none", "int8", "int4", "gguf"), default=None,
+                        help="the --draft model's --quantize (default: the model's)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="on a GPU, launch each decode step's kernels from Python instead of replaying them as "
                              "CUDA graphs (the default; several times faster at batch 1)")
@@ -98,7 +108,11 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, help="1 is off")
     group.add_argument("--max-new-tokens", type=int, help="most tokens to generate per reply")
     group.add_argument("--seed", type=int, help="the same seed gives the same text")
-    shape = group.add_mutually_exclusive_group()
+    add_grammar_args(group)
+
+
+def add_grammar_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    shape = parser.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="SCHEMA",
                        help="constrain replies to JSON valid against this JSON schema (a .json file, or its text; "
                             "'{}' for any JSON value)")
@@ -111,11 +125,17 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     --json-schema or --grammar gives (read from its file when it names one)."""
     out = {name: getattr(args, name) for name in (*SAMPLING_FIELDS, "max_new_tokens")
            if getattr(args, name, None) is not None}
+    grammar = grammar_arg(args)
+    return out if grammar is None else {**out, "grammar": grammar}
+
+
+def grammar_arg(args: argparse.Namespace) -> dict | str | None:
+    """The JSON schema --json-schema gives or the grammar text --grammar gives (read from the file each names)."""
     if getattr(args, "json_schema", None) is not None:
-        out["grammar"] = _json_schema(_file_or_text(args.json_schema))
-    elif getattr(args, "grammar", None) is not None:
-        out["grammar"] = _file_or_text(args.grammar)
-    return out
+        return _json_schema(_file_or_text(args.json_schema))
+    if getattr(args, "grammar", None) is not None:
+        return _file_or_text(args.grammar)
+    return None
 
 
 def _file_or_text(value: str) -> str:
@@ -153,6 +173,33 @@ def _env_flag(parser: argparse.ArgumentParser, name: str, value: str) -> bool:
     if word not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
         parser.error(f"{name}={value!r}: a flag's variable is 1/true/yes/on or 0/false/no/off")
     return word in ("1", "true", "yes", "on")
+
+
+def check_draft_args(args: argparse.Namespace) -> None:
+    """--lookup and --draft, before anything loads."""
+    if args.lookup < 0:
+        raise QwenkitError(f"--lookup must be 0 (off) or a number of draft tokens, got {args.lookup}")
+    if args.lookup and args.draft:
+        raise QwenkitError("--lookup and --draft are two ways to draft tokens: give one of them")
+    if args.draft and args.draft_tokens < 1:
+        raise QwenkitError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+
+
+def drafter_for(args: argparse.Namespace, tokenizer):
+    """The drafter --lookup or --draft names (qwenkit.speculative), or None; a draft model is loaded like -m and
+    must share `tokenizer` (the model's)."""
+    from ..speculative import DraftModel, PromptLookup
+
+    check_draft_args(args)
+    if args.lookup:
+        return PromptLookup(args.lookup)
+    if not args.draft:
+        return None
+    from ..loading import load
+
+    quantize = args.quantize if args.draft_quantize is None else args.draft_quantize
+    draft, draft_tokenizer = load(args.draft, dtype=args.dtype, device=args.device, quantize=quantize)
+    return DraftModel(draft, draft_tokenizer, args.draft_tokens, target=tokenizer, name=args.draft)
 
 
 def load_for(args: argparse.Namespace):

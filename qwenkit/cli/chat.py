@@ -13,7 +13,8 @@ from ..model import Model
 from ..prompts import history_prompt
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .args import add_adapter_arg, add_load_args, add_sampling_args, add_speed_args, load_for, sampling_kwargs
+from .args import (add_adapter_arg, add_load_args, add_sampling_args, add_speed_args, check_draft_args, drafter_for,
+                   load_for, sampling_kwargs)
 
 HELP = "interactive chat with history and streaming"
 DESCRIPTION = ("Chat in the terminal. Type :help inside for the commands (:clear-history, :conf temperature=0, "
@@ -30,8 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_draft_args(args)
     model, tokenizer = load_for(args)
-    gen = {**sampling_kwargs(args), **({"lookup": args.lookup} if args.lookup else {})}
+    draft = drafter_for(args, tokenizer)
+    gen = {**sampling_kwargs(args), **({"draft": draft} if draft else {})}
     Repl(model, tokenizer, system=args.system, gen=gen, verbose=args.verbose).run()
     return 0
 

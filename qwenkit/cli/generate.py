@@ -7,7 +7,8 @@ import sys
 
 from ..generate import stream_generate
 from ..prompts import apply_chat_template
-from .args import add_adapter_arg, add_load_args, add_sampling_args, add_speed_args, load_for, sampling_kwargs
+from .args import (add_adapter_arg, add_load_args, add_sampling_args, add_speed_args, check_draft_args, drafter_for,
+                   load_for, sampling_kwargs)
 
 HELP = "one completion of a prompt"
 DESCRIPTION = "Generate once from --prompt (or standard input) and print the text."
@@ -25,14 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_draft_args(args)
     model, tokenizer = load_for(args)
+    draft = drafter_for(args, tokenizer)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
         prompt = apply_chat_template(tokenizer, messages)
     text = []
-    for delta in stream_generate(model, tokenizer, prompt, lookup=args.lookup, **sampling_kwargs(args)):
+    for delta in stream_generate(model, tokenizer, prompt, draft=draft, **sampling_kwargs(args)):
         if args.stream:
             print(delta.text, end="", flush=True)
         text.append(delta.text)

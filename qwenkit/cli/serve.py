@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import QwenkitError
-from .args import add_adapter_arg, add_load_args, add_speed_args, load_for, read_env_defaults
+from .args import (add_adapter_arg, add_load_args, add_speed_args, check_draft_args, drafter_for, load_for,
+                   read_env_defaults)
 
 HELP = "OpenAI-compatible HTTP server with continuous batching"
 DESCRIPTION = ("Serve the OpenAI API (/v1/chat/completions with tools and streaming, /v1/completions, "
@@ -58,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     for option in POSITIVE_OPTIONS:
         if not getattr(args, option) > 0:
             raise QwenkitError(f"--{option.replace('_', '-')} must be more than 0, got {getattr(args, option)}")
-    if args.lookup < 0:
-        raise QwenkitError(f"--lookup must be 0 (off) or a number of draft tokens, got {args.lookup}")
+    check_draft_args(args)
     if args.prefill_chunk is not None and args.prefill_chunk < 0:
         raise QwenkitError(f"--prefill-chunk must be 0 (off) or a number of tokens, got {args.prefill_chunk}")
     origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or served_name(args.model),
         model_aliases=(args.model,) if args.model else (), api_key=args.api_key or None,
         api_auth=args.api_auth or None, max_batch=args.max_batch, max_queue=args.max_queue,
-        context_length=args.ctx or args.context, prefill_chunk=args.prefill_chunk, lookup=args.lookup,
+        context_length=args.ctx or args.context, prefill_chunk=args.prefill_chunk,
+        draft=(lambda tokenizer: drafter_for(args, tokenizer)) if args.lookup or args.draft else None,
         cors_origins=origins,
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)

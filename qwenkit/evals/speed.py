@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from ..generate import Decoder, Request, default_stop_ids
+from ..grammar import Grammar
 from ..model import KVCache, Model
 from ..runtime.packed import packed_bytes
 from ..sampling import SamplingParams
+from ..speculative import Drafter
 from ..tokenizer import Tokenizer
 
 
@@ -45,23 +47,23 @@ def _sync(model: Model) -> None:
 
 def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_tokens: int = 128,
               warmup: bool = True, ahead: bool | None = None, prompt: list[int] | None = None,
-              lookup: int = 0) -> dict:
+              draft: Drafter | None = None, grammar: Grammar | None = None) -> dict:
     """Greedy decode of `new_tokens` after a random `prompt_tokens` prompt, never stopping early; or after
     `prompt`, stopping where the model ends its reply. `ahead` as in Decoder (default: steps queued ahead on a
-    GPU); `lookup` as in Decoder, with the tokens each speculative step emitted reported."""
+    GPU); `draft` as in Decoder, with what the drafts did reported (DraftStats.report); `grammar` constrains the
+    reply (ending it where the grammar's text is complete)."""
     greedy = SamplingParams(temperature=0.0)
     if prompt is None:
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(1000, 20000, (prompt_tokens,), generator=gen).tolist()
-        request = Request(prompt, new_tokens, greedy)
+        request = Request(prompt, new_tokens, greedy, grammar=grammar)
     else:
-        request = Request(prompt, new_tokens, greedy, default_stop_ids(model, tokenizer))
+        request = Request(prompt, new_tokens, greedy, default_stop_ids(model, tokenizer), grammar=grammar)
     if warmup:
-        _timed_run(model, tokenizer, Request(prompt[:32], 4, greedy), ahead, lookup)
-    ttft, decode_s, produced, decoder = _timed_run(model, tokenizer, request, ahead, lookup)
+        _timed_run(model, tokenizer, Request(prompt[:32], 4, greedy), ahead, draft)
+    ttft, decode_s, produced, decoder = _timed_run(model, tokenizer, request, ahead, draft)
     decode_tok_s = (produced - 1) / decode_s
     bytes_per_token = decode_bytes_per_token(model, len(prompt) + new_tokens // 2, decoder.cache)
-    steps, emitted = decoder.speculated
     return {
         "prefill_tok_s": round(len(prompt) / ttft, 2),
         "decode_tok_s": round(decode_tok_s, 2),
@@ -74,7 +76,7 @@ def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_
         "device": str(model.device),
         "threads": torch.get_num_threads(),
         "new_tokens": produced,
-        **({"lookup": lookup, "lookup_tokens_per_step": round(emitted / steps, 2) if steps else 0.0} if lookup else {}),
+        **({"draft": str(draft), **decoder.speculated.report()} if draft is not None else {}),
         **(_cpu_plan() if model.device.type == "cpu" else {}),
     }
 
@@ -87,9 +89,9 @@ def _cpu_plan() -> dict:
 
 
 def _timed_run(model: Model, tokenizer: Tokenizer, request: Request, ahead: bool | None,
-               lookup: int = 0) -> tuple[float, float, int, Decoder]:
+               draft: Drafter | None = None) -> tuple[float, float, int, Decoder]:
     decoder = Decoder(model, tokenizer, 1, len(request.prompt_ids) + request.max_new_tokens, ahead=ahead,
-                      lookup=lookup)
+                      draft=draft)
     start = time.perf_counter()
     decoder.add(request)
     _sync(model)

@@ -71,6 +71,7 @@ from .protocol import (
 
 if TYPE_CHECKING:  # the server holds a model only through the engine
     from ..model import Model
+    from ..speculative import Drafter
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures this one, so our lines show beside its own
 
@@ -91,7 +92,9 @@ class Settings:
     max_queue: int = 64
     context_length: int | None = None  # None: min(the model's context, DEFAULT_CONTEXT)
     prefill_chunk: int | None = None  # None: the decoder's default (generate.Decoder); 0: one forward a prompt
-    lookup: int = 0  # draft tokens of prompt lookup decoding (generate.Decoder), for a sequence decoding alone
+    # Speculative decoding for a sequence decoding alone: makes the drafter (qwenkit.speculative) for the model's
+    # tokenizer once the model is loaded, e.g. lambda tokenizer: PromptLookup(8).
+    draft: Callable[[Tokenizer], Drafter | None] | None = None
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 8 << 20
     max_header_bytes: int = 16 << 10
@@ -130,7 +133,7 @@ class Service:
                 raise ValueError(f"--ctx {context} is more than the model's context of {limit} tokens")
             engine = Engine(model, tokenizer, self.settings.max_batch, self.settings.max_queue, context,
                             on_failure=self._engine_failed, prefill_chunk=self.settings.prefill_chunk,
-                            lookup=self.settings.lookup)
+                            draft=self.settings.draft(tokenizer) if self.settings.draft else None)
             engine.start()
         except Exception as e:  # reported by /health, and `qwenkit serve` exits with it
             self.load_error = f"{type(e).__name__}: {e}"
