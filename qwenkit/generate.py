@@ -271,9 +271,8 @@ class Decoder:
         if not draft:
             return None
         tokens = torch.tensor([[int(self.last_tokens[0])] + draft], device=self.model.device)
-        logits = self.model(tokens, torch.arange(row.pos - 1, row.pos + len(draft)), self.cache.rows(0, 1))[0].float()
-        logits[:, self.tokenizer.vocab_size:] = float("-inf")
-        logits = process_logits(logits, [request.params] * len(logits), None)
+        logits = self.model(tokens, torch.arange(row.pos - 1, row.pos + len(draft)), self.cache.rows(0, 1))[0]
+        logits = process_logits(self._token_logits(logits), [request.params] * len(logits), None)
         events = []
         for j in range(len(draft) + 1):
             token = verify_draft_token(logits[j], draft[j] if j < len(draft) else None, request.params, row.generator)
@@ -348,8 +347,7 @@ class Decoder:
         rows = self.rows[start:stop]
         params = [r.request.params for r in rows]
         history = None if self.history is None else self.history.rows(start, stop)
-        logits = logits.float()
-        logits[:, self.tokenizer.vocab_size:] = float("-inf")  # the head's padding rows are not tokens
+        logits = self._token_logits(logits)
         constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
         if constrained:
             mask_logits(logits, constrained)
@@ -364,6 +362,12 @@ class Decoder:
         self.last_tokens[start:stop] = tokens
         sampled.copy_to_host()
         return sampled
+
+    def _token_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Float logits with the head's padding rows (not tokens) at -inf."""
+        logits = logits.float()
+        logits[:, self.tokenizer.vocab_size:] = float("-inf")
+        return logits
 
     def _emit(self, sampled: _Sampled) -> list[tuple[_Row, Delta]]:
         """Read a step's tokens on the host and emit each row's delta; finished rows leave.
