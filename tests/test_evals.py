@@ -102,15 +102,74 @@ def test_ceval_is_the_mean_of_subjects_and_cmmlu_reads_its_header(tmp_path):
     assert items[0]["answer"] == "C" and items[0]["subject"] == "anatomy"
 
 
-def test_chat_replies_yield_their_letter():
-    choices = ["Paris", "London", "Berlin", "Madrid"]
-    assert extract_choice("The answer is B.", choices, False) == "B"
-    assert extract_choice("I think it is Berlin.", choices, False) == "C"
-    assert extract_choice("D is correct because...", choices, False) == "D"
-    assert extract_choice("(A) Paris is the capital.", choices, False) == "A"
-    assert extract_choice("madrid, of course", choices, False) == "D"
-    assert extract_choice("答案是C", ["甲", "乙", "丙", "丁"], True) == "C"
-    assert extract_choice("B选项正确", ["甲", "乙", "丙", "丁"], True) == "B"
+def test_mmlu_chat_replies_are_read_as_evaluate_chat_mmlu_does():
+    """Each case follows a line of QwenLM/Qwen eval/evaluate_chat_mmlu.py (commit e8e1596, as of today):
+    process_before_extraction L57-58 (choice texts, any case, less a final "."), extract_choice L65 ("answer is X",
+    skipped after "not"), L72 ("X is correct", likewise), L78 (the reply is a letter), L82 (the first letter not
+    touching other letters or "="), L85 (no letter: the closest choice; thefuzz there, difflib here)."""
+    choices = ["Paris", "London", "Berlin.", "Madrid"]
+
+    def read(reply, options=choices):
+        return extract_choice(reply, {"question": "Which city?", "choices": options}, chinese=False)
+
+    assert read("Option A is wrong; the answer is C.") == "C"      # L65, before the first letter
+    assert read("I choose B") == "B"                              # L65
+    assert read("The answer is not A; it is D.") == "A"           # L65 skipped (negated), L82: the first letter
+    assert read("A is tempting, but D is correct.") == "D"        # L72
+    assert read("A is not correct.") == "A"                       # L72 skipped, L82
+    assert read("B. London") == "B"                               # L57: "B. B", L78
+    assert read("It is berlin.") == "C"                           # L57 (any case, "Berlin." less its "."), L82
+    assert read("A=B, so D") == "B"                               # L82: "A=" is skipped
+    assert read("madrit") == "D"                                  # L85
+    assert read("The answer is 2", ["1", "2", "3", "4"]) == "B"  # L57: one-character choices are replaced too
+    assert read("a", ["1", "2", "a", "b"]) == "C"                # L57 ("a" → "C" before "b"), L78
+
+
+def test_ceval_chat_replies_are_read_as_evaluate_chat_ceval_does():
+    """Each case follows a line of QwenLM/Qwen eval/evaluate_chat_ceval.py (commit f076e2f, as of today):
+    process_before_extraction L49-55 (the question's last sentence: before the blank → "答案是", after it → "",
+    each only when longer than 4 characters), L59-60 (choice texts → letters, longest first), extract_choice L71
+    (答案是X / 选X, skipped after 不/非), L78 (X选项正确 / X对的, likewise), L84 (a leading letter), L88 (the first
+    letter not touching Latin letters or "="), L91 (no letter: the closest choice; thefuzz there, difflib here)."""
+    def read(reply, question="下列说法正确的是", choices=("北京", "上海", "广州", "深圳")):
+        return extract_choice(reply, {"question": question, "choices": list(choices)}, chinese=True)
+
+    # L53 and L60: the restated question reads "答案是70°" → "答案是C"; without L53, "∠A=40°" gives "A=A，", and L88
+    # finds that second A first.
+    question, choices = "如图，在△ABC中，AB=AC，∠A=40°，则∠B的度数为____。", ["40°", "50°", "70°", "80°"]
+    reply = "如图，在△ABC中，AB=AC，∠A=40°，则∠B的度数为70°。"
+    assert read(reply, question, choices) == "C" and read(reply, "问", choices) == "A"
+    # L55: the text after the blank ("时，灯泡A发光，符合设计要求") goes (the 3 characters before it stay), so L78
+    # no longer finds "A发光，符合"; B ("S1闭合、S2断开") is what is left.
+    question = "当开关____时，灯泡A发光，符合设计要求。"
+    choices = ["全部断开", "S1闭合、S2断开", "S1断开、S2闭合", "全部闭合"]
+    reply = "当开关S1闭合、S2断开时，灯泡A发光，符合设计要求。"
+    assert read(reply, question, choices) == "B" and read(reply, "问", choices) == "A"
+    # the release's own example (its comment in process_before_extraction)
+    assert read("关于传输层的面向连接服务的特性是既保证可靠，也保证按序交付", "关于传输层的面向连接服务的特性是____。",
+                ["既不保证可靠，也不保证按序交付", "不保证可靠，但保证按序交付", "保证可靠，但不保证按序交付",
+                 "既保证可靠，也保证按序交付"]) == "D"
+    assert read("A项错误，B项不全面，答案是C。") == "C"   # L71
+    assert read("A、B都不对，应该选D。") == "D"           # L71 (选X)
+    assert read("答案不是A，而是D。") == "A"              # L71 skipped (不是), L88
+    assert read("A选项错误，D选项正确。") == "D"          # L78
+    assert read("B选项不正确，C选项正确。") == "C"        # L78 skips B (不正确)
+    assert read("B对的，A不对") == "B"                   # L78 (对的)
+    assert read("（B）。因为……") == "B"                  # L84
+    assert read("DNA的复制发生在C时期") == "C"           # L88: the D of DNA touches a letter
+    assert read("我觉得是广州") == "C"                    # L60, L88
+    assert read("我觉得是广洲") == "C"                    # L91
+
+
+def test_chat_judges_pass_the_question(tmp_path):
+    """C-Eval's and CMMLU's judges read the reply with the question (the release has no CMMLU chat script: its
+    replies are read as C-Eval's); MMLU's with evaluate_chat_mmlu.py's rules."""
+    item = {"question": "若点A到圆心O的距离____半径，则点A在圆外。", "choices": ["小于", "等于", "大于", "不大于"],
+            "answer": "C"}
+    reply = "若点A到圆心O的距离大于半径，则点A在圆外。"
+    for task in (CEVAL, CMMLU):
+        assert task.judge(item, reply, "chat") == {"response": reply, "prediction": "C", "correct": True}
+    assert MMLU.judge({**item, "choices": ["x", "y", "z", "w"]}, "The answer is D", "chat")["prediction"] == "D"
 
 
 # ------------------------------------------------------------------ GSM8K

@@ -8,9 +8,10 @@ prompt longer than the window keeps its last max_seq_len - 1 tokens (MMLU's rule
 counted in the results).
 
 Chat mode, 0-shot: the release's chat prompt through the chat template, greedy, and the letter read
-from the reply: choice texts replaced by their letters, then a cascade of patterns ("the answer is
-X", "X is correct", a leading letter, the first standalone letter), then the choice whose text is
-most like the reply.
+from the reply as evaluate_chat_mmlu.py / evaluate_chat_ceval.py read it (CMMLU, which has no chat script,
+as C-Eval): for C-Eval the question restated around its blank replaced ("答案是" / ""), the choice texts
+replaced by their letters, then a cascade of patterns ("the answer is X" / 答案是X, "X is correct" /
+X选项正确, a leading letter, the first standalone letter), then the choice whose text is most like the reply.
 
 Metrics: MMLU is the accuracy over all questions, with its four categories; C-Eval and CMMLU the mean
 of the subjects' accuracies, C-Eval with its four categories and its "hard" subjects.
@@ -127,7 +128,7 @@ class ChoiceTask:
         return ()
 
     def judge(self, item: dict, reply: str, mode: str) -> dict:
-        prediction = extract_choice(reply, item["choices"], chinese=self.name != "mmlu")
+        prediction = extract_choice(reply, item, chinese=self.name != "mmlu")
         return {"response": reply, "prediction": prediction, "correct": prediction == item["answer"]}
 
     # ---------------------------------------------------------------- scoring
@@ -159,32 +160,78 @@ CMMLU = ChoiceTask("cmmlu", "问题：", "答案：", LETTERS, {}, True)
 
 
 # ------------------------------------------------------------------ reading a letter from a chat reply
+# As the release's chat scripts read a reply: MMLU as eval/evaluate_chat_mmlu.py, C-Eval as evaluate_chat_ceval.py.
+# The release has no chat script for CMMLU; its replies are read as C-Eval's (the same language and prompt).
 
-_NOT = r"(?<!not )(?<!n't )"
+# evaluate_chat_mmlu.py's extract_choice, in its order: "answer is X" / "choose X" (not after "not" / "n't"),
+# "X is correct" / "X is right" (likewise), a reply that is a letter, the first letter standing alone.
 ENGLISH_PATTERNS = [
-    rf"(?i)(?:choose|answer|choice|option)\w*\W+(?:\w+\W+){{0,3}}?(?:is|are|:)\W*{_NOT}\(?([ABCD])\b",
-    rf"(?i){_NOT}\b([ABCD])\b\W*(?:\w+\W+){{0,3}}?(?:is|are)\s+(?:the\s+)?(?:correct|right)",
-    r"^\W*\(?([ABCD])\)?(?:[.,:)]|$)",
-    r"\b([ABCD])\b",
+    r"(?:(?:[Cc]hoose)|(?:(?:[Aa]nswer|[Cc]hoice)(?![^ABCD]{0,20}?(?:n't|not))[^ABCD]{0,10}?\b(?:|is|:|be))\b)"
+    r"[^ABCD]{0,20}?\b(A|B|C|D)\b",
+    r"\b(A|B|C|D)\b(?![^ABCD]{0,8}?(?:n't|not)[^ABCD]{0,5}?(?:correct|right))[^ABCD]{0,10}?\b(?:correct|right)\b",
+    r"^(A|B|C|D)(?:\.|,|:|$)",
+    r"(?<![a-zA-Z])(A|B|C|D)(?![a-zA-Z=])",
 ]
+# evaluate_chat_ceval.py's: 答案是X / 选项为X / 选X (not after 不 / 非), X选项正确 / X符合题意 (likewise), a reply that
+# starts with a letter, the first letter standing alone.
 CHINESE_PATTERNS = [
-    r"(?:答案|选项|正确答案)\s*(?:是|为|选|应该是|应选|：|:)\s*[（(]?([ABCD])",
-    r"([ABCD])\s*(?:选项)?\s*(?:正确|符合|是正确)",
-    r"^\W*[（(]?([ABCD])[)）]?(?:[.,:、，。：]|$)",
-    r"([ABCD])",
+    r"(?:(?:选|选择|选定)[：:]?\s*|(?:(?:答案|选项)(?![^ABCD]{0,10}?(?:不|非)[^ABCD]{0,10}?(?:是|选|为|：|:|】))"
+    r"[^ABCD]{0,10}?(?:是|选|为|：|:|】))[^ABCD]{0,10}?)(A|B|C|D)(?:选项)?(?:\)|。|\.|，|,|．|、|A|B|C|D|$|：|:|\)|）)",
+    r"(A|B|C|D)(?:选?项)?(?![^ABCD]{0,4}?(?:不|非)[^ABCD]{0,4}?(?:正确|对[的，。：]|符合))[^ABCD]{0,4}?"
+    r"(?:正确|对[的，。：]|符合)",
+    r"^[\(（]?(A|B|C|D)(?:。|\)|）|\.|，|,|．|：|:|$)",
+    r"(?<![a-zA-Z])(A|B|C|D)(?![a-zA-Z=])",
 ]
 
 
-def extract_choice(reply: str, choices, chinese: bool) -> str:
-    """The letter a chat reply picks among four choices ("A" .. "D")."""
-    text = reply
-    for letter, choice in sorted(zip(LETTERS, choices), key=lambda lc: -len(lc[1])):
-        body = str(choice).strip().rstrip(".").rstrip("。")
-        if len(body) > 1:  # a one-character choice would replace letters and digits everywhere
-            text = re.sub(re.escape(body), letter, text, flags=re.IGNORECASE)
+def extract_choice(reply: str, item: dict, chinese: bool) -> str:
+    """The letter ("A" .. "D") a chat reply picks for `item` (its question and choices), read as
+    evaluate_chat_ceval.py reads C-Eval's replies (`chinese`) or as evaluate_chat_mmlu.py reads MMLU's: the
+    question (C-Eval) and the choices' texts replaced in the reply, the first pattern that matches, else the
+    choice most like the reply."""
+    text = without_question(reply, item["question"]) if chinese else reply
+    text = choices_as_letters(text, item["choices"], chinese)
     for pattern in CHINESE_PATTERNS if chinese else ENGLISH_PATTERNS:
-        match = re.search(pattern, text, flags=re.MULTILINE)
+        match = re.search(pattern, text)
         if match:
             return match.group(1)
-    ratios = [difflib.SequenceMatcher(None, reply.lower(), str(c).lower()).ratio() for c in choices]
+    return closest_choice(text, item["choices"])
+
+
+def without_question(reply: str, question: str) -> str:
+    """evaluate_chat_ceval.py's process_before_extraction, first half: a reply restating the question's last
+    sentence with the blank filled in ("特性是____。" → "特性是既保证可靠…") reads "答案是既保证可靠…": the text
+    before the blank becomes "答案是", the text after it goes, each only when longer than four characters. A
+    question without a blank: its whole last sentence becomes "答案是"."""
+    pieces = question.rstrip("。").split("。")[-1].split("_")
+    if len(pieces[0].strip()) > 4:
+        reply = reply.replace(pieces[0], "答案是")
+    if len(pieces[-1].strip()) > 4:
+        reply = reply.replace(pieces[-1], "")
+    return reply
+
+
+def choices_as_letters(reply: str, choices, chinese: bool) -> str:
+    """Each choice's text in the reply replaced by its letter, the longest first (equal lengths in letter order):
+    as written less a final "。" (evaluate_chat_ceval.py), or in any case less a final "." (evaluate_chat_mmlu.py).
+    Even a one-character choice is replaced everywhere, as there; an empty one is skipped (it would put its letter
+    between every two characters)."""
+    for letter, choice in sorted(zip(LETTERS, choices), key=lambda lc: len(lc[1]), reverse=True):
+        body = choice.rstrip("。" if chinese else ".")
+        if body:
+            reply = reply.replace(body, letter) if chinese else re.sub(re.escape(body), letter, reply,
+                                                                       flags=re.IGNORECASE)
+    return reply
+
+
+def fuzz_form(text: str) -> str:
+    # thefuzz's default processor: letters and digits, the rest spaces, lower case, trimmed
+    return "".join(c if c.isalnum() else " " for c in text).lower().strip()
+
+
+def closest_choice(text: str, choices) -> str:
+    """The letter of the choice most like the text (the first of equals). The release asks thefuzz's
+    process.extractOne (its WRatio, a blend of whole, partial and token-order ratios); this is difflib's ratio of
+    the two texts as thefuzz's default processor leaves them."""
+    ratios = [difflib.SequenceMatcher(None, fuzz_form(text), fuzz_form(c)).ratio() for c in choices]
     return LETTERS[max(range(4), key=lambda i: ratios[i])]
