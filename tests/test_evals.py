@@ -102,6 +102,38 @@ def test_ceval_is_the_mean_of_subjects_and_cmmlu_reads_its_header(tmp_path):
     assert items[0]["answer"] == "C" and items[0]["subject"] == "anatomy"
 
 
+def write_cmmlu(root: Path, subjects: dict[str, list[str]]) -> Path:
+    """cmmlu_v1_0_1.zip's layout: dev/ and test/, {subject}.csv with an unnamed index column and a header."""
+    for split in ("dev", "test"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+    for subject, answers in subjects.items():
+        rows = [",Question,A,B,C,D,Answer"] + [f"{i},问题{i},甲,乙,丙,丁,{a}" for i, a in enumerate(answers)]
+        for split in ("dev", "test"):
+            (root / split / f"{subject}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_cmmlu_categories_are_the_means_of_their_subjects(tmp_path):
+    # evaluate_cmmlu.py's cal_cmmlu: each category the mean of its subjects' accuracies, the overall score the
+    # mean over subjects; ancient_chinese and chinese_history are China-specific and count in their main category.
+    main_categories = [set(v) for c, v in CMMLU.categories.items() if c != "China specific"]
+    assert sum(map(len, main_categories)) == len(set().union(*main_categories)) == 67  # each subject in one
+    assert len(CMMLU.categories["China specific"]) == 15 and set(CMMLU.categories["China specific"]) < \
+        set().union(*main_categories)
+
+    answers = {"anatomy": ["A", "B"], "ancient_chinese": ["A", "A", "A", "B"], "chinese_history": ["A"],
+               "agronomy": ["B", "B"]}
+    items = CMMLU.load(write_cmmlu(tmp_path, answers))[0]
+    records = {i["id"]: {"correct": i["answer"] == "A"} for i in items}  # a model that always answers A
+    result = CMMLU.score(items, records)
+    assert result["subjects"] == {"agronomy": 0, "anatomy": 50, "ancient_chinese": 75, "chinese_history": 100}
+    assert result["score"] == pytest.approx((0 + 50 + 75 + 100) / 4)  # not 5 of 9 questions
+    assert result["categories"] == {"STEM": 50, "Humanities": 100, "Social Science": 75, "Other": 0,
+                                    "China specific": pytest.approx((75 + 100) / 2)}
+    assert list(result["categories"]) == ["STEM", "Humanities", "Social Science", "Other", "China specific"]
+    assert "hard" not in result
+
+
 def test_mmlu_chat_replies_are_read_as_evaluate_chat_mmlu_does():
     """Each case follows a line of QwenLM/Qwen eval/evaluate_chat_mmlu.py (commit e8e1596, as of today):
     process_before_extraction L57-58 (choice texts, any case, less a final "."), extract_choice L65 ("answer is X",

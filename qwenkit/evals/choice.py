@@ -14,7 +14,8 @@ replaced by their letters, then a cascade of patterns ("the answer is X" / 答�
 X选项正确, a leading letter, the first standalone letter), then the choice whose text is most like the reply.
 
 Metrics: MMLU is the accuracy over all questions, with its four categories; C-Eval and CMMLU the mean
-of the subjects' accuracies, C-Eval with its four categories and its "hard" subjects.
+of the subjects' accuracies, and each category the mean of its subjects': C-Eval's four and its "hard"
+subjects, CMMLU's four and "China specific" (whose subjects also count in their main category).
 """
 
 from __future__ import annotations
@@ -63,6 +64,32 @@ CEVAL_CATEGORIES = {
 }
 CEVAL_HARD = ["advanced_mathematics", "discrete_mathematics", "probability_and_statistics", "college_physics",
               "college_chemistry", "high_school_mathematics", "high_school_physics", "high_school_chemistry"]
+# evaluate_cmmlu.py's TASK_NAME_MAPPING (its subcategories grouped by categories, the same as haonan-li/CMMLU's
+# src/categories.py): the 15 China-specific subjects count in "China specific" and in their main category.
+CMMLU_CATEGORIES = {
+    "STEM": ["anatomy", "astronomy", "college_actuarial_science", "college_engineering_hydrology",
+             "college_mathematics", "college_medical_statistics", "computer_science", "conceptual_physics",
+             "electrical_engineering", "elementary_mathematics", "genetics", "high_school_biology",
+             "high_school_chemistry", "high_school_mathematics", "high_school_physics", "machine_learning", "virology"],
+    "Humanities": ["arts", "chinese_history", "chinese_literature", "college_law", "global_facts",
+                   "international_law", "jurisprudence", "logical", "marxist_theory", "philosophy",
+                   "professional_law", "world_history", "world_religions"],
+    "Social Science": ["ancient_chinese", "business_ethics", "chinese_civil_service_exam", "chinese_food_culture",
+                       "chinese_foreign_policy", "chinese_teacher_qualification", "college_education", "economics",
+                       "education", "elementary_chinese", "ethnology", "high_school_geography",
+                       "high_school_politics", "journalism", "management", "marketing", "modern_chinese",
+                       "professional_accounting", "professional_psychology", "public_relations", "security_study",
+                       "sociology"],
+    "Other": ["agronomy", "chinese_driving_rule", "clinical_knowledge", "college_medicine", "computer_security",
+              "construction_project_management", "elementary_commonsense", "elementary_information_and_technology",
+              "food_science", "human_sexuality", "legal_and_moral_basis", "nutrition", "professional_medicine",
+              "sports_science", "traditional_chinese_medicine"],
+    "China specific": ["ancient_chinese", "chinese_civil_service_exam", "chinese_driving_rule",
+                       "chinese_food_culture", "chinese_foreign_policy", "chinese_history", "chinese_literature",
+                       "chinese_teacher_qualification", "construction_project_management", "elementary_chinese",
+                       "elementary_commonsense", "ethnology", "high_school_politics", "modern_chinese",
+                       "traditional_chinese_medicine"],
+}
 SHOTS = 5
 MMLU_CHAT_INSTRUCTION = ("The following is a multiple-choice question. Please choose the most suitable one among A, "
                          "B, C and D as the answer to this question.\n\n")
@@ -156,7 +183,7 @@ class ChoiceTask:
 
 MMLU = ChoiceTask("mmlu", "Question: ", "Answer:", (" A", " B", " C", " D"), MMLU_CATEGORIES, False)
 CEVAL = ChoiceTask("ceval", "问题：", "答案：", LETTERS, CEVAL_CATEGORIES, True, tuple(CEVAL_HARD))
-CMMLU = ChoiceTask("cmmlu", "问题：", "答案：", LETTERS, {}, True)
+CMMLU = ChoiceTask("cmmlu", "问题：", "答案：", LETTERS, CMMLU_CATEGORIES, True)
 
 
 # ------------------------------------------------------------------ reading a letter from a chat reply
