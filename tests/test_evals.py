@@ -135,7 +135,7 @@ def test_cmmlu_categories_are_the_means_of_their_subjects(tmp_path):
 
 
 def test_mmlu_chat_replies_are_read_as_evaluate_chat_mmlu_does():
-    """Each case follows a line of QwenLM/Qwen eval/evaluate_chat_mmlu.py (commit e8e1596, as of today):
+    """Each case follows a line of QwenLM/Qwen eval/evaluate_chat_mmlu.py (commit e8e1596, the last to change it):
     process_before_extraction L57-58 (choice texts, any case, less a final "."), extract_choice L65 ("answer is X",
     skipped after "not"), L72 ("X is correct", likewise), L78 (the reply is a letter), L82 (the first letter not
     touching other letters or "="), L85 (no letter: the closest choice; thefuzz there, difflib here)."""
@@ -158,7 +158,7 @@ def test_mmlu_chat_replies_are_read_as_evaluate_chat_mmlu_does():
 
 
 def test_ceval_chat_replies_are_read_as_evaluate_chat_ceval_does():
-    """Each case follows a line of QwenLM/Qwen eval/evaluate_chat_ceval.py (commit f076e2f, as of today):
+    """Each case follows a line of QwenLM/Qwen eval/evaluate_chat_ceval.py (commit f076e2f, the last to change it):
     process_before_extraction L49-55 (the question's last sentence: before the blank → "答案是", after it → "",
     each only when longer than 4 characters), L59-60 (choice texts → letters, longest first), extract_choice L71
     (答案是X / 选X, skipped after 不/非), L78 (X选项正确 / X对的, likewise), L84 (a leading letter), L88 (the first
