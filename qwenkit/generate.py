@@ -29,6 +29,7 @@ import torch
 from .errors import ContextLengthError, RequestError
 from .grammar import Grammar, GrammarError, as_grammar, mask_logits
 from .model import Model, ntk_alpha
+from .parallel import agree_tokens
 from .runtime.decode import decode_step
 from .sampling import SamplingParams, TokenHistory, argmax, logprobs_of, make_generator, process_logits, sample
 from .tokenizer import Tokenizer
@@ -278,6 +279,7 @@ class Decoder:
         events = []
         for j in range(len(draft) + 1):
             token = verify_draft_token(logits[j], draft[j] if j < len(draft) else None, request.params, row.generator)
+            token = int(agree_tokens(self.model, torch.tensor([token], device=self.model.device))[0])
             self.last_tokens[0] = token
             delta = self._delta(row, token)
             events.append((row, delta))
@@ -352,7 +354,8 @@ class Decoder:
         if constrained:
             mask_logits(logits, constrained)
         logits = process_logits(logits, params, history)
-        tokens = sample(logits, params, [r.generator for r in rows])
+        # Tensor parallel: rank 0's draws on every rank, so that no rank can go its own way.
+        tokens = agree_tokens(self.model, sample(logits, params, [r.generator for r in rows]))
         sampled = _Sampled(rows, tokens)
         if any(r.request.logprobs for r in rows):
             top_n = max(r.request.top_logprobs for r in rows)

@@ -1,0 +1,152 @@
+"""Tensor parallelism (qwenkit.parallel): two gloo processes on the CPU give the logits and greedy tokens of one.
+
+The cases run together in one pair of spawned processes (a process start costs seconds on two cores); each
+test compares its case with the same computation in this process."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from qwenkit.errors import QwenkitError
+from qwenkit.parallel import TensorParallel, shard_model
+from qwenkit.quant.linear import QuantizedLinear
+
+from .conftest import free_port, tiny_model
+
+TOL = 1e-4
+STEPS = 4  # decode steps after the prefill
+PROMPT = [[3, 14, 15, 92, 65, 35, 89, 79, 32]]
+
+# name -> what builds the whole model: architecture fields, quantization
+CASES = {
+    "qwen2": dict(fields={}),
+    "qwen2-bias": dict(fields=dict(qkv_bias=True, o_bias=True)),
+    "qwen3": dict(fields=dict(arch="qwen3", qk_norm=True, qkv_bias=False, tie_word_embeddings=True)),
+    "qwen-v1": dict(fields=dict(arch="qwen", num_kv_heads=4, qkv_bias=True, seq_length=64, use_dynamic_ntk=True,
+                                use_logn_attn=True)),
+    "qwen2-int8": dict(fields={}, bits=8),
+    "qwen2-int4": dict(fields={}, bits=4),
+    "qwen3-int4": dict(fields=dict(arch="qwen3", qk_norm=True, qkv_bias=False), bits=4),
+}
+
+
+def whole_model(case: str):
+    spec = CASES[case]
+    model = tiny_model(seed=7, scale=0.2, vocab_size=301, **spec["fields"])  # 301: the head's shards are uneven
+    model.generation_config = {}
+    if spec.get("bits"):
+        from qwenkit.quant.convert import quantize_model
+        quantize_model(model, bits=spec["bits"], group_size=32, lm_head_bits=8)
+    return model
+
+
+@torch.inference_mode()
+@mock.patch.object(QuantizedLinear, "_wants_kernel", lambda self, x: False)
+def outputs(model) -> dict:
+    """Prefill logits, then STEPS greedy decode steps' logits (through a KVCache), and generate()'s tokens.
+
+    Quantized layers dequantize and multiply: qwenkit's CPU kernels round the activations to int8 per group, so
+    that a partial sum's last-bit difference can flip a rounding in the next layer, which a tiny random model
+    amplifies (the stored tensors' split is what these tests check)."""
+    from qwenkit.generate import Decoder, Request
+    from qwenkit.sampling import SamplingParams
+
+    cache = model.new_cache(1, 32)
+    logits = [model(torch.tensor(PROMPT), torch.arange(len(PROMPT[0])), cache)[:, -1]]
+    for i in range(STEPS):
+        pos = len(PROMPT[0]) + i
+        logits.append(model(logits[-1].argmax(-1, keepdim=True), torch.tensor([pos]), cache)[:, -1])
+    decoder = Decoder(model, _NoTokenizer(), 1, 32)
+    row, delta = decoder.add(Request(PROMPT[0], 8, SamplingParams(temperature=0.0)))
+    tokens = [delta.token_id]
+    while decoder.rows:
+        tokens += [d.token_id for _, d in decoder.step()]
+    return {"logits": torch.cat(logits), "tokens": tokens, "kv_heads": cache.k[0].shape[1]}
+
+
+class _NoTokenizer:
+    """What the decode loop asks of a tokenizer, for token ids alone."""
+    vocab_size = 301
+
+    def stream_decoder(self, skip_special_tokens=True):
+        class Quiet:
+            def add(self, token):
+                return ""
+
+            def flush(self):
+                return ""
+        return Quiet()
+
+
+def _worker(rank: int, size: int, port: int, cases: list[str], out: str, fail: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    tp = TensorParallel(rank, size)
+    results = {}
+    for case in cases:
+        model = shard_model(whole_model(case), tp)
+        if fail and rank == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+        results[case] = outputs(model)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def run_ranks(tmp_path: Path, cases: list[str], fail: bool = False, timeout: float = 90) -> dict:
+    out = str(tmp_path / "results.pt")
+    context = mp.start_processes(_worker, args=(2, free_port(), cases, out, fail), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "the ranks did not finish in time (a hang)"
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def parallel_results(tmp_path_factory) -> dict:
+    return run_ranks(tmp_path_factory.mktemp("tp"), list(CASES))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_one_process(parallel_results, case):
+    ref = outputs(whole_model(case))
+    got = parallel_results[case]
+    diff = (got["logits"] - ref["logits"]).abs().max().item()
+    assert diff <= TOL, f"{case}: max |delta| of the logits {diff:.3g}"
+    assert got["tokens"] == ref["tokens"]
+    assert got["kv_heads"] == ref["kv_heads"] // 2  # each rank's cache holds its own heads
+
+
+def test_heads_that_do_not_divide():
+    model = tiny_model(num_heads=8, num_kv_heads=2, head_dim=16)
+    with pytest.raises(QwenkitError, match="2 KV heads do not divide among 4 ranks"):
+        shard_model(model, TensorParallel(0, 4))
+    with pytest.raises(QwenkitError, match="6 attention heads do not divide among 4 ranks"):
+        shard_model(tiny_model(num_heads=6, num_kv_heads=6, head_dim=16, hidden_size=96), TensorParallel(0, 4))
+
+
+def test_int4_groups_not_cut():
+    from qwenkit.quant.convert import quantize_model
+
+    model = quantize_model(tiny_model(intermediate_size=192), bits=4, group_size=64)  # 96 inputs of down_proj a rank
+    with pytest.raises(QwenkitError, match="cut model.layers.0.mlp.down_proj's groups of 64 inputs"):
+        shard_model(model, TensorParallel(0, 2))
+
+
+def test_a_failing_rank_stops_the_other(tmp_path):
+    with pytest.raises(Exception) as raised:
+        run_ranks(tmp_path, ["qwen2"], fail=True, timeout=60)
+    assert "fails on purpose" in str(raised.value)
