@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -18,7 +19,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.parallel import TensorParallel, shard_model
 from qwenkit.quant.linear import QuantizedLinear
 
-from .conftest import free_port, tiny_model
+from .conftest import free_port, tiny_model, v1_checkpoint, write_checkpoint
 
 TOL = 1e-4
 STEPS = 4  # decode steps after the prefill
@@ -85,25 +86,51 @@ class _NoTokenizer:
         return Quiet()
 
 
-def _worker(rank: int, size: int, port: int, cases: list[str], out: str, fail: bool) -> None:
+def write_checkpoints(directory: Path) -> dict[str, Path]:
+    """A tied Qwen2 safetensors checkpoint, and a Qwen v1 one (fused c_attn, w1/w2 names)."""
+    qwen2 = tiny_model(seed=7, scale=0.2, vocab_size=301, tie_word_embeddings=True)
+    state = {k: v for k, v in qwen2.state_dict().items() if k != "lm_head.weight"}
+    paths = {"ckpt-qwen2-tied": write_checkpoint(directory / "qwen2", qwen2.config.to_hf_dict(), state)}
+    v1 = tiny_model(seed=8, scale=0.2, vocab_size=301, num_kv_heads=4)
+    sizes = SimpleNamespace(num_attention_heads=4, hidden_size=128, vocab_size=301, num_hidden_layers=2,
+                            intermediate_size=256, max_position_embeddings=256, rms_norm_eps=1e-6)
+    config, tensors = v1_checkpoint(SimpleNamespace(config=sizes, state_dict=v1.state_dict), old_names=False,
+                                    seq_length=8)  # (past 8 positions: dynamic NTK and LogN at work)
+    paths["ckpt-qwen-v1"] = write_checkpoint(directory / "v1", config, tensors)
+    return paths
+
+
+def loaded(path: Path, tp: TensorParallel | None = None):
+    from qwenkit.loading import load
+
+    model, _ = load(path, dtype="float32", device="cpu", quantize=None, tensor_parallel=tp)
+    model.generation_config = {}
+    return model
+
+
+def _worker(rank: int, size: int, port: int, cases: list[str], out: str, fail: bool,
+            paths: dict[str, Path]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     tp = TensorParallel(rank, size)
     results = {}
     for case in cases:
-        model = shard_model(whole_model(case), tp)
+        model = loaded(paths[case], tp) if case in paths else shard_model(whole_model(case), tp)
         if fail and rank == 1:
             raise RuntimeError("rank 1 fails on purpose")
         results[case] = outputs(model)
+        if case in paths:  # what a rank holds of the checkpoint's float weights
+            results[case]["bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
 
 
-def run_ranks(tmp_path: Path, cases: list[str], fail: bool = False, timeout: float = 90) -> dict:
+def run_ranks(tmp_path: Path, cases: list[str], fail: bool = False, timeout: float = 90,
+              paths: dict[str, Path] | None = None) -> dict:
     out = str(tmp_path / "results.pt")
-    context = mp.start_processes(_worker, args=(2, free_port(), cases, out, fail), nprocs=2, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_worker, args=(2, free_port(), cases, out, fail, paths or {}), nprocs=2,
+                                 join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
         while not context.join(timeout=1):
@@ -116,8 +143,13 @@ def run_ranks(tmp_path: Path, cases: list[str], fail: bool = False, timeout: flo
 
 
 @pytest.fixture(scope="module")
-def parallel_results(tmp_path_factory) -> dict:
-    return run_ranks(tmp_path_factory.mktemp("tp"), list(CASES))
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return write_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def parallel_results(tmp_path_factory, checkpoints) -> dict:
+    return run_ranks(tmp_path_factory.mktemp("tp"), [*CASES, *checkpoints], paths=checkpoints)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -128,6 +160,25 @@ def test_two_ranks_equal_one_process(parallel_results, case):
     assert diff <= TOL, f"{case}: max |delta| of the logits {diff:.3g}"
     assert got["tokens"] == ref["tokens"]
     assert got["kv_heads"] == ref["kv_heads"] // 2  # each rank's cache holds its own heads
+
+
+@pytest.mark.parametrize("case", ["ckpt-qwen2-tied", "ckpt-qwen-v1"])
+def test_a_rank_loads_its_slices_of_a_checkpoint(parallel_results, checkpoints, case):
+    """Read a slice at a time (Qwen v1: q, k and v of the fused c_attn each split, not the fused block): the same
+    logits as one process, from about half the weights (the whole embedding stays on each rank)."""
+    whole = loaded(checkpoints[case])
+    ref, got = outputs(whole), parallel_results[case]
+    diff = (got["logits"] - ref["logits"]).abs().max().item()
+    assert diff <= TOL, f"{case}: max |delta| of the logits {diff:.3g}"
+    assert got["tokens"] == ref["tokens"]
+    state = whole.state_dict()
+    embedding = state["model.embed_tokens.weight"]
+    total = sum(t.numel() * t.element_size() for name, t in state.items()
+                if not (whole.config.tie_word_embeddings and name == "lm_head.weight"))
+    shard = (total - embedding.numel() * embedding.element_size()) / 2 + embedding.numel() * embedding.element_size()
+    if whole.config.tie_word_embeddings:  # the head's own half of the table
+        shard += embedding.numel() * embedding.element_size() / 2
+    assert got["bytes"] == pytest.approx(shard, rel=0.02)
 
 
 def test_heads_that_do_not_divide():
