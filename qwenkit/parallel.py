@@ -77,6 +77,12 @@ class TensorParallel:
                                    group=self.group)
         return box[0]
 
+    def gather_objects(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        values = [None] * self.size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
+
     @contextmanager
     def together(self, what: str):
         """Run the body on every rank, then agree: if it failed on any rank, every rank raises one error naming
@@ -86,9 +92,7 @@ class TensorParallel:
             yield
         except Exception as e:  # (KeyboardInterrupt and exits leave at once: torchrun stops the rest)
             error = f"{type(e).__name__}: {e}"
-        errors = [None] * self.size
-        dist.all_gather_object(errors, error, group=self.group)
-        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+        failed = [(rank, e) for rank, e in enumerate(self.gather_objects(error)) if e is not None]
         if failed:
             raise QwenkitError(f"{what} failed on {len(failed)} of {self.size} ranks: "
                                + "; ".join(f"rank {rank}: {e}" for rank, e in failed))
@@ -117,6 +121,11 @@ def start(size: int, device: str = "auto") -> tuple[TensorParallel, str]:
                                f"{torch.cuda.device_count()}: one GPU per process")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
+    elif env.get("OMP_NUM_THREADS", "1") == "1":
+        # torchrun's default of one thread a rank (most likely not the user's choice): the cores this process may
+        # use are divided among this machine's ranks instead, as qwenkit eval does (evals/shards.py).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // int(env.get("LOCAL_WORLD_SIZE", size))))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT)
     if rank:
@@ -134,12 +143,22 @@ def _stopped(signum, frame):
     os._exit(1)
 
 
-def finish(code: int) -> None:
-    """Leave a tensor-parallel run at once with `code`: a normal exit could wait on a rank that failed."""
+def finish(code: int) -> int:
+    """`code`; a tensor-parallel process leaves at once with it instead (a normal exit could wait on a rank that
+    failed, in a collective or in the process group's teardown)."""
     if dist.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    return code
+
+
+def lost_ranks(error: RuntimeError) -> str | None:
+    """What to say when a collective failed because another rank is gone (None: not a tensor-parallel run)."""
+    if not dist.is_initialized():
+        return None
+    return (f"rank {dist.get_rank()} lost the other ranks (one failed? its error comes first): "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
 
 
 # ----------------------------------------------------------------------------- the plan

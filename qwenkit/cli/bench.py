@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import QwenkitError
 from ..evals.speed import run_bench
-from .args import add_load_args, add_speed_args, load_for
+from .args import add_load_args, add_parallel_arg, add_speed_args, load_for
 
 HELP = "measure prefill and decode speed"
 DESCRIPTION = ("Prefill tok/s, decode tok/s, time to first token, achieved GB/s and peak RSS on a synthetic prompt "
@@ -19,6 +19,7 @@ DESCRIPTION = ("Prefill tok/s, decode tok/s, time to first token, achieved GB/s 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_args(parser)
     add_speed_args(parser)
+    add_parallel_arg(parser)
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
     parser.add_argument("--prompt", default=None, metavar="TEXT_OR_FILE",
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         result["lookup_speedup"] = round(drafted["decode_tok_s"] / result["decode_tok_s"], 2)
     if args.compile:
         result["compile_s"] = round(args.compile_s, 1)
+    if args.tensor_parallel is not None:  # each rank holds its shard: its own memory
+        result["tp"] = args.tensor_parallel.size
+        result["peak_rss_mib_ranks"] = args.tensor_parallel.gather_objects(result["peak_rss_mib"])
     if args.json:
         print(json.dumps(result))
     else:
