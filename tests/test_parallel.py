@@ -5,6 +5,10 @@ test compares its case with the same computation in this process."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +23,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.parallel import TensorParallel, shard_model
 from qwenkit.quant.linear import QuantizedLinear
 
-from .conftest import free_port, tiny_model, v1_checkpoint, write_checkpoint
+from .conftest import BYTE_VOCAB, free_port, tiny_model, v1_checkpoint, write_byte_tokenizer, write_checkpoint
 
 TOL = 1e-4
 STEPS = 4  # decode steps after the prefill
@@ -108,16 +112,13 @@ def loaded(path: Path, tp: TensorParallel | None = None):
     return model
 
 
-def _worker(rank: int, size: int, port: int, cases: list[str], out: str, fail: bool,
-            paths: dict[str, Path]) -> None:
+def _worker(rank: int, size: int, port: int, cases: list[str], out: str, paths: dict[str, Path]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     tp = TensorParallel(rank, size)
     results = {}
     for case in cases:
         model = loaded(paths[case], tp) if case in paths else shard_model(whole_model(case), tp)
-        if fail and rank == 1:
-            raise RuntimeError("rank 1 fails on purpose")
         results[case] = outputs(model)
         if case in paths:  # what a rank holds of the checkpoint's float weights
             results[case]["bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -126,10 +127,9 @@ def _worker(rank: int, size: int, port: int, cases: list[str], out: str, fail: b
     dist.destroy_process_group()
 
 
-def run_ranks(tmp_path: Path, cases: list[str], fail: bool = False, timeout: float = 90,
-              paths: dict[str, Path] | None = None) -> dict:
+def run_ranks(tmp_path: Path, cases: list[str], paths: dict[str, Path], timeout: float = 90) -> dict:
     out = str(tmp_path / "results.pt")
-    context = mp.start_processes(_worker, args=(2, free_port(), cases, out, fail, paths or {}), nprocs=2,
+    context = mp.start_processes(_worker, args=(2, free_port(), cases, out, paths), nprocs=2,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
@@ -149,7 +149,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def parallel_results(tmp_path_factory, checkpoints) -> dict:
-    return run_ranks(tmp_path_factory.mktemp("tp"), [*CASES, *checkpoints], paths=checkpoints)
+    return run_ranks(tmp_path_factory.mktemp("tp"), [*CASES, *checkpoints], checkpoints)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -197,7 +197,74 @@ def test_int4_groups_not_cut():
         shard_model(model, TensorParallel(0, 2))
 
 
-def test_a_failing_rank_stops_the_other(tmp_path):
-    with pytest.raises(Exception) as raised:
-        run_ranks(tmp_path, ["qwen2"], fail=True, timeout=60)
-    assert "fails on purpose" in str(raised.value)
+# ----------------------------------------------------------------------------- the command line, rank by rank
+@pytest.fixture(scope="module")
+def byte_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Qwen2 checkpoint with a byte-level tokenizer (real text in, real text out) and a long context."""
+    from safetensors.torch import save_file
+
+    model = tiny_model(seed=7, scale=0.2, max_position_embeddings=4096, **BYTE_VOCAB)
+    directory = write_byte_tokenizer(tmp_path_factory.mktemp("byte"))
+    (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    return directory
+
+
+def start_ranks(argvs: list[list[str]], **popen) -> list[subprocess.Popen]:
+    """One `python -m qwenkit` process a rank, with the environment torchrun gives (and no torchrun to stop the
+    others when one fails: each must leave on its own)."""
+    port = free_port()
+    procs = []
+    for rank, argv in enumerate(argvs):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(argvs)),
+                   LOCAL_WORLD_SIZE=str(len(argvs)), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "qwenkit", *argv], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen))
+    return procs
+
+
+def finished(procs: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int, str, str]]:
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, *out) for p, out in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_generate_under_tp_prints_once_what_one_process_prints(byte_checkpoint):
+    argv = ["generate", "-m", str(byte_checkpoint), "--dtype", "float32", "--device", "cpu", "--prompt",
+            "the answer is", "--max-new-tokens", "12", "--temperature", "0.8", "--seed", "5"]
+    one = subprocess.run([sys.executable, "-m", "qwenkit", *argv], capture_output=True, text=True, timeout=60)
+    (code0, out0, err0), (code1, out1, _) = finished(start_ranks([argv + ["--tp", "2"]] * 2))
+    assert (one.returncode, code0, code1) == (0, 0, 0), err0
+    assert out0 == one.stdout and one.stdout.strip() and out1 == ""
+
+
+def test_tp_needs_torchrun_and_its_world(byte_checkpoint):
+    argv = ["generate", "-m", str(byte_checkpoint), "--prompt", "x", "--tp", "2"]
+    alone = subprocess.run([sys.executable, "-m", "qwenkit", *argv], capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert alone.returncode == 2 and "torchrun --nproc-per-node 2 -m qwenkit" in alone.stderr
+    (code, _, err), = finished(start_ranks([argv[:-1] + ["3"]]))
+    assert code == 2 and "--tp 3 but torchrun started 1 processes" in err
+
+
+def test_a_rank_that_cannot_load_fails_every_rank(byte_checkpoint, tmp_path):
+    argv = ["generate", "--dtype", "float32", "--device", "cpu", "--prompt", "hi", "--tp", "2", "-m"]
+    results = finished(start_ranks([argv + [str(byte_checkpoint)], argv + [str(tmp_path / "missing")]]))
+    assert [code for code, _, _ in results] == [2, 2]
+    assert "loading the model failed on 1 of 2 ranks: rank 1: CheckpointError:" in results[0][2]
+    assert "missing" in results[0][2]
+
+
+def test_a_rank_that_dies_mid_reply_stops_rank0(byte_checkpoint):
+    argv = ["generate", "-m", str(byte_checkpoint), "--dtype", "float32", "--device", "cpu", "--prompt", "hi",
+            "--max-new-tokens", "4000", "--temperature", "0", "--stream", "--tp", "2"]
+    rank0, rank1 = start_ranks([argv] * 2)
+    rank0.stdout.read(1)  # the reply has begun
+    rank1.kill()
+    (code, _, err), _ = finished([rank0, rank1], timeout=30)
+    assert code == 1 and "rank 0 lost the other ranks" in err, err
