@@ -40,6 +40,8 @@ CASES = {
     "qwen2-int8": dict(fields={}, bits=8),
     "qwen2-int4": dict(fields={}, bits=4),
     "qwen3-int4": dict(fields=dict(arch="qwen3", qk_norm=True, qkv_bias=False), bits=4),
+    "qwen2-lora": dict(fields={}, lora=True),
+    "qwen2-int4-lora": dict(fields={}, bits=4, lora=True),  # Q-LoRA's layers
 }
 
 
@@ -50,6 +52,15 @@ def whole_model(case: str):
     if spec.get("bits"):
         from qwenkit.quant.convert import quantize_model
         quantize_model(model, bits=spec["bits"], group_size=32, lm_head_bits=8)
+    if spec.get("lora"):  # A split / B whole for o and down, A whole / B split for the others
+        from qwenkit.train.lora import apply_lora, lora_layers
+        apply_lora(model, r=4, alpha=8, dropout=0.0)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_A.copy_(0.2 * torch.randn(layer.lora_A.shape, generator=gen))
+                layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=gen))
+        model.eval()
     return model
 
 
