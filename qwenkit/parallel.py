@@ -17,7 +17,7 @@ The plan is applied from outside the model by swapping each projection for its s
 
 Module names and types stay those of the plain model, so quantizing or packing a shard as it loads works
 unchanged. `shard_model` splits a loaded model; `load(..., tensor_parallel=tp)` (qwenkit.loading) instead reads
-only this rank's slice of each tensor of a float safetensors checkpoint (`shard_tensors`), so a rank holds ~1/N
+only this rank's slice of each tensor of a float safetensors checkpoint (`read_shard`), so a rank holds ~1/N
 of the weights (plus the whole embedding); a GGUF file or a quantized checkpoint is read whole, then split.
 """
 
@@ -28,7 +28,7 @@ import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -336,23 +336,43 @@ def _int4_part(layer: Int4Linear, span: Span, name: str) -> dict[str, torch.Tens
 
 
 # ----------------------------------------------------------------------------- loading a shard
-def shard_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config, tp: TensorParallel,
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(canonical name, float tensor) pairs of the whole model -> those of this rank's shard (for a model built by
-    `shard_model` on the meta device): each split tensor is cut to its span as it arrives and the whole one
-    dropped; a tied head gets its rows of the embedding."""
+def read_shard(files: list, config, tp: TensorParallel) -> Iterator[tuple[str, torch.Tensor]]:
+    """(canonical name, tensor) pairs of this rank's shard of a float checkpoint (for a model built by `shard_model`
+    on the meta device), read a slice at a time (safetensors' get_slice): a rank reads ~1/N of the split tensors'
+    bytes. Qwen v1's fused c_attn is three blocks (q, k, v): each is cut to its span, not the fused rows. A tied
+    head gets its rows of the embedding."""
+    from .checkpoint_names import canonical_modules
+    from .loading.hf import sliceable_tensors
+
     spans = plan(config, tp)
-    for name, tensor in tensors:
+    for name, stored in sliceable_tensors(files):
         module, _, attr = name.rpartition(".")
-        span = span_of(module, spans)
-        if name == "model.embed_tokens.weight" and config.tie_word_embeddings:
-            yield "lm_head.weight", _owned(_part(tensor, spans["lm_head"]))
-        if span is None:
-            yield name, tensor
-        elif attr == "bias" and span.dim == 1:
-            yield name, tensor if tp.rank == 0 else torch.zeros_like(tensor)
-        else:
-            yield name, _owned(_part(tensor, span if attr == "weight" else Span(0, span.start, span.stop)))
+        targets = canonical_modules(module, config)
+        rows = _shape(stored)[0] // len(targets)  # c_attn: q, k and v of one width, one after another
+        for i, target in enumerate(targets):
+            span = span_of(target, spans)
+            if target == "model.embed_tokens" and config.tie_word_embeddings:
+                yield "lm_head.weight", _read(stored, spans["lm_head"])
+            if span is None:  # whole (Qwen v1: its block of c_attn)
+                part = Span(0, i * rows, (i + 1) * rows)
+            elif span.dim == 0:
+                part = Span(0, i * rows + span.start, i * rows + span.stop)
+            else:  # a row layer: its columns; its bias whole, on rank 0 (added once)
+                part = span if attr == "weight" else Span(0, 0, rows)
+            tensor = _read(stored, part)
+            if span is not None and span.dim == 1 and attr == "bias" and tp.rank:
+                tensor = torch.zeros_like(tensor)
+            yield f"{target}.{attr}", tensor
+
+
+def _shape(stored) -> tuple[int, ...]:
+    return tuple(stored.get_shape() if hasattr(stored, "get_shape") else stored.shape)
+
+
+def _read(stored, span: Span) -> torch.Tensor:
+    """`span` of a safetensors slice or a tensor, read into memory of its own."""
+    index = (slice(span.start, span.stop),) if span.dim == 0 else (slice(None), slice(span.start, span.stop))
+    return _owned(stored[index])
 
 
 def agree_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -150,16 +150,16 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         prepare = _quantized_layers(gptq or config.extra.get("quantization_config"), quantize, files)
         tokenizer = Tokenizer.from_pretrained(path)
         total = sum(f.stat().st_size for f in files)
-        tensors = hf.checkpoint_tensors(files)
-        if gptq is not None:
-            tensors = autogptq.repacked(tensors, gptq, dtype)
-        tensors = canonical_names(tensors, config)
         sliced = tp is not None and prepare is None and adapter is None
-        if sliced:  # built as this rank's shard, each float tensor cut to it as it is read
-            from ..parallel import shard_model, shard_tensors
-            prepare, tensors = (lambda net: shard_model(net, tp)), shard_tensors(tensors, config, tp)
-        elif tp is not None:
-            pack_now = False  # split first, then packed
+        if sliced:  # built as this rank's shard, each float tensor's slice read alone
+            from ..parallel import read_shard, shard_model
+            prepare, tensors = (lambda net: shard_model(net, tp)), read_shard(files, config, tp)
+        else:
+            tensors = hf.checkpoint_tensors(files)
+            if gptq is not None:
+                tensors = autogptq.repacked(tensors, gptq, dtype)
+            tensors = canonical_names(tensors, config)
+            pack_now = pack_now and tp is None  # split first, then packed
         net = build_model(config, tensors, dtype, device,
                           description=f"loading {path.name}", total_bytes=total, prepare=prepare,
                           quantize=quantize, pack=pack_now, weight_dtype=weight_dtype)
