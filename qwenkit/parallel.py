@@ -396,3 +396,67 @@ class LinesFromRank0:
 
     def isatty(self) -> bool:
         return self.tp.from_rank0(self.stream.isatty() if self.tp.rank == 0 else None)
+
+
+class LeadingDecoder:
+    """Rank 0's Decoder under `serve --tp`: every call that runs the model is sent to the other ranks before it is
+    made, and their own Decoders (`follow`) make the same call, so that every rank runs the same forwards in the
+    same order (rank 0's tokens, agree_tokens, keep their rows alike). Everything else reads rank 0's Decoder."""
+
+    def __init__(self, decoder, tp: TensorParallel):
+        self.decoder, self.tp = decoder, tp
+        self._send("decoder", dict(max_batch=decoder.cache.batch_size, max_len=decoder.max_len,
+                                   prefill_chunk=decoder.prefill_chunk, lookup=decoder.lookup))
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def _send(self, *call) -> None:
+        self.tp.from_rank0(call)
+
+    def begin(self, request):
+        self._send("begin", request)
+        return self.decoder.begin(request)
+
+    def advance(self):
+        self._send("advance")
+        return self.decoder.advance()
+
+    def step(self):
+        self._send("step")
+        return self.decoder.step()
+
+    def cancel(self, row) -> None:
+        if row in self.decoder.rows:
+            self._send("cancel", self.decoder.rows.index(row))
+        self.decoder.cancel(row)
+
+    def drop_pending(self) -> None:
+        self._send("drop_pending")
+        self.decoder.drop_pending()
+
+    def clear(self) -> None:
+        self._send("clear")
+        self.decoder.clear()
+
+
+def follow(model: nn.Module, tokenizer, tp: TensorParallel) -> None:
+    """A rank other than 0 under `serve --tp`: make the Decoder calls rank 0's LeadingDecoder sends, until it
+    says stop."""
+    from .generate import Decoder
+
+    decoder = None
+    while True:
+        name, *args = tp.from_rank0(None)
+        if name == "stop":
+            return
+        if name == "decoder":
+            decoder = Decoder(model, tokenizer, **args[0])
+        elif name == "cancel":
+            decoder.cancel(decoder.rows[args[0]])
+        else:
+            try:
+                getattr(decoder, name)(*args)
+            except Exception:  # (rank 0 meets the same error, in the same state, and ends that request)
+                pass
+

