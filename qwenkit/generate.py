@@ -29,7 +29,7 @@ import torch
 from .errors import ContextLengthError, RequestError
 from .grammar import Grammar, GrammarError, as_grammar, mask_logits
 from .model import Model, ntk_alpha
-from .parallel import agree_tokens
+from .parallel import agree_token, agree_tokens
 from .runtime.decode import decode_step
 from .sampling import SamplingParams, TokenHistory, argmax, logprobs_of, make_generator, process_logits, sample
 from .tokenizer import Tokenizer
@@ -279,7 +279,7 @@ class Decoder:
         events = []
         for j in range(len(draft) + 1):
             token = verify_draft_token(logits[j], draft[j] if j < len(draft) else None, request.params, row.generator)
-            token = int(agree_tokens(self.model, torch.tensor([token], device=self.model.device))[0])
+            token = agree_token(self.model, token)
             self.last_tokens[0] = token
             delta = self._delta(row, token)
             events.append((row, delta))

@@ -381,6 +381,13 @@ def agree_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return tokens if tp is None else tp.broadcast(tokens)
 
 
+def agree_token(model: nn.Module, token: int) -> int:
+    """agree_tokens for one token the host holds (no device round trip without tensor parallelism)."""
+    if getattr(model, "tensor_parallel", None) is None:
+        return token
+    return int(agree_tokens(model, torch.tensor([token], device=model.device))[0])
+
+
 class LinesFromRank0:
     """A text stream whose lines are rank 0's: rank 0 reads `stream` and sends each line to the others, which
     read it here, so that every rank's chat follows the same inputs."""

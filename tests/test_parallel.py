@@ -249,22 +249,33 @@ def finished(procs: list[subprocess.Popen], timeout: float = 60) -> list[tuple[i
                 p.kill()
 
 
-def test_generate_under_tp_prints_once_what_one_process_prints(byte_checkpoint):
+def one_process(capsys, argv: list[str]) -> str:
+    """What `qwenkit ARGV` prints, run in this process."""
+    from qwenkit.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_under_tp_prints_once_what_one_process_prints(byte_checkpoint, capsys):
     argv = ["generate", "-m", str(byte_checkpoint), "--dtype", "float32", "--device", "cpu", "--prompt",
             "the answer is", "--max-new-tokens", "12", "--temperature", "0.8", "--seed", "5"]
-    one = subprocess.run([sys.executable, "-m", "qwenkit", *argv], capture_output=True, text=True, timeout=60)
     (code0, out0, err0), (code1, out1, _) = finished(start_ranks([argv + ["--tp", "2"]] * 2))
-    assert (one.returncode, code0, code1) == (0, 0, 0), err0
-    assert out0 == one.stdout and one.stdout.strip() and out1 == ""
+    assert (code0, code1) == (0, 0), err0
+    assert out0 == one_process(capsys, argv) and out0.strip() and out1 == ""
 
 
-def test_tp_needs_torchrun_and_its_world(byte_checkpoint):
+def test_tp_needs_torchrun_and_its_world(byte_checkpoint, monkeypatch, capsys):
+    from qwenkit.cli import main
+
     argv = ["generate", "-m", str(byte_checkpoint), "--prompt", "x", "--tp", "2"]
-    alone = subprocess.run([sys.executable, "-m", "qwenkit", *argv], capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
-    assert alone.returncode == 2 and "torchrun --nproc-per-node 2 -m qwenkit" in alone.stderr
-    (code, _, err), = finished(start_ranks([argv[:-1] + ["3"]]))
-    assert code == 2 and "--tp 3 but torchrun started 1 processes" in err
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(argv) == 2 and "torchrun --nproc-per-node 2 -m qwenkit" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(argv[:-1] + ["3"]) == 2 and "--tp 3 but torchrun started 1 processes" in capsys.readouterr().err
 
 
 def test_a_rank_that_cannot_load_fails_every_rank(byte_checkpoint, tmp_path):
@@ -286,7 +297,7 @@ def test_a_rank_that_dies_mid_reply_stops_rank0(byte_checkpoint):
 
 
 
-def test_serve_under_tp_answers_from_rank0_and_stops_every_rank(byte_checkpoint):
+def test_serve_under_tp_answers_from_rank0_and_stops_every_rank(byte_checkpoint, capsys):
     """Rank 0 alone speaks HTTP, the other follows its steps; /v1/completions gives generate's greedy text; a
     SIGTERM to rank 0 ends both ranks cleanly."""
     port = free_port()
@@ -309,9 +320,9 @@ def test_serve_under_tp_answers_from_rank0_and_stops_every_rank(byte_checkpoint)
     finally:
         rank0.send_signal(signal.SIGTERM)
         (code0, _, err0), (code1, _, err1) = finished([rank0, rank1], timeout=30)
-    one = subprocess.run([sys.executable, "-m", "qwenkit", "generate", *argv, "--prompt", "the answer is",
-                          "--max-new-tokens", "10", "--temperature", "0"], capture_output=True, text=True, timeout=60)
-    assert reply["choices"][0]["text"] == one.stdout.removesuffix("\n")
+    one = one_process(capsys, ["generate", *argv, "--prompt", "the answer is", "--max-new-tokens", "10",
+                               "--temperature", "0"])
+    assert reply["choices"][0]["text"] == one.removesuffix("\n")
     assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
 
 
