@@ -29,7 +29,6 @@ import torch
 from .errors import ContextLengthError, RequestError
 from .grammar import Grammar, GrammarError, as_grammar, mask_logits
 from .model import Model, ntk_alpha
-from .parallel import agree_token, agree_tokens
 from .runtime.decode import decode_step
 from .sampling import SamplingParams, TokenHistory, argmax, logprobs_of, make_generator, process_logits, sample
 from .tokenizer import Tokenizer
@@ -128,6 +127,7 @@ class Decoder:
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 1, max_len: int | None = None,
                  ahead: bool | None = None, prefill_chunk: int | None = None, lookup: int = 0):
         self.model, self.tokenizer = model, tokenizer
+        self.tensor_parallel = getattr(model, "tensor_parallel", None)  # this rank's group, for a shard's model
         if lookup < 0:
             raise ValueError(f"lookup must be 0 (off) or a number of draft tokens, not {lookup}")
         self.lookup = lookup
@@ -279,7 +279,8 @@ class Decoder:
         events = []
         for j in range(len(draft) + 1):
             token = verify_draft_token(logits[j], draft[j] if j < len(draft) else None, request.params, row.generator)
-            token = agree_token(self.model, token)
+            if self.tensor_parallel is not None:
+                token = int(self._agreed(torch.tensor([token], device=self.model.device))[0])
             self.last_tokens[0] = token
             delta = self._delta(row, token)
             events.append((row, delta))
@@ -354,8 +355,7 @@ class Decoder:
         if constrained:
             mask_logits(logits, constrained)
         logits = process_logits(logits, params, history)
-        # Tensor parallel: rank 0's draws on every rank, so that no rank can go its own way.
-        tokens = agree_tokens(self.model, sample(logits, params, [r.generator for r in rows]))
+        tokens = self._agreed(sample(logits, params, [r.generator for r in rows]))
         sampled = _Sampled(rows, tokens)
         if any(r.request.logprobs for r in rows):
             top_n = max(r.request.top_logprobs for r in rows)
@@ -365,6 +365,11 @@ class Decoder:
         self.last_tokens[start:stop] = tokens
         sampled.copy_to_host()
         return sampled
+
+    def _agreed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Under tensor parallelism (qwenkit.parallel), rank 0's draws on every rank, so that no rank can go its own
+        way; else `tokens`."""
+        return tokens if self.tensor_parallel is None else self.tensor_parallel.broadcast(tokens)
 
     def _emit(self, sampled: _Sampled) -> list[tuple[_Row, Delta]]:
         """Read a step's tokens on the host and emit each row's delta; finished rows leave.

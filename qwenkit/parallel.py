@@ -7,8 +7,8 @@ The plan is applied from outside the model by swapping each projection for its s
 - o_proj and down_proj are split by input columns: each rank's product is a partial sum, added across ranks by
   one all-reduce (a forward hook). Their biases stay on rank 0 alone (zero elsewhere), so they are added once.
 - lm_head is split over the vocabulary (ceil(V/N) rows a rank); the logits are all-gathered, so every rank
-  holds all of them and samples alike. Rank 0 then broadcasts the token ids it drew (generate.Decoder) so that
-  the ranks can never diverge.
+  holds all of them and samples alike. Rank 0 then broadcasts the token ids it drew (generate.Decoder reads
+  `model.tensor_parallel`, which `connect` sets) so that the ranks can never diverge.
 - The embedding stays whole on every rank: a lookup reads a few rows, so a split table would save memory only
   (1/N of V·D) at the price of one more all-reduce per forward; the tied head gets its own 1/N shard.
 - Quantized linears (qwenkit.quant.linear's int8 and int4) split along their stored tensors: int8 rows or
@@ -28,10 +28,11 @@ import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -98,10 +99,10 @@ class TensorParallel:
                                + "; ".join(f"rank {rank}: {e}" for rank, e in failed))
 
 
-def start(size: int, device: str = "auto") -> tuple[TensorParallel, str]:
+def start(size: int, device: torch.device | str) -> tuple[TensorParallel, torch.device | str]:
     """Join the process group torchrun started for `--tp size`; returns it and the device this rank runs on
-    (cuda:LOCAL_RANK for CUDA, else `device`). Errors name the fix where torchrun is missing or its world
-    differs from `size`."""
+    (cuda:LOCAL_RANK for CUDA, else `device`, resolved already: not "auto"). Errors name the fix where torchrun is
+    missing or its world differs from `size`."""
     if size < 1:
         raise QwenkitError(f"--tp {size}: give the number of processes to split the model over (1 or more)")
     env = os.environ
@@ -112,9 +113,7 @@ def start(size: int, device: str = "auto") -> tuple[TensorParallel, str]:
     if world != size:
         raise QwenkitError(f"--tp {size} but torchrun started {world} processes: give --tp {world}, "
                            f"or torchrun --nproc-per-node {size}")
-    from .loading import resolve_device
-
-    cuda = resolve_device(device).type == "cuda"
+    cuda = torch.device(device).type == "cuda"
     if cuda:
         if local_rank >= torch.cuda.device_count():
             raise QwenkitError(f"rank {rank} would use GPU {local_rank} but this machine has "
@@ -336,16 +335,17 @@ def _int4_part(layer: Int4Linear, span: Span, name: str) -> dict[str, torch.Tens
 
 
 # ----------------------------------------------------------------------------- loading a shard
-def read_shard(files: list, config, tp: TensorParallel) -> Iterator[tuple[str, torch.Tensor]]:
-    """(canonical name, tensor) pairs of this rank's shard of a float checkpoint (for a model built by `shard_model`
-    on the meta device), read a slice at a time (safetensors' get_slice): a rank reads ~1/N of the split tensors'
-    bytes. Qwen v1's fused c_attn is three blocks (q, k, v): each is cut to its span, not the fused rows. A tied
-    head gets its rows of the embedding."""
+def read_shard(stored_tensors: Iterable[tuple[str, Any]], config, tp: TensorParallel,
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, unread tensor) pairs of a float checkpoint (loading.hf.sliceable_tensors) -> (canonical
+    name, tensor) pairs of this rank's shard (for a model built by `shard_model` on the meta device), each read a
+    slice at a time (safetensors' get_slice): a rank reads ~1/N of the split tensors' bytes. Qwen v1's fused
+    c_attn is three blocks (q, k, v): each is cut to its span, not the fused rows. A tied head gets its rows of
+    the embedding."""
     from .checkpoint_names import canonical_modules
-    from .loading.hf import sliceable_tensors
 
     spans = plan(config, tp)
-    for name, stored in sliceable_tensors(files):
+    for name, stored in stored_tensors:
         module, _, attr = name.rpartition(".")
         targets = canonical_modules(module, config)
         rows = _shape(stored)[0] // len(targets)  # c_attn: q, k and v of one width, one after another
@@ -375,19 +375,6 @@ def _read(stored, span: Span) -> torch.Tensor:
     return _owned(stored[index])
 
 
-def agree_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Rank 0's sampled `tokens` on every rank of a tensor-parallel model; `tokens` itself otherwise."""
-    tp = getattr(model, "tensor_parallel", None)
-    return tokens if tp is None else tp.broadcast(tokens)
-
-
-def agree_token(model: nn.Module, token: int) -> int:
-    """agree_tokens for one token the host holds (no device round trip without tensor parallelism)."""
-    if getattr(model, "tensor_parallel", None) is None:
-        return token
-    return int(agree_tokens(model, torch.tensor([token], device=model.device))[0])
-
-
 class LinesFromRank0:
     """A text stream whose lines are rank 0's: rank 0 reads `stream` and sends each line to the others, which
     read it here, so that every rank's chat follows the same inputs."""
@@ -408,7 +395,8 @@ class LinesFromRank0:
 class LeadingDecoder:
     """Rank 0's Decoder under `serve --tp`: every call that runs the model is sent to the other ranks before it is
     made, and their own Decoders (`follow`) make the same call, so that every rank runs the same forwards in the
-    same order (rank 0's tokens, agree_tokens, keep their rows alike). Everything else reads rank 0's Decoder."""
+    same order (rank 0's tokens, which every Decoder takes, keep their rows alike). Everything else reads rank 0's
+    Decoder."""
 
     def __init__(self, decoder, tp: TensorParallel):
         self.decoder, self.tp = decoder, tp

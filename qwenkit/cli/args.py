@@ -173,7 +173,8 @@ def start_parallel(args: argparse.Namespace):
         from ..parallel import start
         if getattr(args, "compile", False):
             raise QwenkitError("--compile with --tp is not supported yet: leave one of them out")
-        tp, device = start(args.tp, args.device)
+        from ..loading import resolve_device
+        tp, device = start(args.tp, resolve_device(args.device))
     args.tensor_parallel, args.tp_device = tp, device
     return tp, device
 

@@ -153,7 +153,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         sliced = tp is not None and prepare is None and adapter is None
         if sliced:  # built as this rank's shard, each float tensor's slice read alone
             from ..parallel import read_shard, shard_model
-            prepare, tensors = (lambda net: shard_model(net, tp)), read_shard(files, config, tp)
+            prepare, tensors = (lambda net: shard_model(net, tp)), read_shard(hf.sliceable_tensors(files), config, tp)
         else:
             tensors = hf.checkpoint_tensors(files)
             if gptq is not None:
