@@ -41,9 +41,12 @@ from torch import nn
 from .errors import QwenkitError
 from .quant.linear import Int4Linear, Int8Linear, frozen
 
-# Ranks wait for each other between a chat's replies (for as long as its user types): a rank that dies is noticed
-# through its closed connection, or torchrun stops the rest, not through this timeout.
+# Ranks wait for each other between a chat's replies (for as long as its user types), and for the slowest to load:
+# a rank that dies is noticed through its closed connection, or torchrun stops the rest, not through this timeout.
 WAIT = timedelta(days=1)
+# Within a forward the ranks meet a layer apart: a rank that does not come in this time is stuck (or stopped), and
+# the others end with an error rather than wait for it. QWENKIT_TP_TIMEOUT (seconds) overrides it.
+STEP_WAIT = timedelta(minutes=10)
 
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW = ("self_attn.o_proj", "mlp.down_proj")
@@ -51,37 +54,39 @@ ROW = ("self_attn.o_proj", "mlp.down_proj")
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This process's place in a tensor-parallel group of `size` ranks, and the collectives the plan needs."""
+    """This process's place among the `size` ranks torchrun started (the whole world: one model split over all of
+    them), and the collectives the plan needs. The forwards' collectives and tokens go through `steps` (a group
+    with STEP_WAIT's timeout; None: the default group); waits of any length (inputs, loading) through the
+    default group."""
     rank: int
     size: int
-    group: dist.ProcessGroup | None = None
+    steps: dist.ProcessGroup | None = None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(t, group=self.steps)
         return t
 
     def gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's `t` side by side on the last dimension (equal shapes on every rank)."""
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
+        dist.all_gather(parts, t.contiguous(), group=self.steps)
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` on every rank (in place)."""
-        dist.broadcast(t, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        dist.broadcast(t, src=0, group=self.steps)
         return t
 
     def from_rank0(self, value):
         """Rank 0's `value` (any picklable object) on every rank."""
         box = [value if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0,
-                                   group=self.group)
+        dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def gather_objects(self, value) -> list:
         """Every rank's `value` (any picklable object), in rank order, on every rank."""
         values = [None] * self.size
-        dist.all_gather_object(values, value, group=self.group)
+        dist.all_gather_object(values, value)
         return values
 
     @contextmanager
@@ -127,6 +132,8 @@ def start(size: int, device: torch.device | str) -> tuple[TensorParallel, torch.
         torch.set_num_threads(max(1, cores // int(env.get("LOCAL_WORLD_SIZE", size))))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT)
+    steps = dist.new_group(timeout=timedelta(seconds=float(env["QWENKIT_TP_TIMEOUT"])) if "QWENKIT_TP_TIMEOUT" in env
+                           else STEP_WAIT)
     if rank:
         # Followers print nothing: rank 0 alone speaks (replies, progress bars, warnings).
         sys.stdout = open(os.devnull, "w")
@@ -134,7 +141,7 @@ def start(size: int, device: torch.device | str) -> tuple[TensorParallel, torch.
     else:
         # torchrun stops the others with SIGTERM when one fails: say so rather than vanish without a word.
         signal.signal(signal.SIGTERM, _stopped)
-    return TensorParallel(rank, size), device
+    return TensorParallel(rank, size, steps), device
 
 
 def _stopped(signum, frame):

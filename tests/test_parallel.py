@@ -225,7 +225,7 @@ def byte_checkpoint(tmp_path_factory) -> Path:
     return directory
 
 
-def start_ranks(argvs: list[list[str]], **popen) -> list[subprocess.Popen]:
+def start_ranks(argvs: list[list[str]], env_extra: dict | None = None) -> list[subprocess.Popen]:
     """One `python -m qwenkit` process a rank, with the environment torchrun gives (and no torchrun to stop the
     others when one fails: each must leave on its own)."""
     port = free_port()
@@ -233,9 +233,9 @@ def start_ranks(argvs: list[list[str]], **popen) -> list[subprocess.Popen]:
     for rank, argv in enumerate(argvs):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(argvs)),
                    LOCAL_WORLD_SIZE=str(len(argvs)), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", **(env_extra or {}))
         procs.append(subprocess.Popen([sys.executable, "-m", "qwenkit", *argv], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen))
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs
 
 
@@ -325,6 +325,21 @@ def test_serve_under_tp_answers_from_rank0_and_stops_every_rank(byte_checkpoint,
     assert reply["choices"][0]["text"] == one.removesuffix("\n")
     assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
 
+
+
+def test_a_rank_that_hangs_mid_reply_stops_rank0(byte_checkpoint):
+    """A rank stopped (SIGSTOP) in the middle of a reply: rank 0 waits QWENKIT_TP_TIMEOUT for it, then ends."""
+    argv = ["generate", "-m", str(byte_checkpoint), "--dtype", "float32", "--device", "cpu", "--prompt", "hi",
+            "--max-new-tokens", "4000", "--temperature", "0", "--stream", "--tp", "2"]
+    rank0, rank1 = start_ranks([argv] * 2, env_extra={"QWENKIT_TP_TIMEOUT": "3"})
+    rank0.stdout.read(1)
+    rank1.send_signal(signal.SIGSTOP)
+    try:
+        code = rank0.wait(timeout=30)
+    finally:
+        rank1.kill()
+    (_, _, err), _ = finished([rank0, rank1])
+    assert code == 1 and "rank 0 lost the other ranks" in err and "imed out" in err, err
 
 @pytest.mark.real
 def test_demo_greedy_text_under_tp(demo_path):
