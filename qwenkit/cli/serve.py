@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from ..errors import QwenkitError
-from .args import (add_adapter_arg, add_load_args, add_speed_args, check_draft_args, drafter_for, load_for,
-                   read_env_defaults)
+from .args import (add_adapter_arg, add_load_args, add_parallel_arg, add_speed_args, check_draft_args, drafter_for,
+                   load_for, read_env_defaults, start_parallel)
 
 HELP = "OpenAI-compatible HTTP server with continuous batching"
 DESCRIPTION = ("Serve the OpenAI API (/v1/chat/completions with tools and streaming, /v1/completions, "
@@ -22,6 +23,7 @@ POSITIVE_OPTIONS = ("max_batch", "max_queue", "request_timeout", "max_body_bytes
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_args(parser)
     add_speed_args(parser)
+    add_parallel_arg(parser)
     add_adapter_arg(parser)
     parser.add_argument("--host", "--server-name", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 exposes the server (default: %(default)s)")
@@ -72,4 +74,17 @@ def run(args: argparse.Namespace) -> int:
         cors_origins=origins,
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes)
-    return serve(lambda: load_for(args), settings, host=args.host, port=args.port)
+    tp, _ = start_parallel(args)
+    if tp is None:
+        return serve(lambda: load_for(args), settings, host=args.host, port=args.port)
+    from ..parallel import follow
+    if tp.rank:  # no HTTP here: the model's share of rank 0's work, step by step, until it stops
+        model, tokenizer = load_for(args)
+        follow(model, tokenizer, tp, drafter_for(args, tokenizer))  # drafts as rank 0's, made from the same tokens
+        return 0
+    # uvicorn stops the server on SIGTERM, then raises it again once done: the other ranks need their stop first.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        return serve(lambda: load_for(args), settings, host=args.host, port=args.port)
+    finally:
+        tp.from_rank0(("stop",))  # (the engine has stopped: no other collective is under way)

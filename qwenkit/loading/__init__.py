@@ -27,6 +27,7 @@ from ..tokenizer import Tokenizer
 from . import hf, hub
 
 if TYPE_CHECKING:
+    from ..parallel import TensorParallel
     from .gguf import StoredTensor
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -66,7 +67,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
          compile: bool = False, cuda_graphs: bool = True, pack: bool = True,
          rope_scaling: str | dict | None = None, dynamic_ntk: bool | None = None, logn: bool | None = None,
          train_length: int | None = None, window_attention: str | list | None = None,
-         context: int | None = None, kv_cache: str = "float") -> tuple[Model, Tokenizer]:
+         context: int | None = None, kv_cache: str = "float",
+         tensor_parallel: TensorParallel | None = None) -> tuple[Model, Tokenizer]:
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
     `quantize`: "auto", None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it
@@ -101,6 +103,10 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     (Model.set_window_attention). `context`: the context length wanted; past the model's own, YaRN scaling
     stretches it that far (Qwen2.5's documented recipe; not with `rope_scaling` too). `kv_cache`: "float" (the
     model's dtype) or "int8" keys and values (Model.set_kv_cache: about half the memory).
+
+    `tensor_parallel`: this rank's shard only (qwenkit.parallel: started by parallel.start under torchrun). A float
+    checkpoint is read a slice at a time; a GGUF file, a quantized checkpoint or one with an adapter is read whole
+    and split afterwards.
     """
     from .on_load import QUANTIZE_MODES
 
@@ -130,8 +136,10 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     pack = pack and not compile  # the tracer cannot read oneDNN's packed tensors
     # Packed as the weights arrive, unless an adapter must be folded into plain weights first.
     pack_now = pack and adapter is None
+    tp = tensor_parallel
+    sliced = False  # whether each tensor was cut to this rank's shard as it was read
     if path.is_file():
-        net, tokenizer = _load_gguf(path, dtype, device, quantize, pack_now, weight_dtype)
+        net, tokenizer = _load_gguf(path, dtype, device, quantize, pack_now and tp is None, weight_dtype)
     else:
         if quantize == "gguf":
             raise ValueError(f"quantize='gguf' keeps a GGUF file's own block formats, but {path} is a "
@@ -142,19 +150,32 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         prepare = _quantized_layers(gptq or config.extra.get("quantization_config"), quantize, files)
         tokenizer = Tokenizer.from_pretrained(path)
         total = sum(f.stat().st_size for f in files)
-        tensors = hf.checkpoint_tensors(files)
-        if gptq is not None:
-            tensors = autogptq.repacked(tensors, gptq, dtype)
-        net = build_model(config, canonical_names(tensors, config), dtype, device,
+        sliced = tp is not None and prepare is None and adapter is None
+        if sliced:  # built as this rank's shard, each float tensor's slice read alone
+            from ..parallel import read_shard, shard_model
+            prepare, tensors = (lambda net: shard_model(net, tp)), read_shard(hf.sliceable_tensors(files), config, tp)
+        else:
+            tensors = hf.checkpoint_tensors(files)
+            if gptq is not None:
+                tensors = autogptq.repacked(tensors, gptq, dtype)
+            tensors = canonical_names(tensors, config)
+            pack_now = pack_now and tp is None  # split first, then packed
+        net = build_model(config, tensors, dtype, device,
                           description=f"loading {path.name}", total_bytes=total, prepare=prepare,
                           quantize=quantize, pack=pack_now, weight_dtype=weight_dtype)
         net.generation_config = _read_json(path / "generation_config.json")
     if adapter is not None:
         from ..train.lora import load_adapter, merge_lora
         merge_lora(load_adapter(net, adapter), quantized=False)
-        if pack:
-            from ..runtime.packed import pack_linears
-            pack_linears(net, weight_dtype)
+    if tp is not None:
+        from ..parallel import connect, shard_model
+        if sliced:
+            connect(net, tp, net.config.vocab_size)  # onto the layers the loader swapped in (quantized, packed)
+        else:
+            shard_model(net, tp)
+    if pack and (adapter is not None or (tp is not None and not sliced)):
+        from ..runtime.packed import pack_linears
+        pack_linears(net, weight_dtype)
     if context is not None:
         rope_scaling = yarn_for_context(net.config, context)
     if rope_scaling is not None:
@@ -274,6 +295,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     if prepare is not None:
         prepare(net)
     weight_dtype = weight_dtype or dtype
+    tied = net.config.tie_word_embeddings  # (after `prepare`, which may untie the head: a tensor-parallel shard)
     pack = pack and weight_dtype == torch.bfloat16 and device.type == "cpu" and inference_layout(dtype)
     weight_dtype = weight_dtype if pack else dtype
     # Laid out before the tensors arrive (nothing to fuse when they become quantized or packed layers);
@@ -281,7 +303,6 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     laid_out = lay_out_siblings(net, dtype, device) if quantize is None and not pack else set()
     unfilled = set(laid_out)
     expected = dict(net.named_parameters())
-    tied = config.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight", None)
     unexpected = []
@@ -320,7 +341,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     if unexpected:
         raise CheckpointError(f"the checkpoint has {len(unexpected)} tensors this architecture does not use, "
                               f"e.g. {', '.join(unexpected[:5])}: is config.json for these weights?")
-    if config.tie_word_embeddings and type(net.lm_head) is nn.Linear:
+    if net.config.tie_word_embeddings and type(net.lm_head) is nn.Linear:
         net.lm_head.weight = net.model.embed_tokens.weight
         if pack:
             pack_linears(net, weight_dtype)  # the head, from the embedding (which keeps its dense table)

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,6 +62,24 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({e}); it is probably "
                                   "truncated or corrupt: re-download it") from e
         yield from state.items()
+
+
+def sliceable_tensors(files: list[Path]) -> Iterator[tuple[str, Any]]:
+    """Every tensor of the checkpoint under its own name (buffers the model recomputes left out), unread: a
+    safetensors slice (get_slice: indexing it reads those rows or columns alone) or a memory-mapped tensor."""
+    for path in files:
+        if path.suffix != ".safetensors":
+            yield from ((name, t) for name, t in read_tensors(path) if not _IGNORED.match(name))
+            continue
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if not _IGNORED.match(name):
+                        yield name, f.get_slice(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is probably "
+                                  "truncated or corrupt: re-download it") from e
 
 
 def checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

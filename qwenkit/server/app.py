@@ -134,6 +134,9 @@ class Service:
             engine = Engine(model, tokenizer, self.settings.max_batch, self.settings.max_queue, context,
                             on_failure=self._engine_failed, prefill_chunk=self.settings.prefill_chunk,
                             draft=self.settings.draft(tokenizer) if self.settings.draft else None)
+            if getattr(model, "tensor_parallel", None) is not None:  # serve --tp: the other ranks make its calls too
+                from ..parallel import LeadingDecoder
+                engine.decoder = LeadingDecoder(engine.decoder, model.tensor_parallel)
             engine.start()
         except Exception as e:  # reported by /health, and `qwenkit serve` exits with it
             self.load_error = f"{type(e).__name__}: {e}"
@@ -474,6 +477,8 @@ async def _completion_chunks(request: HTTPRequest, body: CompletionRequest, choi
 async def embeddings(request: HTTPRequest):
     """Mean-pooled, normalized hidden states."""
     service, engine, body = await _open(request, EmbeddingRequest)
+    if getattr(engine.model, "tensor_parallel", None) is not None:  # (its forward would run on rank 0 alone)
+        raise APIError(400, "embeddings are not served under --tp yet: serve this model without --tp for them")
     tok = engine.tokenizer
     hidden = engine.model.config.hidden_size
     if body.dimensions is not None and body.dimensions != hidden:

@@ -1,0 +1,465 @@
+"""Tensor-parallel inference on torch.distributed: `torchrun --nproc-per-node N -m qwenkit generate --tp N ...`.
+
+The plan is applied from outside the model by swapping each projection for its shard (model.py stays plain):
+- q/k/v and gate/up are split by output rows: rank r holds query heads [r·H/N, (r+1)·H/N), the KV heads those
+  queries read (GQA: n_kv/N of them, so the KV cache of a rank holds only its heads) and 1/N of the MLP's width.
+  Their biases are split with them. Nothing crosses ranks: each rank attends over its own heads.
+- o_proj and down_proj are split by input columns: each rank's product is a partial sum, added across ranks by
+  one all-reduce (a forward hook). Their biases stay on rank 0 alone (zero elsewhere), so they are added once.
+- lm_head is split over the vocabulary (ceil(V/N) rows a rank); the logits are all-gathered, so every rank
+  holds all of them and samples alike. Rank 0 then broadcasts the token ids it drew (generate.Decoder reads
+  `model.tensor_parallel`, which `connect` sets) so that the ranks can never diverge.
+- The embedding stays whole on every rank: a lookup reads a few rows, so a split table would save memory only
+  (1/N of V·D) at the price of one more all-reduce per forward; the tied head gets its own 1/N shard.
+- Quantized linears (qwenkit.quant.linear's int8 and int4) split along their stored tensors: int8 rows or
+  columns with their per-row scales, int4 packed columns at group boundaries only (an error names the sizes
+  where a shard would cut a group). LoRA layers split their base, and A (row layers) or B (column layers).
+
+Module names and types stay those of the plain model, so quantizing or packing a shard as it loads works
+unchanged. `shard_model` splits a loaded model; `load(..., tensor_parallel=tp)` (qwenkit.loading) instead reads
+only this rank's slice of each tensor of a float safetensors checkpoint (`read_shard`), so a rank holds ~1/N
+of the weights (plus the whole embedding); a GGUF file or a quantized checkpoint is read whole, then split.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import signal
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import QwenkitError
+from .quant.linear import Int4Linear, Int8Linear, frozen
+
+# Ranks wait for each other between a chat's replies (for as long as its user types), and for the slowest to load:
+# a rank that dies is noticed through its closed connection, or torchrun stops the rest, not through this timeout.
+WAIT = timedelta(days=1)
+# Within a forward the ranks meet a layer apart: a rank that does not come in this time is stuck (or stopped), and
+# the others end with an error rather than wait for it. QWENKIT_TP_TIMEOUT (seconds) overrides it.
+STEP_WAIT = timedelta(minutes=10)
+
+COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROW = ("self_attn.o_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place among the `size` ranks torchrun started (the whole world: one model split over all of
+    them), and the collectives the plan needs. The forwards' collectives and tokens go through `steps` (a group
+    with STEP_WAIT's timeout; None: the default group); waits of any length (inputs, loading) through the
+    default group."""
+    rank: int
+    size: int
+    steps: dist.ProcessGroup | None = None
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.steps)
+        return t
+
+    def gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` side by side on the last dimension (equal shapes on every rank)."""
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.steps)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `t` on every rank (in place)."""
+        dist.broadcast(t, src=0, group=self.steps)
+        return t
+
+    def from_rank0(self, value):
+        """Rank 0's `value` (any picklable object) on every rank."""
+        box = [value if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+    @contextmanager
+    def together(self, what: str):
+        """Run the body on every rank, then agree: if it failed on any rank, every rank raises one error naming
+        the ranks and their errors (rank 0 reports it), rather than the others waiting for a rank that left."""
+        error = None
+        try:
+            yield
+        except Exception as e:  # (KeyboardInterrupt and exits leave at once: torchrun stops the rest)
+            error = f"{type(e).__name__}: {e}"
+        failed = [(rank, e) for rank, e in enumerate(self.gather_objects(error)) if e is not None]
+        if failed:
+            raise QwenkitError(f"{what} failed on {len(failed)} of {self.size} ranks: "
+                               + "; ".join(f"rank {rank}: {e}" for rank, e in failed))
+
+
+def start(size: int, device: torch.device | str) -> tuple[TensorParallel, torch.device | str]:
+    """Join the process group torchrun started for `--tp size`; returns it and the device this rank runs on
+    (cuda:LOCAL_RANK for CUDA, else `device`, resolved already: not "auto"). Errors name the fix where torchrun is
+    missing or its world differs from `size`."""
+    if size < 1:
+        raise QwenkitError(f"--tp {size}: give the number of processes to split the model over (1 or more)")
+    env = os.environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        raise QwenkitError(f"--tp {size} runs one process per shard, started by torchrun: "
+                           f"torchrun --nproc-per-node {size} -m qwenkit ... --tp {size}")
+    world, rank, local_rank = int(env["WORLD_SIZE"]), int(env["RANK"]), int(env.get("LOCAL_RANK", 0))
+    if world != size:
+        raise QwenkitError(f"--tp {size} but torchrun started {world} processes: give --tp {world}, "
+                           f"or torchrun --nproc-per-node {size}")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise QwenkitError(f"rank {rank} would use GPU {local_rank} but this machine has "
+                               f"{torch.cuda.device_count()}: one GPU per process")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    elif env.get("OMP_NUM_THREADS", "1") == "1":
+        # torchrun's default of one thread a rank (most likely not the user's choice): the cores this process may
+        # use are divided among this machine's ranks instead, as qwenkit eval does (evals/shards.py).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // int(env.get("LOCAL_WORLD_SIZE", size))))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT)
+    steps = dist.new_group(timeout=timedelta(seconds=float(env["QWENKIT_TP_TIMEOUT"])) if "QWENKIT_TP_TIMEOUT" in env
+                           else STEP_WAIT)
+    if rank:
+        # Followers print nothing: rank 0 alone speaks (replies, progress bars, warnings).
+        sys.stdout = open(os.devnull, "w")
+        os.environ["QWENKIT_NO_PROGRESS"] = "1"
+    else:
+        # torchrun stops the others with SIGTERM when one fails: say so rather than vanish without a word.
+        signal.signal(signal.SIGTERM, _stopped)
+    return TensorParallel(rank, size, steps), device
+
+
+def _stopped(signum, frame):
+    print("qwenkit: error: stopped (another rank failed; its error is above)", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def finish(code: int) -> int:
+    """`code`; a tensor-parallel process leaves at once with it instead (a normal exit could wait on a rank that
+    failed, in a collective or in the process group's teardown)."""
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def lost_ranks(error: RuntimeError) -> str | None:
+    """What to say when a collective failed because another rank is gone (None: not a tensor-parallel run)."""
+    if not dist.is_initialized():
+        return None
+    return (f"rank {dist.get_rank()} lost the other ranks (one failed? its error comes first): "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Span:
+    """The part of a tensor a rank holds: [start, stop) along `dim` (0: output rows, 1: input columns)."""
+    dim: int
+    start: int
+    stop: int
+
+
+def plan(config, tp: TensorParallel) -> dict[str, Span]:
+    """Module-name suffix -> this rank's span, for the config of the whole model; an error naming the numbers
+    where heads, KV heads or the MLP width do not divide by the ranks."""
+    n, r = tp.size, tp.rank
+    for what, value in (("attention heads", config.num_heads), ("KV heads", config.num_kv_heads),
+                        ("MLP width (intermediate_size)", config.intermediate_size)):
+        if value % n:
+            raise QwenkitError(f"--tp {n}: the model's {value} {what} do not divide among {n} ranks; "
+                               f"use a --tp that divides {config.num_heads} heads and {config.num_kv_heads} KV heads")
+    q, kv, mlp = config.num_heads // n * config.head_dim, config.num_kv_heads // n * config.head_dim, \
+        config.intermediate_size // n
+    vocab = vocab_rows(config.vocab_size, n)
+    return {"self_attn.q_proj": Span(0, r * q, (r + 1) * q),
+            "self_attn.k_proj": Span(0, r * kv, (r + 1) * kv), "self_attn.v_proj": Span(0, r * kv, (r + 1) * kv),
+            "mlp.gate_proj": Span(0, r * mlp, (r + 1) * mlp), "mlp.up_proj": Span(0, r * mlp, (r + 1) * mlp),
+            "self_attn.o_proj": Span(1, r * q, (r + 1) * q), "mlp.down_proj": Span(1, r * mlp, (r + 1) * mlp),
+            "lm_head": Span(0, min(r * vocab, config.vocab_size), min((r + 1) * vocab, config.vocab_size))}
+
+
+def vocab_rows(vocab_size: int, size: int) -> int:
+    """Head rows a rank holds (the last may hold fewer; its logits are padded to this width to be gathered)."""
+    return -(-vocab_size // size)
+
+
+def span_of(module_name: str, spans: dict[str, Span]) -> Span | None:
+    """The span of module `module_name` (model.layers.N.self_attn.q_proj, lm_head), or None: held whole."""
+    return next((span for suffix, span in spans.items() if module_name == suffix or
+                 module_name.endswith("." + suffix)), None)
+
+
+def local_config(config, tp: TensorParallel):
+    """The config of one rank's shard: its heads and MLP width (its KV cache holds its heads alone); the head
+    becomes a shard of its own, so it is no longer tied to the (whole) embedding."""
+    return dataclasses.replace(config, num_heads=config.num_heads // tp.size,
+                               num_kv_heads=config.num_kv_heads // tp.size,
+                               intermediate_size=config.intermediate_size // tp.size, tie_word_embeddings=False)
+
+
+def shard_model(model: nn.Module, tp: TensorParallel) -> nn.Module:
+    """Split `model` (loaded whole, or built on the meta device) in place into this rank's shard and add the
+    collectives (`connect`); returns it. Packed CPU layers are unpacked first (pack the shard again afterwards)."""
+    from .runtime.fused import JointAttention, JointMLP
+    from .runtime.packed import unpack_linears
+
+    config = model.config
+    spans = plan(config, tp)
+    unpack_linears(model)
+    for name, module in list(model.named_modules()):
+        span = span_of(name, spans)
+        if span is not None:
+            model.set_submodule(name, shard_linear(module, span, keep_bias=span.dim == 0 or tp.rank == 0,
+                                                   name=name))
+        elif isinstance(module, (JointAttention, JointMLP)):
+            module.joint = None  # the joint tensor of the whole siblings: each shard runs its own product
+    local = local_config(config, tp)
+    for block in model.model.layers:
+        block.self_attn.num_heads, block.self_attn.num_kv_heads = local.num_heads, local.num_kv_heads
+    model.config = model.model.config = local
+    connect(model, tp, config.vocab_size)
+    return model
+
+
+def connect(model: nn.Module, tp: TensorParallel, vocab_size: int) -> None:
+    """Hook the collectives onto a shard's current layers (again after a loader swapped them): the all-reduce
+    after each row layer, the all-gather of the head's logits; and mark the model for the decode loop."""
+    for handle in getattr(model, "_tensor_parallel_hooks", ()):
+        handle.remove()
+    hooks = [model.lm_head.register_forward_hook(GatherVocab(tp, vocab_size))]
+    for block in model.model.layers:
+        for layer in (block.self_attn.o_proj, block.mlp.down_proj):
+            hooks.append(layer.register_forward_hook(AllReduce(tp)))
+    model._tensor_parallel_hooks = hooks
+    model.tensor_parallel = tp
+
+
+class AllReduce:
+    """Forward hook of a row-split layer: its output is this rank's partial sum; the sum over ranks replaces it."""
+
+    def __init__(self, tp: TensorParallel):
+        self.tp = tp
+
+    def __call__(self, module, inputs, output):
+        return self.tp.all_reduce(output)
+
+
+class GatherVocab:
+    """Forward hook of the vocabulary-split head: every rank's logits, padded to one width, gathered and cut to
+    the vocabulary."""
+
+    def __init__(self, tp: TensorParallel, vocab_size: int):
+        self.tp, self.vocab_size = tp, vocab_size
+        self.width = vocab_rows(vocab_size, tp.size)
+
+    def __call__(self, module, inputs, output):
+        pad = self.width - output.shape[-1]
+        if pad:
+            output = torch.nn.functional.pad(output, (0, pad))
+        return self.tp.gather_last(output)[..., :self.vocab_size]
+
+
+# ----------------------------------------------------------------------------- splitting one layer
+def shard_linear(layer: nn.Module, span: Span, keep_bias: bool = True, name: str = "") -> nn.Module:
+    """This rank's part of `layer`: a layer of the same kind holding `span` of its weight; a row-split layer
+    (dim 1) keeps its bias only where `keep_bias` (zero elsewhere, so the all-reduce adds it once)."""
+    from .train.lora import LoRALinear
+
+    if isinstance(layer, LoRALinear):
+        lora = copy.copy(layer)
+        lora._modules = dict(layer._modules, base_layer=shard_linear(layer.base_layer, span, keep_bias, name))
+        lora._parameters = dict(layer._parameters)
+        part = "lora_B" if span.dim == 0 else "lora_A"  # B's rows are outputs, A's columns inputs
+        lora._parameters[part] = nn.Parameter(_part(getattr(layer, part), span).detach(),
+                                              requires_grad=getattr(layer, part).requires_grad)
+        return lora
+    n = span.stop - span.start
+    if type(layer) is nn.Linear:
+        tensors = {"weight": _part(layer.weight, span)}
+    elif isinstance(layer, Int8Linear):
+        tensors = {"weight": _part(layer.weight, span),
+                   "scales": _part(layer.scales, span) if span.dim == 0 else layer.scales}
+    elif isinstance(layer, Int4Linear):
+        tensors = _int4_part(layer, span, name)
+    else:
+        raise QwenkitError(f"tensor parallelism cannot split {name or 'a layer'} of type {type(layer).__name__}: "
+                           "it splits nn.Linear, qwenkit's int8 and int4 layers and LoRA layers over them")
+    if layer.bias is not None:
+        bias = _part(layer.bias, span) if span.dim == 0 else layer.bias
+        tensors["bias"] = bias if keep_bias else torch.zeros_like(bias)
+    shard = copy.copy(layer)
+    shard._parameters = {k: None if v is None else frozen(_owned(tensors.get(k, v)))
+                         for k, v in layer._parameters.items()}
+    if isinstance(shard, (Int8Linear, Int4Linear)):
+        shard._changed()  # (its kernels were made from the whole layer's tensors)
+    if span.dim == 0:
+        shard.out_features = n
+    else:
+        shard.in_features = n
+    return shard
+
+
+def _part(t: torch.Tensor, span: Span) -> torch.Tensor:
+    return t.narrow(span.dim, span.start, span.stop - span.start)
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of its own (a slice would keep the whole tensor alive); meta tensors as they are."""
+    return t.detach() if t.is_meta else t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _int4_part(layer: Int4Linear, span: Span, name: str) -> dict[str, torch.Tensor]:
+    if span.dim == 0:
+        return {k: _part(getattr(layer, k), span) for k in ("qweight", "scales", "zeros")}
+    g = layer.group_size
+    if span.start % g or span.stop % g:
+        raise QwenkitError(f"tensor parallelism would cut {name or 'an int4 layer'}'s groups of {g} inputs: "
+                           f"its shard holds inputs {span.start}..{span.stop}; use a --tp that divides "
+                           f"{layer.in_features // g} groups, or a smaller group size")
+    if layer.perm is not None:
+        raise QwenkitError(f"{name or 'an int4 layer'} has act-order groups (scattered over its inputs): "
+                           "tensor parallelism cannot split it by input")
+    return {"qweight": _part(layer.qweight, Span(1, span.start // 2, span.stop // 2)),
+            "scales": _part(layer.scales, Span(1, span.start // g, span.stop // g)),
+            "zeros": _part(layer.zeros, Span(1, span.start // g, span.stop // g))}
+
+
+# ----------------------------------------------------------------------------- loading a shard
+def read_shard(stored_tensors: Iterable[tuple[str, Any]], config, tp: TensorParallel,
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, unread tensor) pairs of a float checkpoint (loading.hf.sliceable_tensors) -> (canonical
+    name, tensor) pairs of this rank's shard (for a model built by `shard_model` on the meta device), each read a
+    slice at a time (safetensors' get_slice): a rank reads ~1/N of the split tensors' bytes. Qwen v1's fused
+    c_attn is three blocks (q, k, v): each is cut to its span, not the fused rows. A tied head gets its rows of
+    the embedding."""
+    from .checkpoint_names import canonical_modules
+
+    spans = plan(config, tp)
+    for name, stored in stored_tensors:
+        module, _, attr = name.rpartition(".")
+        targets = canonical_modules(module, config)
+        rows = _shape(stored)[0] // len(targets)  # c_attn: q, k and v of one width, one after another
+        for i, target in enumerate(targets):
+            span = span_of(target, spans)
+            if target == "model.embed_tokens" and config.tie_word_embeddings:
+                yield "lm_head.weight", _read(stored, spans["lm_head"])
+            if span is None:  # whole (Qwen v1: its block of c_attn)
+                part = Span(0, i * rows, (i + 1) * rows)
+            elif span.dim == 0:
+                part = Span(0, i * rows + span.start, i * rows + span.stop)
+            else:  # a row layer: its columns; its bias whole, on rank 0 (added once)
+                part = span if attr == "weight" else Span(0, 0, rows)
+            tensor = _read(stored, part)
+            if span is not None and span.dim == 1 and attr == "bias" and tp.rank:
+                tensor = torch.zeros_like(tensor)
+            yield f"{target}.{attr}", tensor
+
+
+def _shape(stored) -> tuple[int, ...]:
+    return tuple(stored.get_shape() if hasattr(stored, "get_shape") else stored.shape)
+
+
+def _read(stored, span: Span) -> torch.Tensor:
+    """`span` of a safetensors slice or a tensor, read into memory of its own."""
+    index = (slice(span.start, span.stop),) if span.dim == 0 else (slice(None), slice(span.start, span.stop))
+    return _owned(stored[index])
+
+
+class LinesFromRank0:
+    """A text stream whose lines are rank 0's: rank 0 reads `stream` and sends each line to the others, which
+    read it here, so that every rank's chat follows the same inputs."""
+
+    def __init__(self, stream, tp: TensorParallel):
+        self.stream, self.tp = stream, tp
+
+    def readline(self) -> str:
+        return self.tp.from_rank0(self.stream.readline() if self.tp.rank == 0 else None)
+
+    def read(self) -> str:
+        return self.tp.from_rank0(self.stream.read() if self.tp.rank == 0 else None)
+
+    def isatty(self) -> bool:
+        return self.tp.from_rank0(self.stream.isatty() if self.tp.rank == 0 else None)
+
+
+class LeadingDecoder:
+    """Rank 0's Decoder under `serve --tp`: every call that runs the model is sent to the other ranks before it is
+    made, and their own Decoders (`follow`) make the same call, so that every rank runs the same forwards in the
+    same order (rank 0's tokens, which every Decoder takes, keep their rows alike). Everything else reads rank 0's
+    Decoder."""
+
+    def __init__(self, decoder, tp: TensorParallel):
+        self.decoder, self.tp = decoder, tp
+        self._send("decoder", dict(max_batch=decoder.cache.batch_size, max_len=decoder.max_len,
+                                   prefill_chunk=decoder.prefill_chunk))
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def _send(self, *call) -> None:
+        self.tp.from_rank0(call)
+
+    def begin(self, request):
+        self._send("begin", request)
+        return self.decoder.begin(request)
+
+    def advance(self):
+        self._send("advance")
+        return self.decoder.advance()
+
+    def step(self):
+        self._send("step")
+        return self.decoder.step()
+
+    def cancel(self, row) -> None:
+        if row in self.decoder.rows:
+            self._send("cancel", self.decoder.rows.index(row))
+        self.decoder.cancel(row)
+
+    def drop_pending(self) -> None:
+        self._send("drop_pending")
+        self.decoder.drop_pending()
+
+    def clear(self) -> None:
+        self._send("clear")
+        self.decoder.clear()
+
+
+def follow(model: nn.Module, tokenizer, tp: TensorParallel, draft=None) -> None:
+    """A rank other than 0 under `serve --tp`: make the Decoder calls rank 0's LeadingDecoder sends, until it
+    says stop. `draft`: this rank's drafter, made as rank 0's (qwenkit.speculative), so that both draft the same
+    tokens from the same agreed sequence and run the same checking forwards."""
+    from .generate import Decoder
+
+    decoder = None
+    while True:
+        name, *args = tp.from_rank0(None)
+        if name == "stop":
+            return
+        if name == "decoder":
+            decoder = Decoder(model, tokenizer, draft=draft, **args[0])
+        elif name == "cancel":
+            decoder.cancel(decoder.rows[args[0]])
+        else:
+            try:
+                getattr(decoder, name)(*args)
+            except Exception:  # (rank 0 meets the same error, in the same state, and ends that request)
+                pass
+
