@@ -41,6 +41,8 @@ class Outcome:
     passed: bool
     status: str   # "passed", "failed" (a non-zero exit: an assertion, an exception), "timeout"
     detail: str   # the end of stderr, or why it was stopped
+    stdout: str = ""  # its start, when run_program was asked to keep it
+    stderr: str = ""  # its end, whatever the status
 
 
 @functools.cache
@@ -107,8 +109,10 @@ def _python_for_nobody() -> str | None:
     return None
 
 
-def run_program(source: str, limits: Limits = Limits()) -> Outcome:
-    """Run the Python program `source` under the module's isolation; passed when it exits 0 in time."""
+def run_program(source: str, limits: Limits = Limits(), stdout_chars: int = 0) -> Outcome:
+    """Run the Python program `source` under the module's isolation; passed when it exits 0 in time.
+    `stdout_chars` > 0 keeps the start of its stdout, written to a file in its directory so that the
+    file-size limit bounds it (a pipe would not)."""
     as_nobody = _as_nobody()
     python = _python_for_nobody() if as_nobody else sys.executable
     with tempfile.TemporaryDirectory(prefix="qwenkit-sandbox-") as tmp:
@@ -124,18 +128,26 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
         bootstrap = [sys.executable, "-I", "-c", BOOTSTRAP, python, str(program), str(int(limits.timeout_s) + 1),
                      str(limits.memory_bytes), str(limits.file_bytes), str(limits.processes),
                      str(NOBODY if as_nobody else 0)]
+        output = (work / "stdout").open("w+b") if stdout_chars > 0 else subprocess.DEVNULL
         process = subprocess.Popen([*_unshare_prefix(), *bootstrap], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                                   stdout=output, stderr=subprocess.PIPE, start_new_session=True)
         try:
             _, stderr = process.communicate(timeout=limits.timeout_s)
         except subprocess.TimeoutExpired:
-            return Outcome(False, "timeout", f"killed after {limits.timeout_s:g} s")
+            stderr = None
         finally:
             _kill(process)
+        kept = ""
+        if stdout_chars > 0:
+            output.seek(0)
+            kept = output.read(4 * stdout_chars).decode("utf-8", "replace")[:stdout_chars]
+            output.close()
+        if stderr is None:
+            return Outcome(False, "timeout", f"killed after {limits.timeout_s:g} s", kept)
         text = stderr.decode("utf-8", "replace")[-2000:]
         if process.returncode == 0:
-            return Outcome(True, "passed", "")
-        return Outcome(False, "failed", text or f"exit status {process.returncode}")
+            return Outcome(True, "passed", "", kept, text)
+        return Outcome(False, "failed", text or f"exit status {process.returncode}", kept, text)
 
 
 def _kill(process: subprocess.Popen) -> None:
