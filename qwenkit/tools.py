@@ -707,10 +707,14 @@ def reply_grammar(tokenizer: Tokenizer, tools: list[dict] | None, tool_choice=No
     else:  # text with calls in it
         start = "start: call* TEXT\n"
         if special and not react:  # a special token opens a call: text cannot hold one, so no ambiguity
-            call = f"call: TEXT {open_tag} {_lit(HERMES_NAME)} {function} {after}\n"
+            call = f"tagged: TEXT {open_tag} {_lit(HERMES_NAME)} {function} {after}\n"
         else:  # text opens a call: matched lazily, where it first appears
             opening, rest = (_lit(ACTION), "") if react else (_lit(OPEN), f"{_lit(HERMES_NAME)} ")
-            call = f"call: trigger {rest}{function} {after}\ntrigger[lazy]: TEXT {opening}\n"
+            call = f"tagged: trigger {rest}{function} {after}\ntrigger[lazy]: TEXT {opening}\n"
+        if react:
+            call += "call: tagged\n"
+        else:  # or a call object without the tag, bare or fenced, as small models write it (HermesParser)
+            call += f"call: tagged | bare {function}\nbare[lazy]: TEXT {_lit(HERMES_NAME.lstrip())}\n"
     lark = f"%llguidance {{}}\n{start}{call}{rules}TEXT: /(.|\\n)*/\n"
     return Grammar.lark(lark, "tools' parameters schemas")
 

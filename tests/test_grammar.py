@@ -113,6 +113,8 @@ def test_tool_grammars_hold_calls_to_their_schemas(tok):
     assert not _accepts(auto, hermes, '<tool_call>\n{"name": "get_time"')  # an undeclared function
     assert not _accepts(auto, hermes, '<tool_call>\n{"name": "send_email", "arguments": {"to": 5')  # a wrong type
     assert not _accepts(auto, hermes, '<tool_call>\n{"name": "send_email", "arguments": {"cc": ')  # no such field
+    assert _accepts(auto, hermes, f"```json\n{paris}\n```")  # a call without the tag, as small models write it
+    assert not _accepts(auto, hermes, '{"name": "get_time"')
 
     required = reply_grammar(hermes, tools, "required")  # after the forced prefix '<tool_call>\n{"name": "'
     assert _accepts(required, hermes, 'send_email", "arguments": {"to": "a@b.c", "urgent": true}}\n</tool_call>')
