@@ -31,11 +31,12 @@ from .tools import ContentDelta, ToolCall, build_prompt, new_parser, reply_gramm
 
 MAX_RESULT_CHARS = 4000  # of a tool's result shown to the model: a small model's context is short
 # Small models show code instead of running it, or guess its output, unless told otherwise; a call written out
-# shows them the JSON escaping of a program in a string.
+# shows them the JSON escaping of a program in a string (ending in "\\n": without it the demo ends its code with a
+# stray "}").
 SYSTEM = ("You are a helpful assistant. You cannot run code yourself or know its output: to compute anything, call "
           "a tool and wait for its result, then answer from it. For example, to compute the sum of the squares of 1 "
           'to 10, reply with exactly:\n<tool_call>\n{"name": "python", "arguments": {"code": "def square(n):\\n    '
-          'return n * n\\n\\nprint(sum(square(i) for i in range(1, 11)))"}}\n</tool_call>')
+          'return n * n\\n\\nprint(sum(square(i) for i in range(1, 11)))\\n"}}\n</tool_call>')
 
 
 class AgentError(QwenkitError):
