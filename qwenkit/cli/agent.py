@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 
-from .args import add_load_args, add_sampling_args, add_speed_args, load_for, sampling_kwargs
+from .args import (add_load_args, add_sampling_args, add_speed_args, check_draft_args, drafter_for, load_for,
+                   sampling_kwargs)
 
 HELP = "a tool-using agent: the model runs Python, a calculator, reads files, or your functions"
 DESCRIPTION = """Ask a question; the model may call tools, the agent runs them and gives it the results, until it
@@ -57,14 +58,18 @@ def run(args: argparse.Namespace) -> int:
     tools += [load_tool(spec) for spec in args.tool]
     if not tools:
         raise AgentError("no tools: --no-builtin-tools needs at least one --tool")
+    check_draft_args(args)
     generation = sampling_kwargs(args)
     if "grammar" in generation:
         raise AgentError("--json-schema and --grammar do not apply to the agent: tool calls are constrained already")
     if args.server:
+        if args.lookup or args.draft:
+            raise AgentError("--lookup and --draft apply to a model loaded here: set them on the server instead")
         chat = ServerChat(args.server, args.model_name, args.api_key, **generation)
     else:
         model, tokenizer = load_for(args)
-        chat = LocalChat(model, tokenizer, **({"lookup": args.lookup} if args.lookup else {}), **generation)
+        draft = drafter_for(args, tokenizer)
+        chat = LocalChat(model, tokenizer, **({"draft": draft} if draft else {}), **generation)
     show = Display()
     agent = Agent(chat, tools, system=args.system or SYSTEM, max_steps=args.max_steps, on_text=show.text,
                   on_call=show.call, on_result=show.result)
