@@ -39,6 +39,13 @@ SYSTEM = ("You are a helpful assistant. You cannot run code yourself or know its
           'return n * n\\n\\nprint(sum(square(i) for i in range(1, 11)))\\n"}}\n</tool_call>')
 
 
+# The answer turn (Agent.answer): the same model, its results in view, no tools listed and calls ruled out.
+ANSWER = ("You are a helpful assistant. Answer the user's question from the results of the tool calls above (a "
+          "python call's result is what its code printed), without calling a tool.")
+# An answer, not a call: it does not open with what starts one (a JSON object or list, a code fence, a tag).
+NOT_A_CALL = r"[^\s{<\[`][\s\S]*"
+
+
 class AgentError(QwenkitError):
     pass
 
@@ -371,6 +378,18 @@ class LocalChat:
         show(events)
         return "".join(content), calls
 
+    def answer(self, messages: list[dict], on_text: OnText) -> str:
+        from .generate import stream_generate
+        from .grammar import Grammar
+
+        prompt = build_prompt(self.tokenizer, messages, None)
+        content = []
+        for delta in stream_generate(self.model, self.tokenizer, prompt, grammar=Grammar.regex(NOT_A_CALL),
+                                     **self.generation):
+            content.append(delta.text)
+            on_text(delta.text)
+        return "".join(content)
+
 
 class ServerChat:
     """An OpenAI-compatible server (qwenkit serve, llama.cpp's, vLLM, ...) through the `openai` client."""
@@ -410,8 +429,21 @@ class ServerChat:
                     call[2] += piece.function.arguments or ""
         return "".join(content), [ToolCall(id, name, arguments or "{}") for id, name, arguments in calls.values()]
 
+    def answer(self, messages: list[dict], on_text: OnText) -> str:
+        """(No tools offered: a server has no standard way to rule calls out of the text itself.)"""
+        content, _ = self.reply(messages, [], on_text)
+        return content
+
 
 # ------------------------------------------------------------------------- the loop
+
+def _call_key(call: ToolCall) -> tuple[str, str]:
+    """A call's name and arguments, the same for the same JSON however it is spaced."""
+    try:
+        return call.name, json.dumps(json.loads(call.arguments), sort_keys=True)
+    except ValueError:
+        return call.name, call.arguments
+
 
 class Agent:
     """A conversation in which the model may call `tools` (Python functions) before it answers.
@@ -434,14 +466,21 @@ class Agent:
         self.on_result = on_result or (lambda name, result: None)
 
     def ask(self, question: str) -> str:
-        """Put `question` to the model, run the tools it calls, and return its answer. Raises AgentError when
-        it is still calling tools after max_steps replies."""
+        """Put `question` to the model, run the tools it calls, and return its answer. A reply that only repeats
+        calls already made (small models call again instead of reading the result) is not run again: the model is
+        asked for its answer from the results it has, with calls ruled out (`answer`). Raises AgentError when it
+        is still calling tools after max_steps replies."""
         self.messages.append({"role": "user", "content": question})
+        made = set()  # (name, arguments) of the calls made for this question
         for _ in range(self.max_steps):
             content, calls = self.chat.reply(self.messages, self.schemas, self.on_text)
             if not calls:
                 self.messages.append({"role": "assistant", "content": content})
                 return content
+            calls = list({_call_key(c): c for c in calls if _call_key(c) not in made}.values())
+            if not calls:
+                return self.answer()
+            made.update(map(_call_key, calls))
             self.messages.append({"role": "assistant", "content": content, "tool_calls": [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in calls]})
@@ -452,6 +491,14 @@ class Agent:
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result})
         raise AgentError(f"no answer after {self.max_steps} steps: the model was still calling tools (allow "
                          "more with --max-steps)")
+
+    def answer(self) -> str:
+        """The model's answer from the conversation so far, without tools (told to read the results it has)."""
+        system = next((m["content"] for m in self.messages if m["role"] == "system"), None)
+        told = {"role": "system", "content": ANSWER if system in (None, SYSTEM) else f"{system}\n\n{ANSWER}"}
+        content = self.chat.answer([told] + [m for m in self.messages if m["role"] != "system"], self.on_text)
+        self.messages.append({"role": "assistant", "content": content})
+        return content
 
     def run_tool(self, name: str, arguments: str) -> str:
         """The result of one call as the text the model reads; errors are results too."""

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from qwenkit.agent import (Agent, AgentError, LocalChat, ServerChat, builtin_tools, calculator, load_tool,
+from qwenkit.agent import (ANSWER, Agent, AgentError, LocalChat, ServerChat, builtin_tools, calculator, load_tool,
                            read_text_file, run_python, tool_schema)
 from qwenkit.evals.sandbox import Limits
 from qwenkit.tools import build_prompt
@@ -247,11 +247,27 @@ def test_bad_calls_become_tool_results():
 
 def test_loop_stops_at_max_steps(puppet, tok):
     chat = LocalChat(puppet, tok, temperature=0)
-    script = Script(puppet, tok, [react_call("multiply", {"a": 2, "b": 3})] * 2)
+    script = Script(puppet, tok, [react_call("multiply", {"a": 2, "b": b}) for b in (3, 4)])  # new calls each time
     original = chat.reply
     chat.reply = lambda messages, tools, on_text: (script(messages, tools), original(messages, tools, on_text))[1]
     with pytest.raises(AgentError, match="no answer after 2 steps.*--max-steps"):
         Agent(chat, [multiply], system=None, max_steps=2).ask("2 times 3?")
+
+
+def test_a_repeated_call_is_answered_from_the_results(puppet, tok):
+    """A reply that only repeats a call already made is not run again: the model answers from the results it
+    has, told so, with no tools offered and calls ruled out."""
+    chat = LocalChat(puppet, tok, temperature=0)
+    script = Script(puppet, tok, [react_call("multiply", {"a": 832040, "b": 7})] * 2 + ["5824280"])
+    reply, answer, asked = chat.reply, chat.answer, []
+    chat.reply = lambda messages, tools, on_text: (script(messages, tools), reply(messages, tools, on_text))[1]
+    chat.answer = lambda messages, on_text: (script(messages, None), asked.append(messages),
+                                             answer(messages, on_text))[2]
+    ran = []
+    agent = Agent(chat, [multiply], system=None, on_result=lambda name, result: ran.append(result))
+    assert agent.ask("what is 832040 times 7?") == "5824280" and ran == ["5824280"]
+    assert asked[0][0] == {"role": "system", "content": ANSWER} and asked[0][-1]["content"] == "5824280"
+    assert agent.messages[-1] == {"role": "assistant", "content": "5824280"}
 
 
 def test_loop_through_the_server_and_the_openai_client(puppet, tok):
@@ -295,5 +311,6 @@ def test_demo_computes_with_the_python_tool(demo_path):
     # terminal): this holds.
     assert "→ python" in out.stderr and "← 5824280" in out.stderr, out.stderr
     if "5824280" not in out.stdout.replace(",", ""):
-        # What it then does: it calls the tool again (another variant of the program) instead of answering.
+        # What it then does, greedy: it calls the tool again with a broken variant of the program, then repeats
+        # that call, and the answer it then gives (Agent.answer) explains the variant's error.
         pytest.xfail(f"the demo did not answer from the tool's result: {out.stdout[-300:]!r} {out.stderr[-300:]!r}")
