@@ -276,6 +276,22 @@ def test_generate_under_tp_prints_once_what_one_process_prints(byte_checkpoint, 
     assert out0 == one_process(capsys, argv) and out0.strip() and out1 == ""
 
 
+def test_two_nodes_through_torchrun_rendezvous(byte_checkpoint, capsys):
+    """Two torchrun "nodes" on this machine (--nnodes 2, one process each, c10d rendezvous at one endpoint), as
+    two machines would run it: one of them prints what one process prints."""
+    argv = ["generate", "-m", str(byte_checkpoint), "--dtype", "float32", "--device", "cpu", "--prompt",
+            "the answer is", "--max-new-tokens", "8", "--temperature", "0"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "qwenkit-test",
+                               "-m", "qwenkit", *argv, "--tp", "2"],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    results = finished(nodes, timeout=120)
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    assert sorted(out for _, out, _ in results) == ["", one_process(capsys, argv)]
+
+
 def test_tp_needs_torchrun_and_its_world(byte_checkpoint, monkeypatch, capsys):
     from qwenkit.cli import main
 
