@@ -140,13 +140,13 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def grammar_arg(args: argparse.Namespace) -> dict | str | None:
     """The JSON schema --json-schema gives or the grammar text --grammar gives (read from the file each names)."""
     if getattr(args, "json_schema", None) is not None:
-        return _json_schema(_file_or_text(args.json_schema))
+        return _json_schema(file_or_text(args.json_schema))
     if getattr(args, "grammar", None) is not None:
-        return _file_or_text(args.grammar)
+        return file_or_text(args.grammar)
     return None
 
 
-def _file_or_text(value: str) -> str:
+def file_or_text(value: str) -> str:
     path = Path(value)
     return path.read_text() if len(value) < 4096 and path.is_file() else value
 
@@ -195,10 +195,9 @@ def check_draft_args(args: argparse.Namespace) -> None:
 
 def drafter_for(args: argparse.Namespace, tokenizer):
     """The drafter --lookup or --draft names (qwenkit.speculative), or None; a draft model is loaded like -m and
-    must share `tokenizer` (the model's)."""
+    must share `tokenizer` (the model's). The verbs have run check_draft_args before loading anything."""
     from ..speculative import DraftModel, PromptLookup
 
-    check_draft_args(args)
     if args.lookup:
         return PromptLookup(args.lookup)
     if not args.draft:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..evals.speed import run_bench
 from ..grammar import as_grammar
 from .args import (add_grammar_args, add_load_args, add_parallel_arg, add_speed_args, check_draft_args, drafter_for,
-                   grammar_arg, load_for)
+                   file_or_text, grammar_arg, load_for)
 
 HELP = "measure prefill and decode speed"
 DESCRIPTION = ("Prefill tok/s, decode tok/s, time to first token, achieved GB/s and peak RSS on a synthetic prompt "
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     draft = drafter_for(args, tokenizer)
     prompt = None
     if args.prompt is not None:
-        text = Path(args.prompt).read_text() if len(args.prompt) < 4096 and Path(args.prompt).is_file() else args.prompt
+        text = file_or_text(args.prompt)
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}]) if tokenizer.chat_template \
             else tokenizer.encode(text)
     result = run_bench(model, tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prompt=prompt)
