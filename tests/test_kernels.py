@@ -31,9 +31,11 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
     blocks = x.float().reshape(x.shape[0], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
     amax = torch.where(amax > 1e-30, amax, torch.zeros_like(amax))
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    # Tensor by tensor: `127 / amax` would be reciprocal(amax) * 127, rounded twice, which moves ties.
+    full = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, full / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv)  # the same float32 operations as cpu.cpp, rounding half to even
-    return (q.double() * (amax / 127).double()).reshape(x.shape)
+    return (q.double() * (amax / full).double()).reshape(x.shape)
 
 
 def emulated(layers, x: torch.Tensor) -> torch.Tensor:
