@@ -4,7 +4,9 @@ calculator, read_file) as the SDK's function tools, the model behind the server'
     qwenkit serve -m demo --port 8000 &
     python examples/agent_openai_agents.py "What is 832040 * 7?"
 
-QWENKIT_URL names another server (default http://127.0.0.1:8000/v1).
+QWENKIT_URL names another server (default http://127.0.0.1:8000/v1). The demo (0.5B) calls a tool again instead of
+answering from its result, so the first tool result ends the run (`stop_on_first_tool`); with a larger model, drop
+that and the model answers in its own words from the results.
 """
 
 import asyncio
@@ -25,8 +27,8 @@ async def main(question: str) -> None:
     agent = Agent(name="assistant", instructions=SYSTEM,  # `qwenkit agent`'s prompt: it shows a small model a call
                   tools=[function_tool(f) for f in builtin_tools()],  # schemas from signatures and docstrings
                   model=OpenAIChatCompletionsModel(model=model, openai_client=client),
-                  model_settings=ModelSettings(temperature=0))
-    result = await Runner.run(agent, question, max_turns=5)
+                  model_settings=ModelSettings(temperature=0), tool_use_behavior="stop_on_first_tool")
+    result = await Runner.run(agent, question)
     for item in result.new_items:
         if item.type == "tool_call_item":
             print(f"[{item.raw_item.name}({item.raw_item.arguments})]")
