@@ -283,6 +283,42 @@ def test_loop_through_the_server_and_the_openai_client(puppet, tok):
     check_scripted(agent, answer, seen)
 
 
+def test_the_openai_agents_sdk_runs_a_tool_through_the_server(puppet, tok):
+    """examples/agent_openai_agents.py's setup: the SDK's Chat Completions model pointed at the server. A
+    required tool choice makes the server constrain the call, so even the random puppet calls the tool."""
+    sdk = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    from qwenkit.server import Settings, create_app
+
+    calls = []
+
+    @sdk.function_tool
+    def paint(color: Literal["red", "blue"]) -> str:
+        """Paint the wall.
+
+        Args:
+            color: the paint's color
+        """
+        calls.append(color)
+        return f"painted {color}"
+
+    sdk.set_tracing_disabled(True)
+    puppet.script = None  # unscripted: the grammar alone makes its reply a call
+    with live(create_app(lambda: (puppet, tok), Settings(served_model_name="tiny"))) as url:
+        model = sdk.OpenAIChatCompletionsModel("tiny", AsyncOpenAI(base_url=f"{url}/v1", api_key="none"))
+        # The SDK sends tool_choice "required" on the first turn only (reset_tool_choice), so the second ends.
+        # max_tokens leaves room for the whitespace the grammar lets a random model write inside the call.
+        settings = sdk.ModelSettings(tool_choice="required", temperature=0, max_tokens=64)
+        agent = sdk.Agent(name="painter", instructions="Paint the wall.", tools=[paint], model=model,
+                          model_settings=settings)
+        result = sdk.Runner.run_sync(agent, "paint it", max_turns=2)
+    assert len(calls) == 1 and calls[0] in ("red", "blue")
+    outputs = [item.output for item in result.new_items if item.type == "tool_call_output_item"]
+    assert outputs == [f"painted {calls[0]}"]
+    assert isinstance(result.final_output, str)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 def qwenkit(*argv, cwd=None):
