@@ -16,7 +16,7 @@ from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError, UnsupportedModelError
 from qwenkit.saving import save_checkpoint
 from qwenkit.model import Model
-from qwenkit.quant import Int4Linear, Int8Linear, quantization_config
+from qwenkit.quant import Int4Linear, Int8Linear, linear, quantization_config
 
 from .conftest import load_fp32, random_tokens, randomize, write_checkpoint
 
@@ -189,7 +189,8 @@ def ran_int4_kernels(layers) -> bool:
     """Every layer ran the int4 kernel, alone or fused with its siblings (q/k/v, gate/up)."""
     fused = {id(member) for layer in layers if layer._fused and layer._fused[1] is not None
              for member in layer._fused[0][2]}
-    return all(id(layer) in fused or (layer._kernel and layer._kernel[1] is not None) for layer in layers)
+    return all(id(layer) in fused or any(run and run[1] is not None for run in (layer._kernel, layer._gemm))
+               for layer in layers)
 
 
 @pytest.mark.parametrize("arch,group_size,sym,act_order,ours,fmt", CASES_4BIT,
@@ -212,7 +213,8 @@ def test_4bit_checkpoint_loads_exactly(tmp_path, monkeypatch, arch, group_size, 
         expected = reference(x)
         kernel = model(x)
         assert ran_int4_kernels(layers.values()), "the int4 kernel should run"
-        monkeypatch.setattr(Int4Linear, "gemm_min_rows", 0)  # every call on the dequantize-and-matmul path
+        monkeypatch.setattr(Int4Linear, "gemm_min_rows", 0)  # every call on the dequantize-and-matmul path,
+        monkeypatch.setattr(linear, "int_gemm_prefill", lambda: False)  # not AVX2's integer GEMM either
         fallback = model(x)
     assert max_diff(kernel, expected) < LOGIT_TOL
     assert max_diff(fallback, expected) < LOGIT_TOL

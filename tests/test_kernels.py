@@ -23,27 +23,38 @@ pytestmark = pytest.mark.skipif(ops is None, reason="qwenkit's CPU kernels could
 # What the kernels add to torch's own rounding: activations on an int8 grid of 127 steps per side
 # of each block of 32's largest magnitude. Measured 0.3-0.6 % on Gaussian inputs.
 ACTIVATION_ROUNDING = 1.5e-2
+# The same for the GEMMs' int16 grid (32767 steps): ~1e-5 over many outputs, up to 4e-4 on one short,
+# cancelling sum (K = 32, N = 1).
+ACTIVATION_ROUNDING_16 = 1e-3
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels see it, in float64: per block of 32, d = amax / 127 and q = round(x * 127 / amax)
-    (a block no larger than 1e-30 is zero)."""
-    blocks = x.float().reshape(x.shape[0], -1, 32)
+def quantized_activations(x: torch.Tensor, block: int = 32, levels: int = 127) -> torch.Tensor:
+    """x as the kernels see it, in float64: per block, d = amax / levels and q = round(x * levels / amax)
+    (a block no larger than 1e-30 is zero). The decode ops: int8 (127) per 32; the GEMMs: int16 (32767)."""
+    blocks = x.float().reshape(x.shape[0], -1, block)
     amax = blocks.abs().amax(-1, keepdim=True)
     amax = torch.where(amax > 1e-30, amax, torch.zeros_like(amax))
     # Tensor by tensor: `127 / amax` would be reciprocal(amax) * 127, rounded twice, which moves ties.
-    full = torch.full_like(amax, 127.0)
+    full = torch.full_like(amax, float(levels))
     inv = torch.where(amax > 0, full / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv)  # the same float32 operations as cpu.cpp, rounding half to even
     return (q.double() * (amax / full).double()).reshape(x.shape)
 
 
-def emulated(layers, x: torch.Tensor) -> torch.Tensor:
-    """What the op computes for `layers` side by side, in float64: their dequantized weights (exact in
-    float64) against the quantized activations."""
+def gemm_block(k: int, group: int) -> int:
+    """The GEMMs' activation block (cpu.cpp's x_block): the widest of 128, 64, 32 that K and the group take."""
+    return next(b for b in (128, 64, 32) if b <= group and group % b == 0 and k % b == 0)
+
+
+def emulated(layers, x: torch.Tensor, gemm: bool = False) -> torch.Tensor:
+    """What the op (`gemm`: the GEMM op) computes for `layers` side by side, in float64: their dequantized
+    weights (exact in float64) against the quantized activations."""
     weight = torch.cat([layer.dequantize(torch.float64) for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias.double() for layer in layers])
-    return F.linear(quantized_activations(x), weight, bias)
+    k = x.shape[1]
+    xq = quantized_activations(x, gemm_block(k, layers[0].group_size or k), 32767) if gemm else \
+        quantized_activations(x)
+    return F.linear(xq, weight, bias)
 
 
 def random_int4(k: int, n: int, group_size: int, dtype: torch.dtype, bias: bool, seed: int) -> Int4Linear:
@@ -69,15 +80,16 @@ def random_int8(k: int, n: int, dtype: torch.dtype, bias: bool, seed: int) -> In
     return layer
 
 
-def run(op_layers, x):
-    """The raw op on `op_layers` (siblings), as the layers call it."""
+def run(op_layers, x, gemm: bool = False):
+    """The raw op on `op_layers` (siblings), as the layers call it; `gemm`: the op for many rows."""
     first = op_layers[0]
     bias = None if first.bias is None else torch.cat([layer.bias.float() for layer in op_layers])
     if isinstance(first, Int4Linear):
-        return ops.int4_linear(x, [layer.qweight for layer in op_layers], [layer.scales for layer in op_layers],
-                               [layer.zeros for layer in op_layers], bias, first.group_size)
+        return (ops.int4_gemm if gemm else ops.int4_linear)(
+            x, [layer.qweight for layer in op_layers], [layer.scales for layer in op_layers],
+            [layer.zeros for layer in op_layers], bias, first.group_size)
     scales = torch.cat([layer.scales.float() for layer in op_layers])
-    return ops.int8_linear(x, [layer.weight for layer in op_layers], scales, bias)
+    return (ops.int8_gemm if gemm else ops.int8_linear)(x, [layer.weight for layer in op_layers], scales, bias)
 
 
 # (K, N): one block, odd N, and block counts that leave every tail of the int4 walk (chunks of 4, 2, 1 blocks)
@@ -101,15 +113,32 @@ def test_op_equals_its_emulation(k, n, group, rows, dtype):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_siblings_in_one_op_equal_each_alone(kind):
+@pytest.mark.parametrize("gemm", [False, True], ids=["decode", "gemm"])
+def test_siblings_in_one_op_equal_each_alone(kind, gemm):
     make = (lambda n, s: random_int4(256, n, 64, torch.float32, True, s)) if kind == "int4" else \
         (lambda n, s: random_int8(256, n, torch.float32, True, s))
-    siblings = [make(n, s) for s, n in ((0, 64), (1, 16), (2, 48))]
-    x = torch.randn(3, 256)
-    together = run(siblings, x)
-    alone = torch.cat([run([layer], x) for layer in siblings], dim=-1)
+    siblings = [make(n, s) for s, n in ((0, 37), (1, 16), (2, 11))]  # the GEMM's tiles of 16 straddle them
+    x = torch.randn(5, 256)
+    together = run(siblings, x, gemm)
+    alone = torch.cat([run([layer], x, gemm) for layer in siblings], dim=-1)
     assert torch.equal(together, alone)  # the same rows, the same arithmetic
-    assert rel_err(together, emulated(siblings, x)) < 1e-5
+    assert rel_err(together, emulated(siblings, x, gemm)) < 1e-5
+
+
+@pytest.mark.parametrize("k,n,group", CASES, ids=[f"K{k}-N{n}-{f'int4-g{g}' if g else 'int8'}" for k, n, g in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gemm_equals_its_emulation(k, n, group, dtype):
+    """The many-rows op: x as int16 per block against the stored weights, on the row counts that leave each
+    tail of its passes of 3 rows, and odd N (its tiles of 16 columns)."""
+    layer = random_int4(k, n, group, dtype, True, k + n) if group else random_int8(k, n, dtype, True, k + n)
+    weight, bias = layer.dequantize(torch.float64), layer.bias.double()
+    for rows in (1, 2, 3, 4, 5, 50):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        y = run([layer], x, gemm=True)
+        assert y.shape == (rows, n) and y.dtype == dtype
+        assert rel_err(y, emulated([layer], x, gemm=True)) < (1e-5 if dtype == torch.float32 else 4e-3)
+        tol = ACTIVATION_ROUNDING_16 if dtype == torch.float32 else 4e-3
+        assert rel_err(y, F.linear(x.double(), weight, bias)) < tol
 
 
 def test_extreme_activations():
@@ -139,6 +168,26 @@ def test_layers_run_the_op_and_act_order_permutes_x():
     assert rel_err(y, want) < 1e-5
 
 
+def test_many_rows_take_the_gemm_where_the_plan_has_it(monkeypatch):
+    """Where the CPU plan prefers the integer GEMM (AVX2; forced here on any class), many rows through a layer
+    and through a joint q/k/v projection take it: the float product of the same weights within int16 rounding."""
+    from qwenkit.quant import linear
+    from qwenkit.runtime.fused import joint_product
+
+    monkeypatch.setattr(linear, "int_gemm_prefill", lambda: True)
+    torch.manual_seed(0)
+    siblings = tuple(Int4Linear.from_float(nn.Linear(256, n), group_size=64) for n in (64, 32, 32))
+    x = torch.randn(2, 100, 256)  # 200 rows: past every layer kind's gemm_min_rows
+    with torch.no_grad():
+        for layer in (*siblings, Int8Linear.from_float(nn.Linear(256, 48))):
+            y = layer(x)
+            assert layer._gemm[1] is not None and layer._kernel is None  # the GEMM, never the decode op
+            want = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
+            assert rel_err(y, want) < 1e-4
+        joint = joint_product(None, x, siblings)
+        assert torch.equal(joint, torch.cat([layer(x) for layer in siblings], dim=-1))
+
+
 def check_small_ops():
     """The one-call ops of an eager step against the model's torch code, on odd sizes (the vector
     loops' tails), grouped heads, a used prefix of a longer cache and a mask."""
@@ -152,12 +201,6 @@ def check_small_ops():
             x = torch.randn(3, 2, k, generator=gen).mul(4).to(dtype)
             assert rel_err(ops.rms_norm(x, norm.weight, 1e-6), norm(x)) < tol, ("rms_norm", dtype, k)
         for heads, kv_heads, dim, length in ((14, 2, 64, 37), (4, 4, 80, 5), (8, 2, 128, 300)):
-            full = [torch.randn(2, kv_heads, length + 9, dim, generator=gen).to(dtype) for _ in "kv"]
-            k, v = (t[:, :, :length] for t in full)
-            # As an int8 cache holds them: a scale per position and head, read through the used prefix.
-            scales = [t.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127 for t in full]
-            kq, vq = (Int8KV((t / s).round().to(torch.int8)[:, :, :length], s[:, :, :length])
-                      for t, s in zip(full, scales))
             q = torch.randn(2, heads, 1, dim, generator=gen).mul(2).to(dtype)
             mask = torch.rand(2, 1, 1, length, generator=gen) > 0.3
             mask[..., 0] = True
@@ -228,6 +271,13 @@ def test_bad_operands_are_refused_clearly():
         ops.int8_linear(torch.randn(1, 64).half(), [layer.weight], layer.scales, None)
     with pytest.raises(RuntimeError, match="scales must be"):
         ops.int8_linear(torch.randn(1, 64), [layer.weight], torch.ones(3), None)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.int8_gemm(torch.randn(60, 48), [torch.zeros(16, 48, dtype=torch.int8)], torch.ones(16), None)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        ops.int8_gemm(torch.randn(60, 64), [layer.weight], torch.ones(3), None)
+    four = random_int4(64, 16, 32, torch.float32, False, 0)
+    with pytest.raises(RuntimeError, match="group_size"):
+        ops.int4_gemm(torch.randn(60, 64), [four.qweight], [four.scales], [four.zeros], None, 48)
 
 
 LOWER = [c for c in ("scalar", "avx2", "avx512") if CLASSES.index(c) < CLASSES.index(detected_class())
@@ -236,7 +286,8 @@ LOWER = [c for c in ("scalar", "avx2", "avx512") if CLASSES.index(c) < CLASSES.i
 
 @pytest.mark.parametrize("cpu_class", LOWER)
 def test_every_buildable_instruction_set_computes_the_same(cpu_class, tmp_path):
-    """Each lower class's build (scalar, AVX2, AVX-512 without VNNI) gives the emulation's results too,
+    """Each lower class's build (scalar, AVX2, AVX-512 without VNNI) gives the emulation's results too (its
+    decode and GEMM ops),
     its small ops the model code's and its bf16-weight op the float reference's."""
     script = f"""
 import torch, sys
@@ -247,8 +298,9 @@ for kind, k, group in (("int8", 896, None), ("int4", 224, 32), ("int4", 896, 64)
     for dtype in (torch.float32, torch.bfloat16):
         layer = t.random_int4(k, 40, group, dtype, True, 3) if kind == "int4" else t.random_int8(k, 40, dtype, True, 3)
         x = torch.randn(5, k).to(dtype)
-        err = t.rel_err(t.run([layer], x), t.emulated([layer], x))
-        assert err < (1e-5 if dtype == torch.float32 else 4e-3), (kind, dtype, err)
+        for gemm in (False, True):
+            err = t.rel_err(t.run([layer], x, gemm), t.emulated([layer], x, gemm))
+            assert err < (1e-5 if dtype == torch.float32 else 4e-3), (kind, dtype, gemm, err)
 t.check_small_ops()
 t.check_bf16_linear()
 print("ok")

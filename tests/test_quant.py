@@ -128,7 +128,10 @@ def test_shapes_a_kernel_refuses_fall_back(layer, torch_quant_kernels):
 
 
 @pytest.mark.parametrize("cls,kwargs", LAYERS[:2], ids=["int8", "int4-g32"])
-def test_large_batches_dequantize_in_chunks_for_the_float_gemm(cls, kwargs):
+def test_large_batches_dequantize_in_chunks_for_the_float_gemm(cls, kwargs, monkeypatch):
+    from qwenkit.quant import linear
+
+    monkeypatch.setattr(linear, "int_gemm_prefill", lambda: False)  # as on a CPU without AVX2's integer GEMM
     layer = cls.from_float(float_linear(n_out=100), **kwargs)
     x = torch.randn(2, cls.gemm_min_rows, 256)
     with torch.no_grad():
@@ -151,9 +154,11 @@ def test_new_weights_replace_the_prepared_kernel(kernels):
         assert rel_err(layer(x), reference(layer, x)) < kernels[torch.float32]
 
 
-def test_siblings_sharing_an_input_run_as_one_fused_kernel():
+def test_siblings_sharing_an_input_run_as_one_fused_kernel(monkeypatch):
     """q/k/v and gate/up as one int4 kernel: the same outputs as the layers run one by one, remade
-    when a layer's tensors change, and no fusing across layer kinds, group sizes or for many rows."""
+    when a layer's tensors change, and no fusing across layer kinds, group sizes or for many rows where
+    the float GEMM takes them."""
+    from qwenkit.quant import linear
     from qwenkit.runtime.fused import joint_product
 
     def joint(x, *layers):
@@ -178,7 +183,8 @@ def test_siblings_sharing_an_input_run_as_one_fused_kernel():
         for sibling in (other_group, int8, float_linear(n_out=32, seed=2)):
             assert joint(x, q, k, sibling) is None and q._fused[1] is None
         many_rows = torch.randn(1, q.gemm_min_rows, 256)
-        assert joint(many_rows, q, k, v) is None  # the float GEMM path instead
+        monkeypatch.setattr(linear, "int_gemm_prefill", lambda: False)
+        assert joint(many_rows, q, k, v) is None  # the float GEMM path instead (tests/test_kernels.py: the integer one)
 
 
 def test_a_fused_model_runs_quantized_siblings_as_one_kernel():

@@ -17,7 +17,9 @@ activations alike; torch's run only where they are not built (see the CPU plan, 
 The kernels are matrix-vector loops whose cost grows linearly with the rows of x, so from
 `gemm_min_rows` rows on (prefill) the layer dequantizes and lets the float GEMM (oneDNN, cuBLAS)
 do the work, which is faster there (benchmarks/results/README.md, "Quantized decode against
-llama.cpp and transformers"). The same dequantize-and-matmul path covers devices and shapes without
+llama.cpp and transformers"); except where the CPU plan prefers qwenkit's integer GEMM over the
+stored tensors (`int_gemm_prefill`: AVX2, whose float32 GEMM is the slower one), which takes over
+from `int_gemm_min_rows` rows. The same dequantize-and-matmul path covers devices and shapes without
 a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a naive
 one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
 
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.cpu_plan import kernel_ops
+from ..runtime.cpu_plan import int_gemm_prefill, kernel_ops
 from .rtn import quantize_int4, quantize_int8
 
 aten = torch.ops.aten
@@ -103,6 +105,7 @@ class QuantizedLinear(nn.Module):
     # (qwenkit's kernels always may, reading them as they are).
     concatenated_for_torch = True
     gemm_min_rows: int  # from this many rows of x on, dequantize + float GEMM beats the kernel
+    int_gemm_min_rows: int  # the same for qwenkit's integer GEMM, where the CPU plan has it (int_gemm_prefill)
     # Weights dequantized at a time on the float path: a vocabulary-sized head (152k x 3584 in
     # Qwen2.5-7B) would otherwise need a transient float copy of gigabytes.
     dequant_chunk = 1 << 24
@@ -115,6 +118,7 @@ class QuantizedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._kernel: tuple[torch.dtype, Callable | None] | None = None  # activation dtype, fast kernel
+        self._gemm: tuple[torch.dtype, Callable | None] | None = None  # the same for many rows (int_gemm_prefill)
         self._generation = 0  # counts changes of the stored tensors; a fused kernel records them
         self._fused: tuple[tuple, Callable | None] | None = None  # (what it was made from, kernel)
 
@@ -127,8 +131,9 @@ class QuantizedLinear(nn.Module):
         return self._qwenkit_kernel((self,), device, dtype) or self._torch_kernel(device, dtype)
 
     def _qwenkit_kernel(self, layers: tuple[QuantizedLinear, ...], device: torch.device,
-                        dtype: torch.dtype) -> Callable | None:
-        """qwenkit's CPU kernel computing `layers`' outputs side by side from their stored tensors, or None."""
+                        dtype: torch.dtype, gemm: bool = False) -> Callable | None:
+        """qwenkit's CPU kernel computing `layers`' outputs side by side from their stored tensors, or None;
+        `gemm`: its GEMM for many rows (x as int16 per block) instead of the matrix-vector loop."""
         raise NotImplementedError
 
     def _torch_kernel(self, device: torch.device, dtype: torch.dtype) -> Callable | None:
@@ -137,7 +142,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
-        run = self._kernel_for(x) if self._wants_kernel(x2d) else None
+        run = self._kernel_for(x2d) if self._wants_kernel(x2d) else None
         if run is not None:
             y = run(x2d)
         elif x.requires_grad and torch.is_grad_enabled():  # through a frozen layer (Q-LoRA)
@@ -154,7 +159,16 @@ class QuantizedLinear(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _wants_kernel(self, x2d: torch.Tensor) -> bool:
-        return x2d.shape[0] < self.gemm_min_rows and not (x2d.requires_grad and torch.is_grad_enabled())
+        """Whether a kernel takes x2d rather than dequantize-and-matmul: a few rows, or many where the CPU
+        plan has qwenkit's integer GEMM; never under autograd."""
+        if x2d.requires_grad and torch.is_grad_enabled():
+            return False
+        return x2d.shape[0] < self.gemm_min_rows or self._int_gemm(x2d)
+
+    def _int_gemm(self, x2d: torch.Tensor) -> bool:
+        """Whether x2d's rows take qwenkit's integer GEMM rather than the matrix-vector kernel. The row
+        count is tested first: a decode step (and the code torch.compile traces for it) stops there."""
+        return x2d.shape[0] >= self.int_gemm_min_rows and x2d.device.type == "cpu" and int_gemm_prefill()
 
     def fused_with(self, others: tuple[nn.Module, ...], x: torch.Tensor) -> Callable | None:
         """One kernel `x [M, K] -> [M, N + the others' N]` for this layer and `others`, siblings that
@@ -164,10 +178,10 @@ class QuantizedLinear(nn.Module):
         """
         if not self._wants_kernel(x):
             return None
-        layers = (self, *others)
-        key = (x.dtype, x.device, layers, tuple(getattr(layer, "_generation", None) for layer in layers))
+        layers, gemm = (self, *others), self._int_gemm(x)
+        key = (x.dtype, x.device, layers, tuple(getattr(layer, "_generation", None) for layer in layers), gemm)
         if self._fused is None or self._fused[0] != key:
-            self._fused = (key, self._sibling_kernel(layers, x) if self._siblings(layers) else None)
+            self._fused = (key, self._sibling_kernel(layers, x, gemm) if self._siblings(layers) else None)
         return self._fused[1]
 
     def _siblings(self, layers: tuple[nn.Module, ...]) -> bool:
@@ -175,7 +189,9 @@ class QuantizedLinear(nn.Module):
                        or layer.group_size != self.group_size or getattr(layer, "perm", None) is not None
                        or (layer.bias is None) != (self.bias is None) for layer in layers)
 
-    def _sibling_kernel(self, layers: tuple[QuantizedLinear, ...], x: torch.Tensor) -> Callable | None:
+    def _sibling_kernel(self, layers: tuple[QuantizedLinear, ...], x: torch.Tensor, gemm: bool) -> Callable | None:
+        if gemm:
+            return self._qwenkit_kernel(layers, x.device, x.dtype, gemm=True)
         if _kernel_verified(type(self), x.device, x.dtype, self.group_size):
             run = self._qwenkit_kernel(layers, x.device, x.dtype)
             if run is not None:
@@ -191,10 +207,14 @@ class QuantizedLinear(nn.Module):
                               frozen(torch.cat([layer._parameters[name] for layer in layers]))
                               for name, value in self._parameters.items()}
         merged.out_features = sum(layer.out_features for layer in layers)
-        merged._kernel = merged._fused = None
+        merged._kernel = merged._gemm = merged._fused = None
         return merged
 
     def _kernel_for(self, x: torch.Tensor) -> Callable | None:
+        if self._int_gemm(x):
+            if self._gemm is None or self._gemm[0] is not x.dtype:
+                self._gemm = (x.dtype, self._qwenkit_kernel((self,), x.device, x.dtype, gemm=True))
+            return self._gemm[1]
         # Checked on every call, so kept to one attribute read and one comparison: the prepared
         # kernel is dropped instead whenever the tensors it was derived from change (below).
         if self._kernel is None or self._kernel[0] is not x.dtype:
@@ -221,7 +241,7 @@ class QuantizedLinear(nn.Module):
 
     def _changed(self) -> None:
         """Drop what was derived from the stored tensors (this layer's kernel, fused kernels)."""
-        self.__dict__["_kernel"] = self.__dict__["_fused"] = None
+        self.__dict__["_kernel"] = self.__dict__["_gemm"] = self.__dict__["_fused"] = None
         self.__dict__["_generation"] = self.__dict__.get("_generation", 0) + 1
 
     def _bias_in(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -263,6 +283,7 @@ class Int8Linear(QuantizedLinear):
 
     bits = 8
     gemm_min_rows = 48
+    int_gemm_min_rows = 16
     # torch's kernel reads the stored int8 weight itself: a concatenated copy for it would hold the
     # weights twice for a small gain in a decode step.
     concatenated_for_torch = False
@@ -288,7 +309,7 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         return self.weight[rows].to(dtype).mul_(self.scales[rows].to(dtype)[:, None])
 
-    def _qwenkit_kernel(self, layers, device, dtype):
+    def _qwenkit_kernel(self, layers, device, dtype, gemm=False):
         ops = _qwenkit_ops(device, dtype)
         if ops is None or self.in_features % 32:
             return None
@@ -296,8 +317,10 @@ class Int8Linear(QuantizedLinear):
         scales, bias = _operands(torch.cat([layer.scales.float() for layer in layers]),
                                  _joint_bias(layers))
 
+        op = ops.int8_gemm if gemm else ops.int8_linear
+
         def run(x):
-            return ops.int8_linear(x, weights, scales, bias)
+            return op(x, weights, scales, bias)
         return run
 
     def _torch_kernel(self, device, dtype):
@@ -327,6 +350,7 @@ class Int4Linear(QuantizedLinear):
 
     bits = 4
     gemm_min_rows = 128
+    int_gemm_min_rows = 32
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  dtype: torch.dtype = torch.float32, device=None, act_order: bool = False):
@@ -371,7 +395,7 @@ class Int4Linear(QuantizedLinear):
             weight = torch.empty_like(weight).index_copy_(1, self.perm.long(), weight)
         return weight
 
-    def _qwenkit_kernel(self, layers, device, dtype):
+    def _qwenkit_kernel(self, layers, device, dtype, gemm=False):
         ops = _qwenkit_ops(device, dtype)
         if ops is None or self.in_features % 32 or any(layer.scales.dtype not in (torch.float32, torch.bfloat16)
                                                        for layer in layers):
@@ -380,11 +404,11 @@ class Int4Linear(QuantizedLinear):
         scales = _operands(*(layer.scales.contiguous() for layer in layers))
         zeros = _operands(*(layer.zeros.contiguous() for layer in layers))
         bias, perm = _operands(_joint_bias(layers), None if self.perm is None else self.perm.long())
-        group_size = self.group_size
+        group_size, op = self.group_size, ops.int4_gemm if gemm else ops.int4_linear
 
         def run(x):
             x = x if perm is None else x.index_select(-1, perm)  # stored column j is input perm[j]
-            return ops.int4_linear(x, qweights, scales, zeros, bias, group_size)
+            return op(x, qweights, scales, zeros, bias, group_size)
         return run
 
     def _torch_kernel(self, device, dtype):

@@ -10,7 +10,7 @@ plan maps the class to choices:
 | float weights (dtype auto), decode | bf16 weights, float32 activations: qwenkit's kernel | bf16: qwenkit's kernel |
 | float weights, prefill | each layer widened to float32, float32 GEMM | bf16 GEMM |
 | int8 / int4 weights, a few rows (decode) | qwenkit's kernels: int8 activations, integer dot products | the same |
-| int8 / int4 weights, many rows (prefill) | dequantize the layer, float32 GEMM | dequantize the layer, bf16 GEMM |
+| int8 / int4 weights, many rows (prefill) | AVX2: qwenkit's int16 GEMM; AVX-512: dequantize, fp32 GEMM | bf16 GEMM |
 
 The class is the lowest of what the CPU reports, what torch will run (`ATEN_CPU_CAPABILITY` lowers
 it), what oneDNN will run (`ONEDNN_MAX_CPU_ISA`), and `QWENKIT_CPU_CLASS`, so any class can be
@@ -102,11 +102,20 @@ def auto_weight_dtype() -> torch.dtype:
     return torch.bfloat16 if native_bf16() or kernel_ops() is not None else auto_dtype()
 
 
+def int_gemm_prefill() -> bool:
+    """Whether quantized layers take many rows of x (prefill) through qwenkit's integer GEMM, x as int16 per
+    block against the stored weights, instead of dequantizing for a float GEMM: on AVX2, where int16 pairs
+    multiply-add at twice float32's rate (AVX-512's float32 GEMM is twice as wide, bf16 native on newer parts).
+    Measured: benchmarks/results/README.md, "An integer GEMM for prefill on AVX2"."""
+    return cpu_class() == "avx2" and kernel_ops() is not None
+
+
 @dataclass(frozen=True)
 class Plan:
     cpu_class: str
     dtype: torch.dtype
     kernels: str | None  # the instruction set qwenkit's kernels run, or None (torch's own)
+    int_gemm: bool = False  # quantized prefill through qwenkit's integer GEMM (int_gemm_prefill)
 
     def rows(self) -> list[tuple[str, str]]:
         """(product, how it runs) for `qwenkit env` and `bench`."""
@@ -121,9 +130,11 @@ class Plan:
             float_rows = [("float weights, prefill and decode",
                            "bf16, oneDNN packed" if self.dtype == torch.bfloat16 else dtype)]
             quantized = "torch's weight-only kernels"
+        prefill = (f"qwenkit {self.kernels} GEMM, int16 activations per block" if self.int_gemm
+                   else f"dequantize the layer, {dtype} GEMM")
         return float_rows + [
             ("int8 / int4 weights, decode (a few rows)", quantized),
-            ("int8 / int4 weights, prefill (many rows)", f"dequantize the layer, {dtype} GEMM"),
+            ("int8 / int4 weights, prefill (many rows)", prefill),
         ]
 
     def describe(self) -> str:
@@ -139,4 +150,4 @@ def kernel_ops():
 
 def plan() -> Plan:
     kernels = kernel_ops()
-    return Plan(cpu_class(), auto_dtype(), None if kernels is None else kernels.isa())
+    return Plan(cpu_class(), auto_dtype(), None if kernels is None else kernels.isa(), int_gemm_prefill())
