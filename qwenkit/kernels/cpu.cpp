@@ -742,7 +742,7 @@ at::Tensor int16_gemm(const at::Tensor& x, const Columns& cols, const c10::optio
                       int64_t groups, bool zeros, const Fill& fill) {
   const int64_t k = x.size(1), m_rows = x.size(0);
   Output y(x, cols.total(), bias);
-  thread_local QuantizedX16 qx;  // kept between calls, as the decode ops keep theirs (with_quantized_x)
+  QuantizedX16 qx;  // one per call: a thread_local would not reach the tasks below (each reads its own thread's)
   const at::Tensor xc = x.contiguous();
   if (xc.scalar_type() == at::kFloat) {
     quantize_rows16(xc.data_ptr<float>(), m_rows, k, block, qx);
