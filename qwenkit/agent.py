@@ -12,6 +12,7 @@ becomes the tool message's text, so the model can read the error and try again.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -48,6 +49,15 @@ NOT_A_CALL = r"[^\s{<\[`][\s\S]*"
 
 class AgentError(QwenkitError):
     pass
+
+
+class Failure(str):
+    """A tool result that reports a failure (an error, a traceback, a timeout). The model reads it as any other
+    result; the agent knows the call did not work (Agent.ask)."""
+
+
+# How alike two calls' arguments are (difflib's ratio) for the second to count as an edited copy of the first.
+NEAR_COPY = 0.9
 
 
 def truncated(text: str, limit: int = MAX_RESULT_CHARS) -> str:
@@ -222,7 +232,8 @@ def run_python(code: str, limits: Limits = PYTHON_LIMITS) -> str:
         parts.append(f"[timed out: {outcome.detail}]")
     elif outcome.status == "failed" and not outcome.stderr.strip():
         parts.append(f"[{outcome.detail}]")
-    return truncated("\n".join(parts)) or "[no output: print() what you want to see]"
+    text = truncated("\n".join(parts)) or "[no output: print() what you want to see]"
+    return text if outcome.passed else Failure(text)
 
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -445,6 +456,11 @@ def _call_key(call: ToolCall) -> tuple[str, str]:
         return call.name, call.arguments
 
 
+def _near_copy(call: tuple[str, str], other: tuple[str, str]) -> bool:
+    """Whether `call` is the same tool as `other` with arguments at least NEAR_COPY alike (an edited copy)."""
+    return call[0] == other[0] and difflib.SequenceMatcher(None, call[1], other[1]).ratio() >= NEAR_COPY
+
+
 class Agent:
     """A conversation in which the model may call `tools` (Python functions) before it answers.
 
@@ -466,12 +482,14 @@ class Agent:
         self.on_result = on_result or (lambda name, result: None)
 
     def ask(self, question: str) -> str:
-        """Put `question` to the model, run the tools it calls, and return its answer. A reply that only repeats
-        calls already made (small models call again instead of reading the result) is not run again: the model is
-        asked for its answer from the results it has, with calls ruled out (`answer`). Raises AgentError when it
-        is still calling tools after max_steps replies."""
+        """Put `question` to the model, run the tools it calls, and return its answer. Small models call again
+        instead of reading a result: a reply that only repeats calls already made is not run again, and one whose
+        calls all fail as edited copies of calls that worked is taken back; either way the model is asked for its
+        answer from the results it has, with calls ruled out (`answer`). Raises AgentError when it is still
+        calling tools after max_steps replies."""
         self.messages.append({"role": "user", "content": question})
         made = set()  # (name, arguments) of the calls made for this question
+        worked = []  # the same, of those whose result was not a Failure
         for _ in range(self.max_steps):
             content, calls = self.chat.reply(self.messages, self.schemas, self.on_text)
             if not calls:
@@ -484,11 +502,19 @@ class Agent:
             self.messages.append({"role": "assistant", "content": content, "tool_calls": [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in calls]})
+            broken_copies = 0
             for call in calls:
                 self.on_call(call.name, call.arguments)
                 result = self.run_tool(call.name, call.arguments)
                 self.on_result(call.name, result)
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result})
+                if not isinstance(result, Failure):
+                    worked.append(_call_key(call))
+                elif any(_near_copy(_call_key(call), key) for key in worked):
+                    broken_copies += 1
+            if broken_copies == len(calls):  # a copy of what worked, broken in the editing: answer from what worked
+                del self.messages[-1 - len(calls):]
+                return self.answer()
         raise AgentError(f"no answer after {self.max_steps} steps: the model was still calling tools (allow "
                          "more with --max-steps)")
 
@@ -501,24 +527,25 @@ class Agent:
         return content
 
     def run_tool(self, name: str, arguments: str) -> str:
-        """The result of one call as the text the model reads; errors are results too."""
+        """The result of one call as the text the model reads; errors are results too (a Failure)."""
         function = self.functions.get(name)
         if function is None:
-            return f"error: there is no tool {name!r}; the tools are: {', '.join(self.functions)}"
+            return Failure(f"error: there is no tool {name!r}; the tools are: {', '.join(self.functions)}")
         try:
             kwargs = json.loads(arguments)
         except ValueError as e:
-            return f"error: the arguments are not JSON ({e})"
+            return Failure(f"error: the arguments are not JSON ({e})")
         if not isinstance(kwargs, dict):
-            return "error: the arguments must be a JSON object"
+            return Failure("error: the arguments must be a JSON object")
         try:
             inspect.signature(function).bind(**kwargs)
         except TypeError as e:
-            return f"error: {e}; the parameters are: {json.dumps(tool_schema(function)['function']['parameters'])}"
+            return Failure(f"error: {e}; the parameters are: "
+                           f"{json.dumps(tool_schema(function)['function']['parameters'])}")
         try:
             result = function(**kwargs)
         except Exception as e:
-            return f"error: {type(e).__name__}: {e}"
+            return Failure(f"error: {type(e).__name__}: {e}")
         if not isinstance(result, str):
             result = json.dumps(result, ensure_ascii=False, default=str)
-        return truncated(result)
+        return Failure(truncated(result)) if isinstance(result, Failure) else truncated(result)
