@@ -255,17 +255,23 @@ def test_loop_stops_at_max_steps(puppet, tok):
         Agent(chat, [multiply], system=None, max_steps=2).ask("2 times 3?")
 
 
-def test_a_repeated_call_is_answered_from_the_results(puppet, tok):
-    """A reply that only repeats a call already made is not run again: the model answers from the results it
-    has, told so, with no tools offered and calls ruled out."""
+def scripted_agent(puppet, tok, tools, replies):
+    """An agent over the puppet replying `replies` in turn; also the results it ran and the messages each answer
+    turn (Agent.answer) was given."""
     chat = LocalChat(puppet, tok, temperature=0)
-    script = Script(puppet, tok, [react_call("multiply", {"a": 832040, "b": 7})] * 2 + ["5824280"])
-    reply, answer, asked = chat.reply, chat.answer, []
+    script = Script(puppet, tok, replies)
+    reply, answer, asked, ran = chat.reply, chat.answer, [], []
     chat.reply = lambda messages, tools, on_text: (script(messages, tools), reply(messages, tools, on_text))[1]
     chat.answer = lambda messages, on_text: (script(messages, None), asked.append(messages),
                                              answer(messages, on_text))[2]
-    ran = []
-    agent = Agent(chat, [multiply], system=None, on_result=lambda name, result: ran.append(result))
+    return Agent(chat, tools, system=None, on_result=lambda name, result: ran.append(result)), ran, asked
+
+
+def test_a_repeated_call_is_answered_from_the_results(puppet, tok):
+    """A reply that only repeats a call already made is not run again: the model answers from the results it
+    has, told so, with no tools offered and calls ruled out."""
+    agent, ran, asked = scripted_agent(puppet, tok, [multiply],
+                                       [react_call("multiply", {"a": 832040, "b": 7})] * 2 + ["5824280"])
     assert agent.ask("what is 832040 times 7?") == "5824280" and ran == ["5824280"]
     assert asked[0][0] == {"role": "system", "content": ANSWER} and asked[0][-1]["content"] == "5824280"
     assert agent.messages[-1] == {"role": "assistant", "content": "5824280"}
@@ -284,17 +290,11 @@ def test_a_broken_copy_of_a_call_that_worked_is_taken_back(puppet, tok):
     """A reply whose calls fail as edited copies of a call that worked (the demo breaks the program it just ran)
     is taken back: the model answers from the result that worked, the broken call out of its view. A failed call
     that copies no success stays, for the model to mend."""
-    chat = LocalChat(puppet, tok, temperature=0)
-    script = Script(puppet, tok, [react_call("evaluate", {"expression": "(832040 * 7"}),  # fails, stays
-                                  react_call("evaluate", {"expression": "832040 * 7"}),   # works
-                                  react_call("evaluate", {"expression": "832040 * 7)"}),  # a broken copy
-                                  "5824280"])
-    reply, answer, asked = chat.reply, chat.answer, []
-    chat.reply = lambda messages, tools, on_text: (script(messages, tools), reply(messages, tools, on_text))[1]
-    chat.answer = lambda messages, on_text: (script(messages, None), asked.append(messages),
-                                             answer(messages, on_text))[2]
-    ran = []
-    agent = Agent(chat, [evaluate], system=None, on_result=lambda name, result: ran.append(result))
+    agent, ran, asked = scripted_agent(puppet, tok, [evaluate], [
+        react_call("evaluate", {"expression": "(832040 * 7"}),  # fails, stays
+        react_call("evaluate", {"expression": "832040 * 7"}),   # works
+        react_call("evaluate", {"expression": "832040 * 7)"}),  # a broken copy
+        "5824280"])
     assert agent.ask("what is 832040 times 7?") == "5824280"
     assert len(ran) == 3 and isinstance(ran[0], Failure) and ran[1] == "5824280" and isinstance(ran[2], Failure)
     seen = [m["content"] for m in asked[0] if m["role"] == "tool"]
