@@ -1,4 +1,4 @@
-// qwenkit's CPU kernels for weight-only int4, int8 and bf16 linears at decode shapes (a few rows of x).
+// qwenkit's CPU kernels for weight-only int4, int8 and bf16 linears, mostly at decode shapes (a few rows of x).
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) where W is stored as qwenkit's Int4Linear / Int8Linear
 // keep it, read in place (no repacked copy):
@@ -13,6 +13,8 @@
 //
 // One op computes several weights that read the same x (q/k/v, gate/up) into one output, side by
 // side along its columns: the output rows of all of them are split among torch's threads.
+// For many rows of x (prefill) int8_gemm / int4_gemm multiply the same stored weights by x rounded to
+// int16 per block instead (AVX2 code in every build; see "many rows" below).
 // Below them, a product over bf16 weights (float32 sums of exact products), and the small ops of an
 // eager decode step (RMS norm, decode attention) in one call each.
 // Built once per instruction set (-mavx2, -mavx512*) by qwenkit/kernels/__init__.py.
