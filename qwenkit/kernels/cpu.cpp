@@ -14,7 +14,7 @@
 // One op computes several weights that read the same x (q/k/v, gate/up) into one output, side by
 // side along its columns: the output rows of all of them are split among torch's threads.
 // For many rows of x (prefill) int8_gemm / int4_gemm multiply the same stored weights by x rounded to
-// int16 per block instead (AVX2 code in every build; see "many rows" below).
+// int16 per block instead (AVX-512 or AVX2 code, as built; see "many rows" below).
 // Below them, a product over bf16 weights (float32 sums of exact products), and the small ops of an
 // eager decode step (RMS norm, decode attention) in one call each.
 // Built once per instruction set (-mavx2, -mavx512*) by qwenkit/kernels/__init__.py.
@@ -685,7 +685,36 @@ void gemm_tile(const QuantizedX16& qx, int64_t k, const WeightTile& t, int64_t b
   const bool zeros = !t.zero_scale.empty();
   const int16_t* xq[MR];
   for (int r = 0; r < MR; ++r) xq[r] = qx.q.data() + (m0 + r) * k;
-#if defined(__AVX2__)
+#if defined(__AVX512BW__)
+  // One 512-bit vector holds the tile's 16 columns (their pairs for one k, or their sums): the same layout.
+  for (int r = 0; r < MR; ++r) std::fill(out[r], out[r] + kTile, 0.f);
+  for (int64_t b = 0; b < qx.blocks; ++b) {
+    __m512i acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_si512();
+    const int16_t* w = t.w.data() + b * block * kTile;
+    for (int64_t j = 0; j < block / 2; ++j) {
+      const __m512i wj = _mm512_loadu_si512(w + j * 2 * kTile);
+      for (int r = 0; r < MR; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, xq[r] + b * block + 2 * j, sizeof(pair));
+#if defined(__AVX512VNNI__)
+        acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_set1_epi32(pair), wj);
+#else
+        acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(_mm512_set1_epi32(pair), wj));
+#endif
+      }
+    }
+    const int64_t g = b / blocks_per_group;
+    const __m512 s = _mm512_loadu_ps(t.scale.data() + g * kTile);
+    const __m512 z = zeros ? _mm512_loadu_ps(t.zero_scale.data() + g * kTile) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      const __m512 d = _mm512_set1_ps(qx.d[(m0 + r) * qx.blocks + b]);
+      __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_mul_ps(d, s), _mm512_loadu_ps(out[r]));
+      if (zeros) f = _mm512_fnmadd_ps(_mm512_set1_ps(qx.block_sum[(m0 + r) * qx.blocks + b]), z, f);
+      _mm512_storeu_ps(out[r], f);
+    }
+  }
+#elif defined(__AVX2__)
   // The float sums live in `out` (touched once a block): the registers hold the int32 sums, the weights and x.
   for (int r = 0; r < MR; ++r) std::fill(out[r], out[r] + kTile, 0.f);
   for (int64_t b = 0; b < qx.blocks; ++b) {

@@ -18,8 +18,8 @@ The kernels are matrix-vector loops whose cost grows linearly with the rows of x
 `gemm_min_rows` rows on (prefill) the layer dequantizes and lets the float GEMM (oneDNN, cuBLAS)
 do the work, which is faster there (benchmarks/results/README.md, "Quantized decode against
 llama.cpp and transformers"); except where the CPU plan prefers qwenkit's integer GEMM over the
-stored tensors (`int_gemm_prefill`: AVX2, whose float32 GEMM is the slower one), which takes over
-from `int_gemm_min_rows` rows. The same dequantize-and-matmul path covers devices and shapes without
+stored tensors (`int_gemm_prefill`: CPUs without native bf16, whose float32 GEMM is the slower one),
+which takes over from `int_gemm_min_rows` rows. The same dequantize-and-matmul path covers devices and shapes without
 a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a naive
 one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
 

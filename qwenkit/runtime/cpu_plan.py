@@ -10,7 +10,7 @@ plan maps the class to choices:
 | float weights (dtype auto), decode | bf16 weights, float32 activations: qwenkit's kernel | bf16: qwenkit's kernel |
 | float weights, prefill | each layer widened to float32, float32 GEMM | bf16 GEMM |
 | int8 / int4 weights, a few rows (decode) | qwenkit's kernels: int8 activations, integer dot products | the same |
-| int8 / int4 weights, many rows (prefill) | AVX2: qwenkit's int16 GEMM; AVX-512: dequantize, fp32 GEMM | bf16 GEMM |
+| int8 / int4 weights, many rows (prefill) | qwenkit's int16 GEMM | dequantize, bf16 GEMM |
 
 The class is the lowest of what the CPU reports, what torch will run (`ATEN_CPU_CAPABILITY` lowers
 it), what oneDNN will run (`ONEDNN_MAX_CPU_ISA`), and `QWENKIT_CPU_CLASS`, so any class can be
@@ -104,10 +104,11 @@ def auto_weight_dtype() -> torch.dtype:
 
 def int_gemm_prefill() -> bool:
     """Whether quantized layers take many rows of x (prefill) through qwenkit's integer GEMM, x as int16 per
-    block against the stored weights, instead of dequantizing for a float GEMM: on AVX2, where int16 pairs
-    multiply-add at twice float32's rate (AVX-512's float32 GEMM is twice as wide, bf16 native on newer parts).
-    Measured: benchmarks/results/README.md, "An integer GEMM for prefill on AVX2"."""
-    return cpu_class() == "avx2" and kernel_ops() is not None
+    block against the stored weights, instead of dequantizing for a float32 GEMM: on the classes with float32
+    activations and vector kernels (AVX2, AVX-512 without BF16), where int16 pairs multiply-add at twice
+    float32's rate per instruction (with native bf16 the bf16 GEMM stays). Measured: benchmarks/results/README.md,
+    "An integer GEMM for prefill on AVX2"."""
+    return cpu_class() in ("avx2", "avx512", "avx512_vnni") and kernel_ops() is not None
 
 
 @dataclass(frozen=True)
