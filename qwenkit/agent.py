@@ -61,10 +61,10 @@ NEAR_COPY = 0.9
 
 
 def truncated(text: str, limit: int = MAX_RESULT_CHARS) -> str:
-    """`text` cut to `limit` characters, saying how much was left out."""
+    """`text` cut to `limit` characters, saying how much was left out (a Failure stays one)."""
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}\n[truncated: {len(text) - limit} more characters]"
+    return type(text)(f"{text[:limit]}\n[truncated: {len(text) - limit} more characters]")
 
 
 # ------------------------------------------------------------------------- schemas from signatures
@@ -495,22 +495,23 @@ class Agent:
             if not calls:
                 self.messages.append({"role": "assistant", "content": content})
                 return content
-            calls = list({_call_key(c): c for c in calls if _call_key(c) not in made}.values())
-            if not calls:
+            fresh = {key: c for c in calls if (key := _call_key(c)) not in made}
+            if not fresh:
                 return self.answer()
-            made.update(map(_call_key, calls))
+            made.update(fresh)
+            calls = list(fresh.values())
             self.messages.append({"role": "assistant", "content": content, "tool_calls": [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in calls]})
             broken_copies = 0
-            for call in calls:
+            for key, call in fresh.items():
                 self.on_call(call.name, call.arguments)
                 result = self.run_tool(call.name, call.arguments)
                 self.on_result(call.name, result)
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result})
                 if not isinstance(result, Failure):
-                    worked.append(_call_key(call))
-                elif any(_near_copy(_call_key(call), key) for key in worked):
+                    worked.append(key)
+                elif any(_near_copy(key, other) for other in worked):
                     broken_copies += 1
             if broken_copies == len(calls):  # a copy of what worked, broken in the editing: answer from what worked
                 del self.messages[-1 - len(calls):]
@@ -548,4 +549,4 @@ class Agent:
             return Failure(f"error: {type(e).__name__}: {e}")
         if not isinstance(result, str):
             result = json.dumps(result, ensure_ascii=False, default=str)
-        return Failure(truncated(result)) if isinstance(result, Failure) else truncated(result)
+        return truncated(result)
