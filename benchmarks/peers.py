@@ -17,11 +17,12 @@ head), compiled too with --compile.
 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, QWENKIT_CPU_CLASS), and llama.cpp built for AVX2
 (GGML_NATIVE off, AVX2/FMA/F16C on; built once into ~/.cache/qwenkit/peers, a few minutes).
 Each row: prefill tok/s (512-token prompt, best of 3), time to first token, decode tok/s (128
-greedy tokens, eos ignored), achieved GB/s, peak RSS, each the best over --rounds runs of every
-engine in turn (every run's decode and prefill stay in the JSON); qwenkit rows add their decode
+greedy tokens, eos ignored), achieved GB/s, peak RSS and its growth from before loading per
+weight byte, each the best over --rounds runs of every engine in turn (every run's decode and prefill stay in the JSON); qwenkit rows add their decode
 and prefill ratios to each peer, compiled rows the compile warm-up. Goals (per CPU class):
 the default path decodes >= 1.0x llama.cpp Q4_K_M and prefills >= 1.5x llama.cpp; int4 decodes
->= 1.5x llama.cpp Q4_K_M, int8 >= 1.0x Q8_0; no row under 0.5x in decode or 1.0x in prefill.
+>= 1.5x llama.cpp Q4_K_M, int8 >= 1.0x Q8_0; no row under 0.5x in decode or 1.0x in prefill; RSS
+growth <= 1.3x the weights.
 Results go to benchmarks/results/peers-DATE.json (peers-avx2-DATE.json with --isa avx2).
 
 --long: long prompts instead, each length once per engine (one prefill each; 16 new tokens): qwenkit's
@@ -84,11 +85,15 @@ def main():
         for name, engine, dtype, options, engine_env in engines:
             runs[name].append(measure(engine, dtype, *n, **options, env=engine_env))
     rows = [{"name": name, **best(runs[name])} for name, *_ in engines]
+    for row in rows:  # the goal's measure: what the process grew by, from before loading, per weight byte
+        if "error" not in row:
+            row["rss_growth_per_weight"] = (row["peak_rss_mib"] - row["rss_before_load_mib"]) / row["weight_mib"]
     rows, peers = rows[:len(ours)], rows[len(ours):]
 
     columns = [("prefill_tok_s", "prefill tok/s", ".1f"), ("ttft_s", "TTFT s", ".3f"),
                ("decode_tok_s", "decode tok/s", ".2f"), ("gb_per_s", "GB/s", ".1f"),
-               ("peak_rss_mib", "peak RSS MiB", ".0f"), ("compile_s", "compile s", ".1f")]
+               ("peak_rss_mib", "peak RSS MiB", ".0f"), ("rss_growth_per_weight", "RSS growth/weights", ".2f"),
+               ("compile_s", "compile s", ".1f")]
     for peer, short in zip(peers, ("hf", "llama", "llama_q8")):
         if "error" in peer:
             continue

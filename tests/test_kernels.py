@@ -338,3 +338,75 @@ def test_a_class_the_cpu_lacks_is_refused():
     out = subprocess.run([sys.executable, "-c", "from qwenkit.runtime.cpu_plan import cpu_class; cpu_class()"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and f"QWENKIT_CPU_CLASS={above[0]} asks for more than this CPU runs" in out.stderr
+
+
+# LargeBlocks is process-wide (torch's CPU allocator), so each case runs in its own interpreter.
+_LARGE_BLOCKS = """if True:
+    import os, torch
+    from qwenkit.runtime.cpu_plan import kernel_ops
+    ops = kernel_ops()
+    MiB = 1 << 20
+    ops.keep_large_blocks(MiB, 64 * MiB, 8)  # blocks from 1 MiB; 64 MiB free at most; idle after 8
+    stats = lambda: tuple(ops.large_block_stats())  # (mapped, free)
+"""
+
+_LARGE_BLOCK_CASES = {
+    "values and the small allocator": """
+    small = torch.arange(1000.0)
+    assert stats() == (0, 0)
+    x = torch.arange(3 * MiB // 4, dtype=torch.float32)  # 3 MiB
+    assert stats() == (3 * MiB, 0) and x.sum().item() == sum(range(3 * MiB // 4)) and small.sum() == 499500
+    """,
+    "a freed block is taken again by what it fits, up to twice the size": """
+    a = torch.empty(4 * MiB, dtype=torch.uint8); at = a.data_ptr(); del a
+    b = torch.empty(3 * MiB, dtype=torch.uint8)
+    assert b.data_ptr() == at and stats() == (4 * MiB, 0)
+    del b
+    c = torch.empty(MiB, dtype=torch.uint8)  # 4 MiB is more than twice as much: a block of its own
+    assert c.data_ptr() != at and stats() == (5 * MiB, 4 * MiB)
+    """,
+    "a layer's tensors made again and again map no more than they need at once": """
+    residual = []
+    for layer in range(50):
+        x = torch.randn(512, 896)
+        gate_up = torch.randn(512, 9728)
+        act = torch.nn.functional.silu(gate_up[:, :4864]) * gate_up[:, 4864:]
+        del gate_up
+        residual.append(torch.empty(64, 1024))  # 256 KiB: small, and kept, between the layer's blocks
+        out = act[:, :896] + x
+        del act, x, out
+    at_once = (512 * 896 + 512 * 9728 + 2 * 512 * 4864) * 4
+    assert stats()[0] <= at_once + 512 * 896 * 4, (stats(), at_once)
+    """,
+    "idle blocks and blocks beyond the free limit are unmapped": """
+    a = torch.empty(4 * MiB, dtype=torch.uint8); del a
+    for _ in range(9):  # sizes that never fit it
+        b = torch.empty(MiB, dtype=torch.uint8); del b
+    assert stats() == (MiB, MiB)
+    many = [torch.empty(16 * MiB, dtype=torch.uint8) for _ in range(6)]
+    del many
+    assert stats()[1] <= 64 * MiB and stats()[0] == stats()[1]
+    ops.release_free_blocks()
+    assert stats() == (0, 0)
+    """,
+    "the profiler counts them, and a forked child allocates": """
+    with torch.profiler.profile(profile_memory=True) as prof:
+        torch.ones(2 * MiB)
+    assert max(e.cpu_memory_usage for e in prof.key_averages()) >= 8 * MiB
+    pid = os.fork()
+    if pid == 0:  # (no parallel op: OpenMP's threads do not survive a fork)
+        x = torch.empty(4 * MiB); x[0] = 1.0
+        os._exit(0 if x[0].item() == 1.0 else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    """,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LARGE_BLOCK_CASES))
+def test_large_blocks(case):
+    """LargeBlocks, torch's CPU allocator for large tensors after qwenkit.load: correct tensors, freed blocks
+    reused by what they fit, a layer-like pattern mapping what lives at once (glibc's heap grew to ~3x
+    that: qwenkit/runtime/allocator.py), and the rules that unmap."""
+    script = _LARGE_BLOCKS + _LARGE_BLOCK_CASES[case] + "\n    print('ok')"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], out.stderr[-3000:]

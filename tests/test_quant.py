@@ -213,11 +213,12 @@ def test_glibc_keeps_freed_memory_unless_turned_off():
         assert out == expected
 
 
-# glibc's own accounting (mallinfo2) of a 64 MiB tensor, made and freed: `mapped` bytes in mmap blocks
-# while it lives, `kept` free bytes the heap holds after it is freed.
+# glibc's own accounting (mallinfo2) of a 64 MiB tensor, made and freed: `mapped` bytes in glibc's mmap
+# blocks while it lives, `kept` free bytes the heap, or LargeBlocks where the kernels build, holds after it
+# is freed.
 _MALLINFO = """if True:
     import ctypes, sys, torch
-    from qwenkit.runtime.allocator import keep_all_freed_memory
+    from qwenkit.runtime.allocator import keep_all_freed_memory, large_block_stats
 
     class Mallinfo2(ctypes.Structure):
         _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -230,7 +231,7 @@ _MALLINFO = """if True:
     block = torch.ones(64 << 20, dtype=torch.uint8)
     mapped = libc.mallinfo2().hblkhd - before.hblkhd
     del block
-    print(on, mapped, libc.mallinfo2().fordblks - before.fordblks)"""
+    print(on, mapped, libc.mallinfo2().fordblks - before.fordblks + large_block_stats()[1])"""
 
 
 def glibc_version() -> tuple[int, ...]:
@@ -246,8 +247,8 @@ def glibc_version() -> tuple[int, ...]:
 def test_training_keeps_large_freed_blocks_too():
     """A 64 MiB tensor is above glibc's largest mmap threshold: by default it is its own mapping, given
     back when freed (and faulted in again page by page when made again); keep_all_freed_memory, for
-    training, takes it from the heap and keeps it there once freed. benchmarks/allocator.py counts
-    the page faults this saves."""
+    training, takes it from the heap (or LargeBlocks) and keeps it there once freed. benchmarks/allocator.py
+    counts the page faults this saves."""
     seen = {}
     for mode in ("0", "1"):
         out = subprocess.run([sys.executable, "-c", _MALLINFO, mode], capture_output=True, text=True, check=True)

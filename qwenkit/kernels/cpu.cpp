@@ -16,19 +16,26 @@
 // For many rows of x (prefill) int8_gemm / int4_gemm multiply the same stored weights by x rounded to
 // int16 per block instead (AVX-512 or AVX2 code, as built; see "many rows" below).
 // Below them, a product over bf16 weights (float32 sums of exact products), and the small ops of an
-// eager decode step (RMS norm, decode attention) in one call each.
+// eager decode step (RMS norm, decode attention) in one call each. Last, LargeBlocks: torch's CPU allocator
+// for large tensors once qwenkit/runtime/allocator.py registers it.
 // Built once per instruction set (-mavx2, -mavx512*) by qwenkit/kernels/__init__.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
 #include <c10/util/BFloat16.h>
+#include <pthread.h>
+#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -585,7 +592,7 @@ constexpr float kInt16Max = 32767.f;
 
 struct QuantizedX16 {
   int64_t rows = 0, block = 0, blocks = 0;
-  std::vector<int16_t> q;         // [rows][K]
+  at::Tensor q;                   // int16 [rows][K], a tensor so that a large one comes from LargeBlocks
   std::vector<float> d;           // [rows][blocks]: x ~= d * q within a block
   std::vector<float> block_sum;   // [rows][blocks]: d * (sum of q), for int4 zero points
 };
@@ -595,7 +602,7 @@ void quantize_rows16(const T* x, int64_t rows, int64_t k, int64_t block, Quantiz
   out.rows = rows;
   out.block = block;
   out.blocks = k / block;
-  out.q.resize(rows * k);
+  out.q = at::empty({rows, k}, at::kShort);
   out.d.resize(rows * out.blocks);
   out.block_sum.resize(rows * out.blocks);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -607,7 +614,7 @@ void quantize_rows16(const T* x, int64_t rows, int64_t k, int64_t block, Quantiz
         const bool zero = !(amax > kTinyBlock);
         const float d = zero ? 0.f : amax / kInt16Max;
         const float inv = zero ? 0.f : kInt16Max / amax;
-        int16_t* q = out.q.data() + m * k + b * block;
+        int16_t* q = out.q.data_ptr<int16_t>() + m * k + b * block;
         int64_t total = 0;
         for (int64_t i = 0; i < block; ++i) {
           q[i] = static_cast<int16_t>(std::nearbyint(as_float(src[i]) * inv));
@@ -684,7 +691,7 @@ void gemm_tile(const QuantizedX16& qx, int64_t k, const WeightTile& t, int64_t b
   const int64_t block = qx.block;
   const bool zeros = !t.zero_scale.empty();
   const int16_t* xq[MR];
-  for (int r = 0; r < MR; ++r) xq[r] = qx.q.data() + (m0 + r) * k;
+  for (int r = 0; r < MR; ++r) xq[r] = qx.q.data_ptr<int16_t>() + (m0 + r) * k;
 #if defined(__AVX512BW__)
   // One 512-bit vector holds the tile's 16 columns (their pairs for one k, or their sums): the same layout.
   for (int r = 0; r < MR; ++r) std::fill(out[r], out[r] + kTile, 0.f);
@@ -1213,6 +1220,184 @@ at::Tensor bf16_linear(const at::Tensor& x, at::TensorList weights, const c10::o
   return y.out;
 }
 
+// --------------------------------------------------------------------------- large CPU blocks
+
+// torch's CPU tensors come from malloc. A prefill frees and makes again, layer after layer, tensors of a few
+// megabytes. glibc's heap keeps them (qwenkit/runtime/allocator.py raises its thresholds, since an unmapped
+// block is faulted in again page by page) but fragments: the demo's 512-token prefill grew the heap by ~250 MiB
+// for ~60 MiB of live tensors. LargeBlocks, registered as torch's CPU allocator, maps each tensor of at least
+// `min_bytes` on its own and keeps it when freed, for the next tensor it fits (up to twice its size): memory
+// already faulted in is reused, and what is kept is what the same shapes need again. A free block that no
+// tensor has taken for `idle` large allocations (left from other shapes), or beyond `max_free` bytes of free
+// blocks (the least recently freed first), is unmapped; -1 turns either rule off. Smaller tensors go to the
+// allocator it replaced.
+class LargeBlocks final : public c10::Allocator {
+ public:
+  explicit LargeBlocks(c10::Allocator* small) : small_(small) {}
+
+  void configure(int64_t min_bytes, int64_t max_free, int64_t idle) {
+    std::vector<Block> unmap;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      min_bytes_ = static_cast<size_t>(min_bytes);
+      max_free_ = max_free;
+      idle_ = idle;
+      evict(unmap);
+    }
+    unmap_all(unmap);
+  }
+
+  c10::DataPtr allocate(size_t n) override {
+    if (n < min_bytes_.load()) return small_->allocate(n);
+    void* p = take((n + kPage - 1) / kPage * kPage);
+    return {p, p, &free_block, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &free_block; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  void release_free() {
+    std::vector<Block> unmap;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      unmap.swap(free_);
+      free_bytes_ = 0;
+      for (const Block& b : unmap) mapped_bytes_ -= b.size;
+    }
+    unmap_all(unmap);
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {mapped_bytes_, free_bytes_};
+  }
+
+  static LargeBlocks* instance;
+  std::mutex mu_;  // public for pthread_atfork: a child must not inherit it locked
+
+ private:
+  struct Block {
+    void* p;
+    size_t size;
+    int64_t freed_at;  // clock_ when freed
+  };
+  static constexpr size_t kPage = 4096;
+
+  static void free_block(void* p) { instance->give_back(p); }
+
+  void* take(size_t size) {
+    std::vector<Block> unmap;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++clock_;
+      evict(unmap);
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].size >= size && free_[i].size <= 2 * size &&
+            (best == free_.size() || free_[i].size < free_[best].size))
+          best = i;
+      if (best < free_.size()) {
+        p = free_[best].p;
+        size = free_[best].size;
+        free_bytes_ -= static_cast<int64_t>(size);
+        free_[best] = free_.back();
+        free_.pop_back();
+      } else {
+        p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p != MAP_FAILED) mapped_bytes_ += static_cast<int64_t>(size);
+      }
+      if (p != MAP_FAILED) live_[p] = size;
+    }
+    unmap_all(unmap);
+    TORCH_CHECK(p != MAP_FAILED, "out of memory: could not map ", size, " bytes for a CPU tensor");
+    if (c10::memoryProfilingEnabled()) report(p, static_cast<int64_t>(size));
+    return p;
+  }
+
+  void give_back(void* p) {
+    std::vector<Block> unmap;
+    size_t size = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = live_.find(p);
+      if (it == live_.end()) {  // from the small allocator, through raw_deallocate
+        small_->raw_deleter()(p);
+        return;
+      }
+      size = it->second;
+      live_.erase(it);
+      free_.push_back({p, size, clock_});
+      free_bytes_ += static_cast<int64_t>(size);
+      evict(unmap);
+    }
+    unmap_all(unmap);
+    if (c10::memoryProfilingEnabled()) report(p, -static_cast<int64_t>(size));
+  }
+
+  // Moves the free blocks the rules give up into `unmap` (mu_ held).
+  void evict(std::vector<Block>& unmap) {
+    auto drop = [&](size_t i) {
+      unmap.push_back(free_[i]);
+      free_bytes_ -= static_cast<int64_t>(free_[i].size);
+      mapped_bytes_ -= static_cast<int64_t>(free_[i].size);
+      free_[i] = free_.back();
+      free_.pop_back();
+    };
+    if (idle_ >= 0)
+      for (size_t i = 0; i < free_.size();)
+        if (clock_ - free_[i].freed_at > idle_) drop(i); else ++i;
+    while (max_free_ >= 0 && free_bytes_ > max_free_) {
+      size_t oldest = 0;
+      for (size_t i = 1; i < free_.size(); ++i)
+        if (free_[i].freed_at < free_[oldest].freed_at) oldest = i;
+      drop(oldest);
+    }
+  }
+
+  static void unmap_all(const std::vector<Block>& blocks) {
+    for (const Block& b : blocks) munmap(b.p, b.size);
+  }
+
+  void report(void* p, int64_t size) {
+    const auto s = stats();
+    c10::reportMemoryUsageToProfiler(p, size, s[0] - s[1], s[0], c10::Device(c10::DeviceType::CPU));
+  }
+
+  c10::Allocator* small_;
+  std::atomic<size_t> min_bytes_{0};
+  int64_t max_free_ = -1, idle_ = -1, clock_ = 0;
+  int64_t mapped_bytes_ = 0, free_bytes_ = 0;
+  std::unordered_map<void*, size_t> live_;
+  std::vector<Block> free_;
+};
+
+LargeBlocks* LargeBlocks::instance = nullptr;
+
+// Registers LargeBlocks as torch's CPU allocator (once; later calls change its rules). Tensors made before
+// keep their own allocator's deleter.
+bool keep_large_blocks(int64_t min_bytes, int64_t max_free_bytes, int64_t idle_allocations) {
+  static std::once_flag registered;
+  std::call_once(registered, [] {
+    LargeBlocks::instance = new LargeBlocks(c10::GetAllocator(c10::DeviceType::CPU));  // never freed: tensors
+    c10::SetAllocator(c10::DeviceType::CPU, LargeBlocks::instance);                   // may outlive everything
+    pthread_atfork([] { LargeBlocks::instance->mu_.lock(); }, [] { LargeBlocks::instance->mu_.unlock(); },
+                   [] { LargeBlocks::instance->mu_.unlock(); });
+  });
+  LargeBlocks::instance->configure(min_bytes, max_free_bytes, idle_allocations);
+  return true;
+}
+
+// [bytes mapped, bytes of them free], zeros before keep_large_blocks.
+std::vector<int64_t> large_block_stats() {
+  return LargeBlocks::instance ? LargeBlocks::instance->stats() : std::vector<int64_t>{0, 0};
+}
+
+void release_free_blocks() {
+  if (LargeBlocks::instance) LargeBlocks::instance->release_free();
+}
+
 // The instruction set this library was built for, so Python can tell what it loaded.
 std::string isa() {
 #if defined(__AVX512VNNI__)
@@ -1242,6 +1427,10 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
   m.def("decode_attention_int8(Tensor q, Tensor k, Tensor v, Tensor k_scale, Tensor v_scale, Tensor? mask) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor[] weights, Tensor? bias) -> Tensor");
   m.def("isa() -> str", &isa);
+  // Process-wide, not per tensor: qwenkit/runtime/allocator.py.
+  m.def("keep_large_blocks(int min_bytes, int max_free_bytes, int idle_allocations) -> bool", &keep_large_blocks);
+  m.def("large_block_stats() -> int[]", &large_block_stats);
+  m.def("release_free_blocks() -> ()", &release_free_blocks);
 }
 
 TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {

@@ -1,14 +1,19 @@
-"""Keep freed activation memory in the process instead of handing it back to the kernel (glibc).
+"""Keep freed activation memory in the process instead of handing it back to the kernel, and bounded.
 
 With glibc's defaults a freed activation of a few megabytes is unmapped, or trimmed off the top
 of the heap, and the next layer's tensor of the same size faults it back in page by page, which
 slows a CPU prefill markedly (benchmarks/results/README.md, "Quantized decode against llama.cpp and
 transformers"). Keeping the memory is what jemalloc or tcmalloc preloaded (the usual advice for
-PyTorch on CPUs) does too. Peak memory is unchanged; memory freed after a long prompt stays with
-the process (up to the trim threshold) for the next one.
+PyTorch on CPUs) does too. glibc's heap, with raised mmap and trim thresholds, keeps it but fragments:
+the demo's 512-token prefill grew it by ~250 MiB for ~60 MiB of live tensors, which put the peak RSS
+at ~1.5x the weights. So where qwenkit's kernels build, tensors of LARGE_BLOCK bytes or more come from
+their LargeBlocks allocator instead (qwenkit/kernels/cpu.cpp): each freed block is kept for the next
+tensor it fits, and blocks no tensor has taken for IDLE_ALLOCATIONS, or beyond MAX_FREE bytes, are
+unmapped. The heap tuning stays for smaller blocks, and everywhere when the kernels are unavailable.
 
 `qwenkit.load` calls `keep_freed_memory()` for CPU models, and the trainer `keep_all_freed_memory()`
-on the CPU. QWENKIT_MALLOC_TUNING=0 turns both off; they do nothing where the C library is not glibc.
+on the CPU. QWENKIT_MALLOC_TUNING=0 turns both off; the heap tuning does nothing where the C library
+is not glibc.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit: smaller blocks come from the heap
 TRIM_THRESHOLD = 256 << 20  # free memory at the top of the heap kept before trimming
 TRAINING_TRIM_THRESHOLD = -1  # never trim
+LARGE_BLOCK = 256 << 10  # tensors from this size on come from LargeBlocks
+MAX_FREE = 256 << 20  # free large blocks kept at most (as the trim threshold)
+IDLE_ALLOCATIONS = 64  # a free block no tensor took for this many large allocations is left from other shapes
 
-_done = _training_done = False
+_done = _training_done = _large_blocks = False
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds once per process; True when they are in effect."""
+    """Raise glibc's mmap and trim thresholds once per process, and take large tensors from LargeBlocks
+    where qwenkit's kernels build; True when the thresholds are in effect."""
     global _done
     if _done:
         return True
@@ -38,6 +47,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _keep_large_blocks(MAX_FREE, IDLE_ALLOCATIONS)
     return _done
 
 
@@ -46,8 +56,8 @@ def keep_all_freed_memory() -> bool:
     from the heap too (M_MMAP_MAX 0), and the heap is never trimmed (M_TRIM_THRESHOLD -1). A training
     step frees and makes again gigabytes of activations and vocabulary-sized logits, which would
     otherwise be faulted back in every step; the memory stays with the process at its peak between
-    steps (benchmarks/results/README.md, "Fine-tuning against transformers + peft"). True when in
-    effect."""
+    steps (benchmarks/results/README.md, "Fine-tuning against transformers + peft"). LargeBlocks, for
+    the same reason, keeps every freed block. True when in effect."""
     global _training_done
     if _training_done:
         return True
@@ -55,7 +65,26 @@ def keep_all_freed_memory() -> bool:
         return False
     mallopt = _libc().mallopt
     _training_done = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRAINING_TRIM_THRESHOLD))
+    _keep_large_blocks(-1, -1)  # every freed block kept, as the heap is
     return _training_done
+
+
+def large_block_stats() -> tuple[int, int]:
+    """(bytes LargeBlocks has mapped, bytes of them free); zeros when it is not in use."""
+    return tuple(_large_block_ops().large_block_stats()) if _large_blocks else (0, 0)
+
+
+def _keep_large_blocks(max_free: int, idle: int) -> None:
+    global _large_blocks
+    ops = _large_block_ops()
+    _large_blocks = ops is not None and ops.keep_large_blocks(LARGE_BLOCK, max_free, idle)
+
+
+def _large_block_ops():
+    """qwenkit's CPU kernels (which hold LargeBlocks), or None where they are unavailable."""
+    from .cpu_plan import kernel_ops
+
+    return kernel_ops()
 
 
 def return_freed_memory() -> None:
@@ -66,6 +95,8 @@ def return_freed_memory() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+    if _large_blocks:
+        _large_block_ops().release_free_blocks()
 
 
 @functools.cache
