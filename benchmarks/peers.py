@@ -18,8 +18,9 @@ head), compiled too with --compile.
 (GGML_NATIVE off, AVX2/FMA/F16C on; built once into ~/.cache/qwenkit/peers, a few minutes).
 Each row: prefill tok/s (512-token prompt, best of 3), time to first token, decode tok/s (128
 greedy tokens, eos ignored), achieved GB/s, peak RSS and its growth from before loading per
-weight byte, each the best over --rounds runs of every engine in turn (every run's decode and prefill stay in the JSON); qwenkit rows add their decode
-and prefill ratios to each peer, compiled rows the compile warm-up. Goals (per CPU class):
+weight byte, each the best over --rounds runs of every engine in turn (every run's decode and
+prefill stay in the JSON); qwenkit rows add their decode and prefill ratios to each peer,
+compiled rows the compile warm-up. Goals (per CPU class):
 the default path decodes >= 1.0x llama.cpp Q4_K_M and prefills >= 1.5x llama.cpp; int4 decodes
 >= 1.5x llama.cpp Q4_K_M, int8 >= 1.0x Q8_0; no row under 0.5x in decode or 1.0x in prefill; RSS
 growth <= 1.3x the weights.
