@@ -22,7 +22,7 @@ from ..model import KV_CACHE_KINDS, Model
 from ..progress import progress
 from ..quant import autogptq
 from ..qwen7b import ChatModel
-from ..runtime.allocator import keep_freed_memory, return_freed_memory
+from ..runtime.allocator import keep_freed_memory, release_file_pages, return_freed_memory
 from ..tokenizer import Tokenizer
 from . import hf, hub
 
@@ -320,16 +320,20 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)} but the config implies "
                                       f"{tuple(param.shape)}: config.json and the weights do not match")
+            read = tensor if isinstance(tensor, torch.Tensor) else None  # perhaps a view of a mapped file
             if quantize is not None:
                 swap = _quantize_embedding if name == "model.embed_tokens.weight" else _quantize_linear
                 if swap(net, name, tensor, quantize, dtype, device):
                     del tensor
+                    if read is not None:
+                        release_file_pages(read)
                     return_freed_memory()  # the float copy quantizing made and dropped
                     continue
             cast = weight_dtype if _linear_of(net, name)[1] is not None else dtype
             if not isinstance(tensor, torch.Tensor):  # a GGUF StoredTensor
                 tensor = tensor.dequantize(cast)
             tensor = tensor.to(device=device, dtype=cast if tensor.is_floating_point() else None)
+            held = False  # whether the model holds the tensor as read (a mapped file's pages: zero-copy)
             if name in laid_out:
                 param.data.copy_(tensor)
                 unfilled.discard(name)
@@ -338,6 +342,9 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
                 return_freed_memory()  # the dense copy packing dropped
             else:
                 _assign(net, name, tensor)
+                held = read is not None and tensor.data_ptr() == read.data_ptr()
+            if read is not None and not held:
+                release_file_pages(read)  # the model holds a copy, not the file's pages
     if unexpected:
         raise CheckpointError(f"the checkpoint has {len(unexpected)} tensors this architecture does not use, "
                               f"e.g. {', '.join(unexpected[:5])}: is config.json for these weights?")

@@ -21,7 +21,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 import os
+
+import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit: smaller blocks come from the heap
@@ -97,6 +100,26 @@ def return_freed_memory() -> None:
         trim(0)
     if _large_blocks:
         _large_block_ops().release_free_blocks()
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel take back the pages wholly inside `tensor`'s bytes (madvise MADV_PAGEOUT): a tensor
+    read from a memory-mapped checkpoint and then converted (another dtype, quantized, packed) would
+    otherwise keep the file's pages it was read from in this process's RSS beside the copy, e.g. a bf16
+    embedding beside its float32 one. Data is never lost: file pages are read again if touched, and
+    anonymous ones are kept (or swapped). Nothing where the call or the flag is unknown."""
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None or tensor.device.type != "cpu" or tensor.nbytes == 0:
+        return
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.nbytes) // page * page
+    if end > start:
+        madvise(start, end - start, MADV_PAGEOUT)
 
 
 @functools.cache
