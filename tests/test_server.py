@@ -108,6 +108,9 @@ BAD = [  # (path, body (bytes: sent as is), status, param, words in the message)
     (CHAT, chat(n=9), 400, "n", "less than or equal to 8"),
     (CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs", "20"),
     (CHAT, chat(top_logprobs=2), 400, "top_logprobs", "needs logprobs"),
+    (CHAT, chat(store=True), 400, "store", "keeps no completions"),
+    (CHAT, chat(store=False, metadata={"k": 1}), 400, "metadata.k", "string"),
+    (CHAT, chat(metadata={str(i): "v" for i in range(17)}), 400, "metadata", "at most 16"),
     (CHAT, chat(logit_bias={"abc": 1}), 400, "logit_bias", "token ids"),
     (CHAT, chat(logit_bias={"99999999": 1}), 400, "logit_bias", "99999999"),
     (CHAT, chat(logit_bias={"5": 500}), 400, "logit_bias", "[-100, 100]"),
@@ -156,6 +159,13 @@ def test_bad_input_is_a_clear_error_and_harmless(client, path, body, status, par
     assert error["param"] == param and words in error["message"], error
     assert error["type"] == "invalid_request_error"
     assert_good_request_works(client)
+
+
+def test_store_false_and_metadata_are_taken(client):
+    """What SDKs send (openai-agents: store and metadata when the user sets them): nothing is stored here,
+    so store false is what happens and metadata only tags the request."""
+    r = client.post(CHAT, json=chat(store=False, metadata={"run": "a1", "team": "eval"}, user="u1"))
+    assert r.status_code == 200, r.text
 
 
 def test_transport_errors(client):

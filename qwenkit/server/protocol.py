@@ -352,9 +352,16 @@ class ChatCompletionRequest(GenerationRequest, ToolsInput):
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # OpenAI keeps a completion with store: true, tagged with metadata. Nothing is kept here: false (what
+    # SDKs such as openai-agents send when asked) is what happens; true is refused below.
+    store: bool | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.store:
+            refuse("store", "this server keeps no completions: send store false or leave it out")
         if self.top_logprobs and not self.logprobs:
             refuse("top_logprobs", "top_logprobs needs logprobs: true")
         if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
