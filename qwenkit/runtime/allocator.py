@@ -92,9 +92,9 @@ def _large_block_ops():
 
 def return_freed_memory() -> None:
     """Hand memory that freed blocks hold back to the kernel (glibc's malloc_trim, and LargeBlocks' free
-    blocks; elsewhere nothing). Packing or quantizing weights as they load frees a float copy per weight, in whichever allocator
-    arena the thread that made it used; without this the process kept them (benchmarks/results/README.md,
-    "Memory while loading")."""
+    blocks; elsewhere nothing). Packing or quantizing weights as they load frees a float copy per weight,
+    in whichever allocator arena the thread that made it used; without this the process kept them
+    (benchmarks/results/README.md, "Memory while loading")."""
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
