@@ -18,7 +18,8 @@ The plan is applied from outside the model by swapping each projection for its s
 Module names and types stay those of the plain model, so quantizing or packing a shard as it loads works
 unchanged. `shard_model` splits a loaded model; `load(..., tensor_parallel=tp)` (qwenkit.loading) instead reads
 only this rank's slice of each tensor of a float safetensors checkpoint (`read_shard`), so a rank holds ~1/N
-of the weights (plus the whole embedding); a GGUF file or a quantized checkpoint is read whole, then split.
+of the weights (plus the whole embedding); a GGUF file or a quantized checkpoint is read whole, each layer cut
+to its shard as soon as it is whole (`SplitAsLoaded`), so a rank never holds more than one whole layer.
 """
 
 from __future__ import annotations
@@ -214,18 +215,20 @@ def local_config(config, tp: TensorParallel):
                                intermediate_size=config.intermediate_size // tp.size, tie_word_embeddings=False)
 
 
-def shard_model(model: nn.Module, tp: TensorParallel) -> nn.Module:
+def shard_model(model: nn.Module, tp: TensorParallel, split: Iterable[str] = ()) -> nn.Module:
     """Split `model` (loaded whole, or built on the meta device) in place into this rank's shard and add the
-    collectives (`connect`); returns it. Packed CPU layers are unpacked first (pack the shard again afterwards)."""
+    collectives (`connect`); returns it. `split`: names of layers that are shards already (SplitAsLoaded's).
+    Packed CPU layers are unpacked first (pack the shard again afterwards)."""
     from .runtime.fused import JointAttention, JointMLP
     from .runtime.packed import unpack_linears
 
     config = model.config
     spans = plan(config, tp)
+    split = set(split)
     unpack_linears(model)
     for name, module in list(model.named_modules()):
         span = span_of(name, spans)
-        if span is not None:
+        if span is not None and name not in split:
             model.set_submodule(name, shard_linear(module, span, keep_bias=span.dim == 0 or tp.rank == 0,
                                                    name=name))
         elif isinstance(module, (JointAttention, JointMLP)):
@@ -380,6 +383,33 @@ def _read(stored, span: Span) -> torch.Tensor:
     """`span` of a safetensors slice or a tensor, read into memory of its own."""
     index = (slice(span.start, span.stop),) if span.dim == 0 else (slice(None), slice(span.start, span.stop))
     return _owned(stored[index])
+
+
+class SplitAsLoaded:
+    """A file that cannot be read a slice at a time (GGUF blocks, a quantized checkpoint's packed tensors) is read
+    whole, but each layer of the plan is cut to this rank's shard the moment its last tensor is in place (qwenkit
+    .loading.build_model calls this after each tensor), so that a rank holds its shard and at most the layer
+    being read, not the whole model. `split` names the layers cut; shard_model does the rest afterwards."""
+
+    def __init__(self, config, tp: TensorParallel):
+        self.spans, self.tp = plan(config, tp), tp  # (errors on heads that do not divide, before any read)
+        self.split: set[str] = set()
+
+    def __call__(self, model: nn.Module, tensor_name: str) -> str | None:
+        """Cut the layer `tensor_name` belongs to if it is now whole (a tied head made from the embedding
+        too); returns the name of the layer cut, else None."""
+        for name in (tensor_name.rpartition(".")[0], "lm_head"):
+            span = span_of(name, self.spans)
+            if span is None or name in self.split:
+                continue
+            layer = model.get_submodule(name)
+            if any(t.is_meta for t in (*layer.parameters(), *layer.buffers())):
+                continue
+            model.set_submodule(name, shard_linear(layer, span, keep_bias=span.dim == 0 or self.tp.rank == 0,
+                                                   name=name))
+            self.split.add(name)
+            return name
+        return None
 
 
 class LinesFromRank0:

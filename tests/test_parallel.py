@@ -110,10 +110,20 @@ class _NoTokenizer:
 
 
 def write_checkpoints(directory: Path) -> dict[str, Path]:
-    """A tied Qwen2 safetensors checkpoint, and a Qwen v1 one (fused c_attn, w1/w2 names)."""
+    """A tied Qwen2 safetensors checkpoint, a Qwen v1 one (fused c_attn, w1/w2 names), an int4 one (qwenkit
+    quantize's) and a GGUF file of 4- and 8-bit blocks with a tied head."""
+    from qwenkit.quant.convert import quantize_model
+    from qwenkit.saving import save_checkpoint
+    from qwenkit.tokenizer import Tokenizer
+
     qwen2 = tiny_model(seed=7, scale=0.2, vocab_size=301, tie_word_embeddings=True)
     state = {k: v for k, v in qwen2.state_dict().items() if k != "lm_head.weight"}
     paths = {"ckpt-qwen2-tied": write_checkpoint(directory / "qwen2", qwen2.config.to_hf_dict(), state)}
+    int4 = quantize_model(tiny_model(seed=9, scale=0.2, vocab_size=301, qkv_bias=True), bits=4, group_size=32,
+                          lm_head_bits=8)
+    tokenizer = Tokenizer.from_pretrained(write_byte_tokenizer(directory / "tokenizer"))
+    paths["ckpt-qwen2-int4"] = save_checkpoint(int4, tokenizer, directory / "int4")
+    paths["gguf-qwen2-tied"] = write_tiny_gguf(directory / "tiny.gguf")
     v1 = tiny_model(seed=8, scale=0.2, vocab_size=301, num_kv_heads=4)
     sizes = SimpleNamespace(num_attention_heads=4, hidden_size=128, vocab_size=301, num_hidden_layers=2,
                             intermediate_size=256, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -123,10 +133,37 @@ def write_checkpoints(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def write_tiny_gguf(path: Path) -> Path:
+    """Q4_0 (int4 groups of 32 as it loads) and Q8_0 (int8) blocks, fp16 and float32 tensors; no output.weight:
+    the head is the embedding's (quantized from it as it loads)."""
+    from gguf import GGMLQuantizationType as Q
+
+    from .conftest import model_meta, write_gguf
+    from .test_gguf_quant import byte_tokens
+
+    hidden, q, kv, ffn = 64, 64, 32, 128  # 4 heads and 2 KV heads of 16; every shard's inputs whole groups
+    tensors = {"token_embd.weight": ((257, hidden), Q.Q8_0), "output_norm.weight": ((hidden,), Q.F32)}
+    for i in range(2):
+        b = f"blk.{i}."
+        tensors |= {b + "attn_norm.weight": ((hidden,), Q.F32), b + "ffn_norm.weight": ((hidden,), Q.F32),
+                    b + "attn_q.weight": ((q, hidden), Q.Q4_0), b + "attn_q.bias": ((q,), Q.F32),
+                    b + "attn_k.weight": ((kv, hidden), Q.Q8_0), b + "attn_k.bias": ((kv,), Q.F32),
+                    b + "attn_v.weight": ((kv, hidden), Q.Q4_0), b + "attn_v.bias": ((kv,), Q.F32),
+                    b + "attn_output.weight": ((hidden, q), Q.Q4_0), b + "ffn_gate.weight": ((ffn, hidden), Q.Q4_0),
+                    b + "ffn_up.weight": ((ffn, hidden), Q.F16), b + "ffn_down.weight": ((hidden, ffn), Q.Q4_0)}
+    meta = model_meta("qwen2", **{"attention.head_count_kv": 2, "feed_forward_length": ffn})
+    meta |= {"tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": byte_tokens() + ["ab"],
+             "tokenizer.ggml.merges": ["a b"]}
+    write_gguf(path, "qwen2", meta, tensors, seed=3, scale=0.2)
+    return path
+
+
 def loaded(path: Path, tp: TensorParallel | None = None):
+    """A checkpoint's model in float32 (a GGUF file's blocks as qwenkit's int4 and int8 layers)."""
     from qwenkit.loading import load
 
-    model, _ = load(path, dtype="float32", device="cpu", quantize=None, tensor_parallel=tp)
+    model, _ = load(path, dtype="float32", device="cpu", quantize="gguf" if path.suffix == ".gguf" else None,
+                    tensor_parallel=tp)
     model.generation_config = {}
     return model
 
@@ -187,10 +224,11 @@ def test_drafts_were_checked_by_the_ranks(parallel_results):
     assert sum(parallel_results[case]["drafted_steps"] > 0 for case in CASES) >= len(CASES) // 2
 
 
-@pytest.mark.parametrize("case", ["ckpt-qwen2-tied", "ckpt-qwen-v1"])
+@pytest.mark.parametrize("case", ["ckpt-qwen2-tied", "ckpt-qwen-v1", "ckpt-qwen2-int4", "gguf-qwen2-tied"])
 def test_a_rank_loads_its_slices_of_a_checkpoint(parallel_results, checkpoints, case):
-    """Read a slice at a time (Qwen v1: q, k and v of the fused c_attn each split, not the fused block): the same
-    logits as one process, from about half the weights (the whole embedding stays on each rank)."""
+    """Float checkpoints read a slice at a time (Qwen v1: q, k and v of the fused c_attn each split, not the fused
+    block), quantized ones and GGUF files cut a layer at a time: the same logits as one process, from about half
+    the weights (the whole embedding stays on each rank)."""
     whole = loaded(checkpoints[case])
     ref, got = outputs(whole), parallel_results[case]
     diff = (got["logits"] - ref["logits"]).abs().max().item()
@@ -204,6 +242,32 @@ def test_a_rank_loads_its_slices_of_a_checkpoint(parallel_results, checkpoints, 
     if whole.config.tie_word_embeddings:  # the head's own half of the table
         shard += embedding.numel() * embedding.element_size() / 2
     assert got["bytes"] == pytest.approx(shard, rel=0.02)
+
+
+@pytest.mark.parametrize("case", ["ckpt-qwen2-int4", "gguf-qwen2-tied"])
+def test_a_rank_reading_a_whole_file_holds_one_whole_layer_at_most(checkpoints, case):
+    """A file read whole (packed int4 tensors, GGUF blocks): each layer is cut to the rank's part once it is
+    whole, so that while loading a rank never holds more than its shard and one whole layer."""
+    from qwenkit.parallel import SplitAsLoaded
+
+    def held(model) -> int:
+        return sum(t.nbytes for t in {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())
+                                      if not t.is_meta}.values())
+
+    seen, cut = [], SplitAsLoaded.__call__
+
+    def recording(self, model, name):
+        layer = cut(self, model, name)
+        seen.append((held(model), name))
+        return layer
+
+    with mock.patch.object(SplitAsLoaded, "__call__", recording):
+        shard = loaded(checkpoints[case], TensorParallel(0, 2))  # (rank 0 of 2: no collective runs while loading)
+    whole = loaded(checkpoints[case])
+    biggest = max(sum(t.nbytes for t in layer.parameters()) for name, layer in whole.named_modules()
+                  if name.endswith(("_proj", "lm_head")))
+    assert len(seen) > 10 and max(bytes for bytes, _ in seen) <= held(shard) + biggest
+    assert held(shard) < 0.75 * held(whole)
 
 
 def test_heads_that_do_not_divide():

@@ -27,7 +27,7 @@ from ..tokenizer import Tokenizer
 from . import hf, hub
 
 if TYPE_CHECKING:
-    from ..parallel import TensorParallel
+    from ..parallel import SplitAsLoaded, TensorParallel
     from .gguf import StoredTensor
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -138,8 +138,10 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     pack_now = pack and adapter is None
     tp = tensor_parallel
     sliced = False  # whether each tensor was cut to this rank's shard as it was read
+    split = None  # with tp: a file read whole, each layer cut to this rank's part once it is whole
     if path.is_file():
-        net, tokenizer = _load_gguf(path, dtype, device, quantize, pack_now and tp is None, weight_dtype)
+        net, tokenizer, split = _load_gguf(path, dtype, device, quantize, pack_now, weight_dtype,
+                                           tp if adapter is None else None)
     else:
         if quantize == "gguf":
             raise ValueError(f"quantize='gguf' keeps a GGUF file's own block formats, but {path} is a "
@@ -160,9 +162,12 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
                 tensors = autogptq.repacked(tensors, gptq, dtype)
             tensors = canonical_names(tensors, config)
             pack_now = pack_now and tp is None  # split first, then packed
+            if tp is not None and adapter is None:  # (an adapter is read for the whole model, then split)
+                from ..parallel import SplitAsLoaded
+                split = SplitAsLoaded(config, tp)
         net = build_model(config, tensors, dtype, device,
                           description=f"loading {path.name}", total_bytes=total, prepare=prepare,
-                          quantize=quantize, pack=pack_now, weight_dtype=weight_dtype)
+                          quantize=quantize, pack=pack_now, weight_dtype=weight_dtype, split=split)
         net.generation_config = _read_json(path / "generation_config.json")
     if adapter is not None:
         from ..train.lora import load_adapter, merge_lora
@@ -172,7 +177,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         if sliced:
             connect(net, tp, net.config.vocab_size)  # onto the layers the loader swapped in (quantized, packed)
         else:
-            shard_model(net, tp)
+            shard_model(net, tp, split.split if split is not None else ())
     if pack and (adapter is not None or (tp is not None and not sliced)):
         from ..runtime.packed import pack_linears
         pack_linears(net, weight_dtype)
@@ -226,16 +231,24 @@ def resolve_source(model: str | Path) -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None,
-               pack: bool = False, weight_dtype: torch.dtype | None = None) -> tuple[Model, Tokenizer]:
+               pack: bool = False, weight_dtype: torch.dtype | None = None, tp: TensorParallel | None = None,
+               ) -> tuple[Model, Tokenizer, SplitAsLoaded | None]:
+    """The model and tokenizer of a GGUF file; with `tp`, each layer cut to this rank's part as it loads (and not
+    packed: the shard is packed afterwards), with the SplitAsLoaded that did it."""
     from .gguf import GGUFFile
 
     gguf = GGUFFile(path)
     config = gguf.config()
+    split = None
+    if tp is not None:
+        from ..parallel import SplitAsLoaded
+        split = SplitAsLoaded(config, tp)
     tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields())
     net = build_model(config, gguf.stored_tensors(), dtype, device, description=f"loading {path.name}",
-                      total_bytes=path.stat().st_size, quantize=quantize, pack=pack, weight_dtype=weight_dtype)
+                      total_bytes=path.stat().st_size, quantize=quantize, pack=pack and split is None,
+                      weight_dtype=weight_dtype, split=split)
     net.generation_config = dict(GGUF_GENERATION_DEFAULTS[config.arch], eos_token_id=tokenizer.eos_token_id)
-    return net, tokenizer
+    return net, tokenizer, split
 
 
 # GGUF files carry no generation_config.json: use what the official chat checkpoints of each
@@ -273,7 +286,8 @@ def _quantized_layers(qconfig: dict | None, quantize: str | None, files: list[Pa
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor | StoredTensor]],
                 dtype: torch.dtype, device: torch.device, description: str = "loading", total_bytes: int = 0,
                 prepare: Callable[[Model], object] | None = None, quantize: str | None = None,
-                pack: bool = False, weight_dtype: torch.dtype | None = None) -> Model:
+                pack: bool = False, weight_dtype: torch.dtype | None = None,
+                split: Callable[[Model, str], str | None] | None = None) -> Model:
     """Build on the meta device, then assign each (canonical name, tensor) as it arrives.
 
     `prepare(model)` runs on the meta-built model first, e.g. to swap in empty quantized linears.
@@ -284,7 +298,8 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     arrives, where the CPU runs one; `weight_dtype` (default `dtype`) is what float linear weights are cast
     to, e.g. bf16 weights for float32 activations. Without packing, float q/k/v and gate/up weights are
     copied into one tensor per layer and group. Either way sibling projections may run as one product
-    (qwenkit.runtime.fused).
+    (qwenkit.runtime.fused). `split(model, name)` runs after each tensor is in place and returns the name of a
+    layer it replaced by a part of it, or None (tensor parallelism: qwenkit.parallel.SplitAsLoaded).
     """
     from ..runtime.fused import fuse_siblings, lay_out_siblings
     from ..runtime.packed import inference_layout, pack_linears
@@ -300,8 +315,9 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     weight_dtype = weight_dtype if pack else dtype
     # Laid out before the tensors arrive (nothing to fuse when they become quantized or packed layers);
     # these parameters are filled in place, so the meta check below cannot see which are missing.
-    laid_out = lay_out_siblings(net, dtype, device) if quantize is None and not pack else set()
+    laid_out = lay_out_siblings(net, dtype, device) if quantize is None and not pack and split is None else set()
     unfilled = set(laid_out)
+    mapped: dict[str, torch.Tensor] = {}  # tensors the model holds as read from a mapped file, by name
     expected = dict(net.named_parameters())
     if tied:
         expected.pop("lm_head.weight", None)
@@ -321,30 +337,33 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
                 raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)} but the config implies "
                                       f"{tuple(param.shape)}: config.json and the weights do not match")
             read = tensor if isinstance(tensor, torch.Tensor) else None  # perhaps a view of a mapped file
-            if quantize is not None:
-                swap = _quantize_embedding if name == "model.embed_tokens.weight" else _quantize_linear
-                if swap(net, name, tensor, quantize, dtype, device):
-                    del tensor
-                    if read is not None:
-                        release_file_pages(read)
-                    return_freed_memory()  # the float copy quantizing made and dropped
-                    continue
-            cast = weight_dtype if _linear_of(net, name)[1] is not None else dtype
-            if not isinstance(tensor, torch.Tensor):  # a GGUF StoredTensor
-                tensor = tensor.dequantize(cast)
-            tensor = tensor.to(device=device, dtype=cast if tensor.is_floating_point() else None)
-            held = False  # whether the model holds the tensor as read (a mapped file's pages: zero-copy)
-            if name in laid_out:
-                param.data.copy_(tensor)
-                unfilled.discard(name)
-            elif pack and _pack_linear(net, name, tensor, dtype):
+            swap = _quantize_embedding if name == "model.embed_tokens.weight" else _quantize_linear
+            if quantize is not None and swap(net, name, tensor, quantize, dtype, device):
                 del tensor
-                return_freed_memory()  # the dense copy packing dropped
+                if read is not None:
+                    release_file_pages(read)
+                return_freed_memory()  # the float copy quantizing made and dropped
             else:
-                _assign(net, name, tensor)
-                held = read is not None and tensor.data_ptr() == read.data_ptr()
-            if read is not None and not held:
-                release_file_pages(read)  # the model holds a copy, not the file's pages
+                cast = weight_dtype if _linear_of(net, name)[1] is not None else dtype
+                if not isinstance(tensor, torch.Tensor):  # a GGUF StoredTensor
+                    tensor = tensor.dequantize(cast)
+                tensor = tensor.to(device=device, dtype=cast if tensor.is_floating_point() else None)
+                if name in laid_out:
+                    param.data.copy_(tensor)
+                    unfilled.discard(name)
+                elif pack and _pack_linear(net, name, tensor, dtype):
+                    del tensor
+                    return_freed_memory()  # the dense copy packing dropped
+                else:
+                    _assign(net, name, tensor)
+                    if read is not None and tensor.data_ptr() == read.data_ptr():
+                        mapped[name] = read  # the model holds the tensor as read: a mapped file's pages
+                if read is not None and name not in mapped:
+                    release_file_pages(read)  # the model holds a copy, not the file's pages
+            if split is not None and (layer := split(net, name)) is not None:
+                for key in [key for key in mapped if key.startswith(layer + ".")]:
+                    release_file_pages(mapped.pop(key))  # the model holds its part, copied
+                return_freed_memory()
     if unexpected:
         raise CheckpointError(f"the checkpoint has {len(unexpected)} tensors this architecture does not use, "
                               f"e.g. {', '.join(unexpected[:5])}: is config.json for these weights?")
