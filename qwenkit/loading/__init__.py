@@ -105,8 +105,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     model's dtype) or "int8" keys and values (Model.set_kv_cache: about half the memory).
 
     `tensor_parallel`: this rank's shard only (qwenkit.parallel: started by parallel.start under torchrun). A float
-    checkpoint is read a slice at a time; a GGUF file, a quantized checkpoint or one with an adapter is read whole
-    and split afterwards.
+    checkpoint is read a slice at a time; a GGUF file or a quantized checkpoint is read whole, each layer cut to
+    this rank's part once it is whole; with an adapter the whole model is loaded, then split.
     """
     from .on_load import QUANTIZE_MODES
 
