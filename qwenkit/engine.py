@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 
 import torch
-import torch.nn.functional as F
 
 from .errors import QwenkitError
 from .generate import Decoder, Delta, Request
@@ -245,15 +244,8 @@ class Engine:
         return future
 
     def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
-        """Mean-pooled final hidden states, L2-normalized, one vector per input."""
-        def job():
-            with torch.inference_mode():
-                out = []
-                for ids in token_ids:
-                    hidden = self.model.model(torch.tensor([ids], device=self.model.device))[0].float()
-                    out.append(F.normalize(hidden.mean(0), dim=0).tolist())
-                return out
-        return self.call(job).result()
+        """Mean-pooled final hidden states, L2-normalized, one vector per input (Decoder.embed)."""
+        return self.call(lambda: self.decoder.embed(token_ids)).result()
 
     # ------------------------------------------------------------------ the scheduler thread
     def _supervise(self) -> None:

@@ -246,6 +246,16 @@ class Decoder:
         self.history = None
         self.slot_tokens = [[] for _ in range(self.cache.batch_size)]
 
+    @torch.inference_mode()
+    def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled final hidden states, L2-normalized, one vector per input (the server's /v1/embeddings): a
+        forward of the transformer alone, no cache, beside the rows being decoded."""
+        out = []
+        for ids in token_ids:
+            hidden = self.model.model(torch.tensor([ids], device=self.model.device))[0].float()
+            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
+        return out
+
     # ------------------------------------------------------------------ internals
     def _decode(self, unread: _Sampled | None = None) -> _Sampled:
         """Launch one batched decode step for every active row and sample it on the device.

@@ -463,6 +463,10 @@ class LeadingDecoder:
             self._send("cancel", self.decoder.rows.index(row))
         self.decoder.cancel(row)
 
+    def embed(self, token_ids):
+        self._send("embed", token_ids)
+        return self.decoder.embed(token_ids)
+
     def drop_pending(self) -> None:
         self._send("drop_pending")
         self.decoder.drop_pending()

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.request import urlopen
@@ -23,6 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from qwenkit.errors import QwenkitError
+from qwenkit.generate import Decoder
+from qwenkit.loading import load
 from qwenkit.parallel import TensorParallel, shard_model
 from qwenkit.quant.linear import QuantizedLinear
 
@@ -160,8 +161,6 @@ def write_tiny_gguf(path: Path) -> Path:
 
 def loaded(path: Path, tp: TensorParallel | None = None):
     """A checkpoint's model in float32 (a GGUF file's blocks as qwenkit's int4 and int8 layers)."""
-    from qwenkit.loading import load
-
     model, _ = load(path, dtype="float32", device="cpu", quantize="gguf" if path.suffix == ".gguf" else None,
                     tensor_parallel=tp)
     model.generation_config = {}
@@ -388,8 +387,11 @@ def test_a_rank_that_dies_mid_reply_stops_rank0(byte_checkpoint):
 
 
 def test_serve_under_tp_answers_from_rank0_and_stops_every_rank(byte_checkpoint, capsys):
-    """Rank 0 alone speaks HTTP, the other follows its steps; /v1/completions gives generate's greedy text; a
-    SIGTERM to rank 0 ends both ranks cleanly."""
+    """Rank 0 alone speaks HTTP, the other follows its steps: the openai client's completion is generate's greedy
+    text, a streamed chat reply the same as a whole one, embeddings those of one process; a SIGTERM to rank 0
+    ends both ranks cleanly."""
+    from openai import OpenAI
+
     port = free_port()
     argv = ["-m", str(byte_checkpoint), "--dtype", "float32", "--device", "cpu"]
     rank0, rank1 = start_ranks([["serve", *argv, "--tp", "2", "--port", str(port)]] * 2)
@@ -403,18 +405,27 @@ def test_serve_under_tp_answers_from_rank0_and_stops_every_rank(byte_checkpoint,
             except (OSError, ValueError):
                 pass
             time.sleep(0.5)
-        body = json.dumps({"model": byte_checkpoint.name, "prompt": "the answer is", "max_tokens": 10,
-                           "temperature": 0}).encode()
-        reply = json.loads(urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {
-            "Content-Type": "application/json"}), timeout=60).read())
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=60, max_retries=0)
+        reply = client.completions.create(model=byte_checkpoint.name, prompt="the answer is", max_tokens=10,
+                                          temperature=0)
+        chat = dict(model=byte_checkpoint.name, messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                    temperature=0)
+        whole = client.chat.completions.create(**chat).choices[0].message.content
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                           client.chat.completions.create(**chat, stream=True) if chunk.choices)
+        texts = ["the answer is", "a longer input of a few more words"]
+        embeddings = [e.embedding for e in client.embeddings.create(model=byte_checkpoint.name, input=texts).data]
     finally:
         rank0.send_signal(signal.SIGTERM)
         (code0, _, err0), (code1, _, err1) = finished([rank0, rank1], timeout=30)
     one = one_process(capsys, ["generate", *argv, "--prompt", "the answer is", "--max-new-tokens", "10",
                                "--temperature", "0"])
-    assert reply["choices"][0]["text"] == one.removesuffix("\n")
+    assert reply.choices[0].text == one.removesuffix("\n")
+    assert streamed == whole and whole
+    model, tokenizer = load(byte_checkpoint, dtype="float32", device="cpu")
+    expected = Decoder(model, tokenizer).embed([tokenizer.encode(t) for t in texts])
+    assert torch.allclose(torch.tensor(embeddings), torch.tensor(expected), atol=1e-5)
     assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
-
 
 
 def test_a_rank_that_hangs_mid_reply_stops_rank0(byte_checkpoint):

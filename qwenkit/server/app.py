@@ -477,8 +477,6 @@ async def _completion_chunks(request: HTTPRequest, body: CompletionRequest, choi
 async def embeddings(request: HTTPRequest):
     """Mean-pooled, normalized hidden states."""
     service, engine, body = await _open(request, EmbeddingRequest)
-    if getattr(engine.model, "tensor_parallel", None) is not None:  # (its forward would run on rank 0 alone)
-        raise APIError(400, "embeddings are not served under --tp yet: serve this model without --tp for them")
     tok = engine.tokenizer
     hidden = engine.model.config.hidden_size
     if body.dimensions is not None and body.dimensions != hidden:
