@@ -702,6 +702,32 @@ def test_torchrun_shares_the_tasks_and_rank_0_writes_what_one_process_does(tiny_
     assert not list(two.glob("*.rank*.jsonl"))
 
 
+def test_tp_splits_one_model_over_the_ranks_and_rank_0_writes_what_one_process_does(tiny_checkpoint, tmp_path):
+    """--tp 2: the two processes hold one model between them and make every record together; rank 0 alone
+    writes them, with the scores and texts of one process. A --tp unlike the processes: an error on each."""
+    subjects = {"law": list("ABCDA"), "logic": list("BBCA")}
+    data_dir = write_gsm8k(write_ceval(tmp_path / "data", subjects), 3)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(tiny_checkpoint, ["ceval", "gsm8k"], out=one, mode="base", data_dir=data_dir, dtype="float32", device="cpu",
+        verbose=False)
+    flags = ["-m", tiny_checkpoint, "--tasks", "ceval,gsm8k", "--mode", "base", "--data-dir", data_dir, "--dtype",
+             "float32", "--device", "cpu", "--out", two]
+    code, out, err = torchrun_eval(*flags, "--tp", "2")
+    assert code == 0, err[-3000:]
+    assert out.count("| task | score |") == 1 and "| ceval |" in out
+    assert timeless(two / "results.json") == timeless(one / "results.json")
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no rank file
+    for task in ("ceval-base", "gsm8k-base"):
+        lines = (two / f"{task}.jsonl").read_text().splitlines()[1:]
+        assert len(lines) == len(records_of(one / f"{task}.jsonl")) == (9 if task == "ceval-base" else 3)  # once
+        for got, want in zip(records_of(two / f"{task}.jsonl").values(), records_of(one / f"{task}.jsonl").values()):
+            assert got.keys() == want.keys() and got["id"] == want["id"]
+            for key, value in want.items():  # a split model's sums in another order: the last bits may differ
+                assert got[key] == (pytest.approx(value, abs=1e-5) if isinstance(value, (float, list)) else value)
+    code, out, err = torchrun_eval(*flags, "--tp", "4", timeout=120)
+    assert code != 0 and err.count("--tp 4 but torchrun started 2 processes") == 2, err[-3000:]
+
+
 def test_a_failing_rank_stops_every_rank_with_its_error(tiny_checkpoint, tmp_path):
     """No hang: rank 1's share fails (no document holds 100000 tokens) while rank 0 waits for its records;
     then every rank fails alike (no model there)."""

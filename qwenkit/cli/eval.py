@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_load_args
+from .args import add_load_args, add_parallel_arg
 
 HELP = ("score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval, ARC, HellaSwag, function calling (BFCL) or "
         "perplexity (also at long lengths)")
@@ -17,7 +17,8 @@ DESCRIPTION = ("Run evaluation tasks as the Qwen-7B release's scripts do (prompt
                "Berkeley Function Calling Leaderboard v4 (simple, multiple, parallel, irrelevance; AST match; data: "
                "`pip install --no-deps bfcl-eval`) through the tool prompts and parsers `qwenkit serve` uses. "
                "Under torchrun each process (on its own GPU, or on its share of the CPU cores) makes a share of every "
-               "task and rank 0 merges the records and writes the results one process would.")
+               "task and rank 0 merges the records and writes the results one process would; with --tp they hold "
+               "one model between them instead.")
 EPILOG = """examples:
   qwenkit eval -m demo --tasks humaneval                      chat mode for an instruct model
   qwenkit eval -m Qwen/Qwen-7B --tasks mmlu,gsm8k --limit 20   the first 20 of each subject / task
@@ -28,13 +29,15 @@ EPILOG = """examples:
   qwenkit eval -m Qwen/Qwen-7B-Chat --tasks mmlu,gsm8k --quantize none --compare int4
   qwenkit eval --tasks humaneval --samples completions.jsonl   score a file, no model
   qwenkit eval --server http://127.0.0.1:8080 --tasks gsm8k   another engine, the same harness
-  torchrun --nproc-per-node 2 -m qwenkit eval -m demo --tasks mmlu   2 processes (GPUs) share each task"""
+  torchrun --nproc-per-node 2 -m qwenkit eval -m demo --tasks mmlu   2 processes (GPUs) share each task
+  torchrun --nproc-per-node 2 -m qwenkit eval -m Qwen/Qwen2.5-14B-Instruct --tasks gsm8k --tp 2   one model on 2 GPUs"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..evals.runner import TASKS
 
     add_load_args(parser)
+    add_parallel_arg(parser)
     parser.add_argument("--tasks", default="mmlu", help=f"comma-separated: {', '.join(TASKS)} (default: mmlu)")
     parser.add_argument("--mode", choices=("base", "chat"), default=None,
                         help="base: few-shot prompts scored from logits or completions; chat: the release's chat "
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
              server=args.server, api_key=args.api_key, compare=args.compare, rope_scaling=args.rope_scaling,
              dynamic_ntk=args.dynamic_ntk, logn=args.logn, train_length=args.train_length,
              window_attention=args.window_attention, context=args.context, kv_cache=args.kv_cache,
-             lengths=_numbers(args.lengths), techniques=_words(args.techniques))
+             lengths=_numbers(args.lengths), techniques=_words(args.techniques), tp=args.tp)
     return 0
 
 

@@ -76,7 +76,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         compare: str | None = None, rope_scaling: str | None = None, dynamic_ntk: bool | None = None,
         logn: bool | None = None, train_length: int | None = None, window_attention: str | None = None,
         context: int | None = None, kv_cache: str = "float", lengths: list[int] | None = None,
-        techniques: list[str] | None = None, verbose: bool = True) -> dict:
+        techniques: list[str] | None = None, tp: int | None = None, verbose: bool = True) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
     `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
@@ -89,7 +89,9 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     then holds the other run's scores under "compare". `rope_scaling`, `dynamic_ntk`, `logn`, `train_length`,
     `window_attention`, `context`, `kv_cache`: as qwenkit.load takes them (ppl-long's window technique uses the
     windows given). `lengths`, `techniques`: ppl-long's (perplexity.LongPerplexity). Under torchrun (WORLD_SIZE > 1)
-    each process makes a share of every task (shards.py); rank 0 returns the results, the others {}.
+    each process makes a share of every task (shards.py); rank 0 returns the results, the others {}. `tp`: split
+    the model over the torchrun processes instead (qwenkit.parallel; as many as they are), which make every
+    record together.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -118,7 +120,14 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         samples = Path(samples)
         if not samples.is_file():
             raise QwenkitError(f"--samples {samples} does not exist")
-    with shards.joined(device if samples is None and server is None else None) as device:
+    if tp is not None and (samples is not None or server is not None):
+        raise QwenkitError("--tp splits the model this command loads: not with --samples or --server")
+    with shards.joined(device if samples is None and server is None else None, tp or 1) as device:
+        tensor_parallel = None
+        if tp is not None:
+            from ..loading import resolve_device
+            from ..parallel import start
+            tensor_parallel, device = start(tp, resolve_device(device))
         if samples is not None:
             backend, setup = None, {"model": f"samples:{samples.name}", "samples_hash": file_hash(samples),
                                     "mode": "base"}
@@ -127,14 +136,14 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
             backend = ServerModel(server, batch_size, api_key)
             setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
         else:
-            backend, setup = _load(model, dtype, device, quantize, batch_size, long_context)
+            backend, setup = _load(model, dtype, device, quantize, batch_size, long_context, tensor_parallel)
             setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
         setup = shards.agreed(setup)
         out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
         results = _evaluate(task_of, tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
         if compare is not None:
             del backend  # one model in memory at a time
-            backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context)
+            backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context, tensor_parallel)
             other_setup = shards.agreed({**other_setup, "mode": setup["mode"]})
             other = _evaluate(task_of, tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup,
                               None, max_seq_len, verbose)
@@ -201,12 +210,13 @@ def _version() -> str:
     return __version__
 
 
-def _load(model, dtype, device, quantize, batch_size, long_context: dict):
+def _load(model, dtype, device, quantize, batch_size, long_context: dict, tensor_parallel=None):
     from ..loading import load, resolve_source
     from .backend import LocalModel
 
     source = resolve_source(model)
-    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize, **long_context)
+    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize, tensor_parallel=tensor_parallel,
+                          **long_context)
     quantized = sorted({type(m).__name__ for m in net.modules() if hasattr(m, "bits")})
     setup = {"model": source.name, "source": str(source), "dtype": str(net.dtype).removeprefix("torch."),
              "device": str(net.device), "quantize": quantize, "quantized_layers": quantized}
@@ -240,7 +250,7 @@ def _records(task, items, setup, out, backend, samples, max_seq_len, verbose) ->
     mine = shards.my_share([item for item in items if item["id"] in missing])
     made, truncated = _make(task, mine, setup, shards.own_file(path), backend, samples, max_seq_len,
                             verbose) if mine else ({}, 0)
-    everyone = shards.to_rank0((made, truncated))
+    everyone = shards.to_rank0((made, truncated) if shards.world().writes else ({}, 0))  # (--tp: once a model)
     if not main:
         return None
     others = {i: r for made_by, _ in everyone[1:] for i, r in made_by.items()}
