@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_load_args
+from .args import add_devices_args, add_load_args, devices_arg
 
 HELP = ("score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval, ARC, HellaSwag, function calling (BFCL) or "
         "perplexity (also at long lengths)")
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..evals.runner import TASKS
 
     add_load_args(parser)
+    add_devices_args(parser)
     parser.add_argument("--tasks", default="mmlu", help=f"comma-separated: {', '.join(TASKS)} (default: mmlu)")
     parser.add_argument("--mode", choices=("base", "chat"), default=None,
                         help="base: few-shot prompts scored from logits or completions; chat: the release's chat "
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
              server=args.server, api_key=args.api_key, compare=args.compare, rope_scaling=args.rope_scaling,
              dynamic_ntk=args.dynamic_ntk, logn=args.logn, train_length=args.train_length,
              window_attention=args.window_attention, context=args.context, kv_cache=args.kv_cache,
-             lengths=_numbers(args.lengths), techniques=_words(args.techniques))
+             lengths=_numbers(args.lengths), techniques=_words(args.techniques), devices=devices_arg(args))
     return 0
 
 

@@ -76,7 +76,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         compare: str | None = None, rope_scaling: str | None = None, dynamic_ntk: bool | None = None,
         logn: bool | None = None, train_length: int | None = None, window_attention: str | None = None,
         context: int | None = None, kv_cache: str = "float", lengths: list[int] | None = None,
-        techniques: list[str] | None = None, verbose: bool = True) -> dict:
+        techniques: list[str] | None = None, verbose: bool = True, devices: str | list | None = None) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
     `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
@@ -88,7 +88,8 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     write OUT/comparison.md, the Qwen-7B release's BF16-against-Int4 table for this model; results.json
     then holds the other run's scores under "compare". `rope_scaling`, `dynamic_ntk`, `logn`, `train_length`,
     `window_attention`, `context`, `kv_cache`: as qwenkit.load takes them (ppl-long's window technique uses the
-    windows given). `lengths`, `techniques`: ppl-long's (perplexity.LongPerplexity). Under torchrun (WORLD_SIZE > 1)
+    windows given). `devices`: the model split by layers over them (qwenkit.load's). `lengths`, `techniques`:
+    ppl-long's (perplexity.LongPerplexity). Under torchrun (WORLD_SIZE > 1)
     each process makes a share of every task (shards.py); rank 0 returns the results, the others {}.
     """
     unknown = [t for t in tasks if t not in TASKS]
@@ -100,6 +101,9 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         raise QwenkitError(f"--limit must be at least 1, not {limit}")
     if batch_size < 1:
         raise QwenkitError(f"--batch-size must be at least 1, not {batch_size}")
+    if devices is not None and shards.world().size > 1:
+        raise QwenkitError("under torchrun each process loads the model on a device of its own: drop --devices "
+                           "(a layer split runs in one process)")
     data_dir = None if data_dir is None else Path(data_dir)
     long_context = dict(rope_scaling=rope_scaling, dynamic_ntk=dynamic_ntk, logn=logn, train_length=train_length,
                         window_attention=window_attention, context=context, kv_cache=kv_cache)
@@ -127,14 +131,14 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
             backend = ServerModel(server, batch_size, api_key)
             setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
         else:
-            backend, setup = _load(model, dtype, device, quantize, batch_size, long_context)
+            backend, setup = _load(model, dtype, device, quantize, batch_size, long_context, devices)
             setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
         setup = shards.agreed(setup)
         out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
         results = _evaluate(task_of, tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
         if compare is not None:
             del backend  # one model in memory at a time
-            backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context)
+            backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context, devices)
             other_setup = shards.agreed({**other_setup, "mode": setup["mode"]})
             other = _evaluate(task_of, tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup,
                               None, max_seq_len, verbose)
@@ -201,12 +205,12 @@ def _version() -> str:
     return __version__
 
 
-def _load(model, dtype, device, quantize, batch_size, long_context: dict):
+def _load(model, dtype, device, quantize, batch_size, long_context: dict, devices=None):
     from ..loading import load, resolve_source
     from .backend import LocalModel
 
     source = resolve_source(model)
-    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize, **long_context)
+    net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize, devices=devices, **long_context)
     quantized = sorted({type(m).__name__ for m in net.modules() if hasattr(m, "bits")})
     setup = {"model": source.name, "source": str(source), "dtype": str(net.dtype).removeprefix("torch."),
              "device": str(net.device), "quantize": quantize, "quantized_layers": quantized}
