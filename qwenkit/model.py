@@ -65,17 +65,19 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, int8: bool = False):
+                 dtype: torch.dtype, device: torch.device | str | list, int8: bool = False):
+        """`device`: one for every layer, or a list with each layer's (a model split over devices)."""
         windows = config.attention_windows or [None] * config.num_layers
         self.ring = [w if w is not None and w < max_len else None for w in windows]
         shapes = [(batch_size, config.num_kv_heads, ring or max_len, config.head_dim) for ring in self.ring]
+        devices = device if isinstance(device, (list, tuple)) else [device] * config.num_layers
         stored = torch.int8 if int8 else dtype
-        self.k = [torch.zeros(shape, dtype=stored, device=device) for shape in shapes]
-        self.v = [torch.zeros(shape, dtype=stored, device=device) for shape in shapes]
+        self.k = [torch.zeros(shape, dtype=stored, device=d) for shape, d in zip(shapes, devices)]
+        self.v = [torch.zeros(shape, dtype=stored, device=d) for shape, d in zip(shapes, devices)]
         # [batch, kv_heads, positions, 1] each, for keys and for values
-        self.k_scale = [torch.zeros(*shape[:-1], 1, device=device) for shape in shapes] if int8 else None
-        self.v_scale = [torch.zeros(*shape[:-1], 1, device=device) for shape in shapes] if int8 else None
-        self.k_center = [torch.zeros(*shape[:2], 1, shape[3], device=device) for shape in shapes] if int8 else None
+        self.k_scale = [torch.zeros(*s[:-1], 1, device=d) for s, d in zip(shapes, devices)] if int8 else None
+        self.v_scale = [torch.zeros(*s[:-1], 1, device=d) for s, d in zip(shapes, devices)] if int8 else None
+        self.k_center = [torch.zeros(*s[:2], 1, s[3], device=d) for s, d in zip(shapes, devices)] if int8 else None
         self.dtype = dtype
         # On the host: every step reads it there, and a copy from the GPU would wait for the GPU.
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32)
@@ -573,7 +575,9 @@ class Model(nn.Module):
         return self.lm_head(hidden)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config, batch_size, max_len or self.config.context_length, self.dtype, self.device,
+        """A cache whose layers are each on their layer's device (one device, unless the model was split)."""
+        devices = [block.input_layernorm.weight.device for block in self.model.layers]
+        return KVCache(self.config, batch_size, max_len or self.config.context_length, self.dtype, devices,
                        int8=self.kv_cache == "int8")
 
     def set_kv_cache(self, kind: str) -> None:

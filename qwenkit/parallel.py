@@ -20,12 +20,17 @@ unchanged. `shard_model` splits a loaded model; `load(..., tensor_parallel=tp)` 
 only this rank's slice of each tensor of a float safetensors checkpoint (`read_shard`), so a rank holds ~1/N
 of the weights (plus the whole embedding); a GGUF file or a quantized checkpoint is read whole, each layer cut
 to its shard as soon as it is whole (`SplitAsLoaded`), so a rank never holds more than one whole layer.
+
+The layer split (`--devices cuda:0,cuda:1`: one process, consecutive blocks on each device) is the last section.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
+import functools
+import itertools
 import os
 import signal
 import sys
@@ -497,3 +502,219 @@ def follow(model: nn.Module, tokenizer, tp: TensorParallel, draft=None) -> None:
             except Exception:  # (rank 0 meets the same error, in the same state, and ends that request)
                 pass
 
+
+# ----------------------------------------------------------------------------- layer split
+# `load(..., devices=["cuda:0", "cuda:1"])` / `--devices cuda:0,cuda:1` (or "auto": every visible GPU) runs the
+# model in one process over several devices, llama.cpp's --split-mode layer: consecutive blocks on each device,
+# in proportion to its free memory, the embedding on the first and the final norm and head on the last. Like the
+# tensor-parallel plan it is applied from outside the model: module moves, and hooks that move the activations
+# at the boundaries. The hidden states and logits come back to the first device (model.device, where the decode
+# loop keeps its tokens), and each layer's KV cache is made on its layer's device (Model.new_cache).
+
+SPLIT_KINDS = ("cpu", "cuda")
+
+
+def split_devices(spec: str | Iterable[str | torch.device]) -> list[torch.device]:
+    """The devices a layer split runs on: a list, a comma-separated string ("cuda:0,cuda:1"), or "auto" (every
+    visible GPU; the CPU alone where there is none). Errors name the fix: an unknown device, a GPU that does not
+    exist, one listed twice (the CPU may repeat: its segments share one memory, which checks a split without
+    GPUs), devices of different kinds."""
+    if isinstance(spec, str) and spec.strip() == "auto":
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [torch.device("cpu")]
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(d) for d in spec]
+    if not names or "" in names:
+        raise QwenkitError(f"devices {spec!r}: list devices separated by commas, e.g. cuda:0,cuda:1 (or auto)")
+    devices = [_split_device(name) for name in names]
+    if len({d.type for d in devices}) > 1:
+        raise QwenkitError(f"devices {','.join(names)} mix {' and '.join(sorted({d.type for d in devices}))}: a "
+                           "layer split runs on devices of one kind")
+    twice = next((d for i, d in enumerate(devices) if d.type == "cuda" and d in devices[:i]), None)
+    if twice is not None:
+        raise QwenkitError(f"devices {','.join(names)} name {twice} twice: list each GPU once")
+    return devices
+
+
+def _split_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise QwenkitError(f"unknown device {name!r}: a layer split runs on cpu or cuda:N devices") from None
+    if device.type not in SPLIT_KINDS:
+        raise QwenkitError(f"device {name!r}: a layer split runs on cpu or cuda:N devices")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    index = device.index if device.index is not None else torch.cuda.current_device() if count else 0
+    if index >= count:
+        raise QwenkitError(f"device {name!r} does not exist: " + (
+            f"this machine has {count} GPU{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})" if count
+            else "no CUDA GPU is visible here"))
+    return torch.device("cuda", index)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the GPU's (torch.cuda.mem_get_info), or the memory available to processes."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    return psutil.virtual_memory().available
+
+
+def plan_layers(num_layers: int, block_size: int, embed_size: int, head_size: int, free: list[int]) -> list[int]:
+    """How many consecutive blocks each device holds, for devices with `free` memory each (in any unit): the
+    whole model (embedding on the first device, blocks, final norm and head on the last, sizes in any other
+    unit) is laid end to end and cut in proportion to `free`; a block goes to the device its middle falls on.
+    Every device holds at least one block."""
+    if len(free) > num_layers:
+        raise QwenkitError(f"{len(free)} devices for a model of {num_layers} layers: each device holds one layer "
+                           f"or more; list at most {num_layers} devices")
+    if min(free) <= 0:
+        raise QwenkitError(f"device {free.index(min(free))} of the split has no free memory")
+    total = embed_size + num_layers * block_size + head_size
+    ends = [total * share / sum(free) for share in itertools.accumulate(free)]
+    counts = [0] * len(free)
+    for j in range(num_layers):
+        counts[min(bisect.bisect_left(ends, embed_size + (j + 0.5) * block_size), len(free) - 1)] += 1
+    while 0 in counts:  # (a device whose share is smaller than a block) one from the device holding the most
+        counts[counts.index(max(counts))] -= 1
+        counts[counts.index(0)] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """Where each part of a model goes: segment i of `counts[i]` consecutive blocks on `devices[i]`."""
+    devices: tuple[torch.device, ...]
+    counts: tuple[int, ...]
+
+    @functools.cached_property
+    def layer_devices(self) -> list[torch.device]:
+        return [device for device, n in zip(self.devices, self.counts) for _ in range(n)]
+
+    def device_of(self, name: str) -> torch.device:
+        """The device of the model's module or tensor `name`: model.layers.N.* on its block's, the final norm and
+        the head on the last device, the rest (the embedding) on the first."""
+        if name.startswith("model.layers."):
+            return self.layer_devices[int(name.split(".")[2])]
+        if name.startswith(("model.norm.", "lm_head.")) or name in ("model.norm", "lm_head"):
+            return self.devices[-1]
+        return self.devices[0]
+
+
+def plan_split(config, devices: list[torch.device], free: list[int] | None = None) -> LayerSplit:
+    """The split of a model of `config` over `devices` in proportion to their free memory (`free`: measured now
+    where not given), sizes counted in parameters."""
+    from .model import Block
+
+    with torch.device("meta"):
+        block_size = sum(p.numel() for p in Block(config, 0).parameters())
+    embed_size = config.vocab_size * config.hidden_size
+    free = [free_memory(d) for d in devices] if free is None else free
+    counts = plan_layers(config.num_layers, block_size, embed_size, embed_size + config.hidden_size, free)
+    return LayerSplit(tuple(devices), tuple(counts))
+
+
+def split_model(model: nn.Module, split: LayerSplit) -> nn.Module:
+    """Move `model`'s parts to their devices (a model loaded with the split has them there already) and hook the
+    moves of the activations between them; returns the model. A head tied to the embedding gets its own copy
+    on the last device when that is another device."""
+    if sum(split.counts) != len(model.model.layers):
+        raise QwenkitError(f"a split of {sum(split.counts)} layers for a model of {len(model.model.layers)}")
+    first, last = split.devices[0], split.devices[-1]
+    if last != first:
+        _untie_head(model, last)
+    model.model.embed_tokens.to(first)
+    for block, device in zip(model.model.layers, split.layer_devices):
+        _move(block, device)
+    model.model.norm.to(last)
+    model.lm_head.to(last)
+    for handle in getattr(model, "_layer_split_hooks", ()):
+        handle.remove()
+    segments, hooks = [], []
+    start = split.counts[0]
+    for device, n in zip(split.devices[1:], split.counts[1:]):
+        inputs = SegmentInputs(device)
+        segments.append(inputs)
+        hooks += [block.register_forward_pre_hook(inputs) for block in model.model.layers[start:start + n]]
+        start += n
+    hooks.append(model.model.norm.register_forward_hook(BackToFirst(first, segments)))
+    hooks.append(model.lm_head.register_forward_pre_hook(MoveInputs(last)))
+    hooks.append(model.lm_head.register_forward_hook(BackToFirst(first)))
+    model._layer_split_hooks = hooks
+    model.layer_split = split
+    return model
+
+
+def _untie_head(model: nn.Module, device: torch.device) -> None:
+    """Give the head copies of its own on `device` of the tensors it shares with the embedding (tied weights; an
+    int8 table and its tied int8 head): a module's move moves its Parameters, shared ones included."""
+    shared = {id(p) for p in model.model.embed_tokens.parameters()}
+    for module in model.lm_head.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in shared:
+                setattr(module, name, nn.Parameter(param.detach().to(device, copy=True),
+                                                   requires_grad=param.requires_grad))
+    model.config.tie_word_embeddings = False
+
+
+def _move(block: nn.Module, device: torch.device) -> None:
+    from .runtime.fused import JointAttention, JointMLP
+
+    block.to(device)
+    for module in block.modules():
+        if isinstance(module, (JointAttention, JointMLP)) and module.joint is not None \
+                and module.joint.weight.device != device:
+            module.joint = None  # its siblings' joint tensor stayed behind: they run as separate products
+
+
+def to_device(value, device: torch.device):
+    """A block's input on `device`: tensors (and tuples of them) moved; the KV cache (each layer's on its
+    device already) and None as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    return value
+
+
+class SegmentInputs:
+    """Forward pre-hook of each block of a segment after the first: the block's input on the segment's device.
+    The step inputs (rope, mask, write_pos, cache, q_scale: the same objects for every block of a forward) are
+    moved by the segment's first block and reused by the others, so they cross once per segment."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.held, self.moved = (), ()
+
+    def __call__(self, module, args):
+        x, *inputs = args
+        if len(inputs) != len(self.held) or any(a is not b for a, b in zip(inputs, self.held)):
+            self.held, self.moved = tuple(inputs), tuple(to_device(v, self.device) for v in inputs)
+        return (to_device(x, self.device), *self.moved)
+
+    def clear(self) -> None:
+        self.held, self.moved = (), ()
+
+
+class MoveInputs:
+    """Forward pre-hook: the module's inputs on `device` (the head's, from the first device to the last)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, module, args):
+        return to_device(args, self.device)
+
+
+class BackToFirst:
+    """Forward hook that moves the output (the final norm's hidden states, the head's logits) to the first device,
+    where the callers index and sample them; after the final norm the forward is over, and its segments let go
+    of the inputs they moved."""
+
+    def __init__(self, device: torch.device, segments: list[SegmentInputs] = ()):
+        self.device, self.segments = device, segments
+
+    def __call__(self, module, inputs, output):
+        for segment in self.segments:
+            segment.clear()
+        return output.to(self.device)

@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-from .args import (add_load_args, add_sampling_args, add_speed_args, check_draft_args, drafter_for, load_for,
-                   sampling_kwargs)
+from .args import (add_devices_args, add_load_args, add_sampling_args, add_speed_args, check_draft_args, drafter_for,
+                   load_for, sampling_kwargs)
 
 HELP = "a tool-using agent: the model runs Python, a calculator, reads files, or your functions"
 DESCRIPTION = """Ask a question; the model may call tools, the agent runs them and gives it the results, until it
@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default=None, metavar="PROMPT",
                         help="the question (default: read questions from stdin, one a line)")
     add_load_args(parser)
+    add_devices_args(parser)
     add_speed_args(parser)
     add_sampling_args(parser)
     parser.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION",

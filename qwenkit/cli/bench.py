@@ -7,8 +7,8 @@ import json
 
 from ..evals.speed import run_bench
 from ..grammar import as_grammar
-from .args import (add_grammar_args, add_load_args, add_parallel_arg, add_speed_args, check_draft_args, drafter_for,
-                   file_or_text, grammar_arg, load_for)
+from .args import (add_devices_args, add_grammar_args, add_load_args, add_parallel_arg, add_speed_args,
+                   check_draft_args, drafter_for, file_or_text, grammar_arg, load_for)
 
 HELP = "measure prefill and decode speed"
 DESCRIPTION = ("Prefill tok/s, decode tok/s, time to first token, achieved GB/s and peak RSS on a synthetic prompt "
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_args(parser)
     add_speed_args(parser)
     add_parallel_arg(parser)
+    add_devices_args(parser)
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
     parser.add_argument("--prompt", default=None, metavar="TEXT_OR_FILE",
@@ -57,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         result["grammar_ms_per_token"] = round(1e3 / shaped["decode_tok_s"] - 1e3 / result["decode_tok_s"], 2)
     if args.compile:
         result["compile_s"] = round(args.compile_s, 1)
+    if getattr(model, "layer_split", None) is not None:  # the blocks each device holds
+        split = model.layer_split
+        result["layer_split"] = ",".join(f"{device}={n}" for device, n in zip(split.devices, split.counts))
     if args.tensor_parallel is not None:  # each rank holds its shard: its own memory
         result["tp"] = args.tensor_parallel.size
         result["peak_rss_mib_ranks"] = args.tensor_parallel.gather_objects(result["peak_rss_mib"])

@@ -14,8 +14,8 @@ from ..parallel import LinesFromRank0
 from ..prompts import history_prompt
 from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
-from .args import (add_adapter_arg, add_load_args, add_parallel_arg, add_sampling_args, add_speed_args,
-                   check_draft_args, drafter_for, load_for, sampling_kwargs)
+from .args import (add_adapter_arg, add_devices_args, add_load_args, add_parallel_arg, add_sampling_args,
+                   add_speed_args, check_draft_args, drafter_for, load_for, sampling_kwargs)
 
 HELP = "interactive chat with history and streaming"
 DESCRIPTION = ("Chat in the terminal. Type :help inside for the commands (:clear-history, :conf temperature=0, "
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_args(parser)
     add_speed_args(parser)
     add_parallel_arg(parser)
+    add_devices_args(parser)
     add_adapter_arg(parser)
     add_sampling_args(parser)
     parser.add_argument("--system", default=None, help="system prompt (default: the model's own)")

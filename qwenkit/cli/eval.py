@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_load_args, add_parallel_arg
+from .args import add_devices_args, add_load_args, add_parallel_arg, devices_arg
 
 HELP = ("score a model on MMLU, C-Eval, CMMLU, GSM8K, HumanEval, ARC, HellaSwag, function calling (BFCL) or "
         "perplexity (also at long lengths)")
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_load_args(parser)
     add_parallel_arg(parser)
+    add_devices_args(parser)
     parser.add_argument("--tasks", default="mmlu", help=f"comma-separated: {', '.join(TASKS)} (default: mmlu)")
     parser.add_argument("--mode", choices=("base", "chat"), default=None,
                         help="base: few-shot prompts scored from logits or completions; chat: the release's chat "
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
              server=args.server, api_key=args.api_key, compare=args.compare, rope_scaling=args.rope_scaling,
              dynamic_ntk=args.dynamic_ntk, logn=args.logn, train_length=args.train_length,
              window_attention=args.window_attention, context=args.context, kv_cache=args.kv_cache,
-             lengths=_numbers(args.lengths), techniques=_words(args.techniques), tp=args.tp)
+             lengths=_numbers(args.lengths), techniques=_words(args.techniques), tp=args.tp,
+             devices=devices_arg(args))
     return 0
 
 

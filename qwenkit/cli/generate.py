@@ -8,8 +8,8 @@ import sys
 from ..generate import stream_generate
 from ..parallel import LinesFromRank0
 from ..prompts import apply_chat_template
-from .args import (add_adapter_arg, add_load_args, add_parallel_arg, add_sampling_args, add_speed_args,
-                   check_draft_args, drafter_for, load_for, sampling_kwargs)
+from .args import (add_adapter_arg, add_devices_args, add_load_args, add_parallel_arg, add_sampling_args,
+                   add_speed_args, check_draft_args, drafter_for, load_for, sampling_kwargs)
 
 HELP = "one completion of a prompt"
 DESCRIPTION = "Generate once from --prompt (or standard input) and print the text."
@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_args(parser)
     add_speed_args(parser)
     add_parallel_arg(parser)
+    add_devices_args(parser)
     add_adapter_arg(parser)
     add_sampling_args(parser)
     parser.add_argument("--prompt", help="the prompt text (default: read standard input)")

@@ -6,8 +6,8 @@ import argparse
 import signal
 
 from ..errors import QwenkitError
-from .args import (add_adapter_arg, add_load_args, add_parallel_arg, add_speed_args, check_draft_args, drafter_for,
-                   load_for, read_env_defaults, start_parallel)
+from .args import (add_adapter_arg, add_devices_args, add_load_args, add_parallel_arg, add_speed_args,
+                   check_draft_args, devices_arg, drafter_for, load_for, read_env_defaults, start_parallel)
 
 HELP = "OpenAI-compatible HTTP server with continuous batching"
 DESCRIPTION = ("Serve the OpenAI API (/v1/chat/completions with tools and streaming, /v1/completions, "
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_load_args(parser)
     add_speed_args(parser)
     add_parallel_arg(parser)
+    add_devices_args(parser)
     add_adapter_arg(parser)
     parser.add_argument("--host", "--server-name", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 exposes the server (default: %(default)s)")
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, option) > 0:
             raise QwenkitError(f"--{option.replace('_', '-')} must be more than 0, got {getattr(args, option)}")
     check_draft_args(args)
+    devices_arg(args)  # (the model loads after the server listens: a bad --devices fails first)
     if args.prefill_chunk is not None and args.prefill_chunk < 0:
         raise QwenkitError(f"--prefill-chunk must be 0 (off) or a number of tokens, got {args.prefill_chunk}")
     origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())

@@ -76,7 +76,8 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         compare: str | None = None, rope_scaling: str | None = None, dynamic_ntk: bool | None = None,
         logn: bool | None = None, train_length: int | None = None, window_attention: str | None = None,
         context: int | None = None, kv_cache: str = "float", lengths: list[int] | None = None,
-        techniques: list[str] | None = None, tp: int | None = None, verbose: bool = True) -> dict:
+        techniques: list[str] | None = None, tp: int | None = None, devices: str | list | None = None,
+        verbose: bool = True) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
     `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
@@ -91,7 +92,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
     windows given). `lengths`, `techniques`: ppl-long's (perplexity.LongPerplexity). Under torchrun (WORLD_SIZE > 1)
     each process makes a share of every task (shards.py); rank 0 returns the results, the others {}. `tp`: split
     the model over the torchrun processes instead (qwenkit.parallel; as many as they are), which make every
-    record together.
+    record together. `devices`: the model split by layers over them in this process (qwenkit.load's).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -102,6 +103,9 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         raise QwenkitError(f"--limit must be at least 1, not {limit}")
     if batch_size < 1:
         raise QwenkitError(f"--batch-size must be at least 1, not {batch_size}")
+    if devices is not None and shards.world().size > 1:
+        raise QwenkitError("under torchrun each process loads the model on a device of its own: drop --devices "
+                           "(a layer split runs in one process)")
     data_dir = None if data_dir is None else Path(data_dir)
     long_context = dict(rope_scaling=rope_scaling, dynamic_ntk=dynamic_ntk, logn=logn, train_length=train_length,
                         window_attention=window_attention, context=context, kv_cache=kv_cache)
@@ -136,14 +140,16 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
             backend = ServerModel(server, batch_size, api_key)
             setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
         else:
-            backend, setup = _load(model, dtype, device, quantize, batch_size, long_context, tensor_parallel)
+            backend, setup = _load(model, dtype, device, quantize, batch_size, long_context, tensor_parallel,
+                                   devices)
             setup["mode"] = mode = mode or default_mode(Path(setup["source"]), backend.model.generation_config)
         setup = shards.agreed(setup)
         out = Path(out) if out is not None else Path(f"qwenkit-eval-{Path(setup['model']).stem}")
         results = _evaluate(task_of, tasks, limit, out, data_dir, backend, setup, samples, max_seq_len, verbose)
         if compare is not None:
             del backend  # one model in memory at a time
-            backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context, tensor_parallel)
+            backend, other_setup = _load(model, dtype, device, compare, batch_size, long_context, tensor_parallel,
+                                         devices)
             other_setup = shards.agreed({**other_setup, "mode": setup["mode"]})
             other = _evaluate(task_of, tasks, limit, out / f"compare-{compare}", data_dir, backend, other_setup,
                               None, max_seq_len, verbose)
@@ -210,13 +216,13 @@ def _version() -> str:
     return __version__
 
 
-def _load(model, dtype, device, quantize, batch_size, long_context: dict, tensor_parallel=None):
+def _load(model, dtype, device, quantize, batch_size, long_context: dict, tensor_parallel=None, devices=None):
     from ..loading import load, resolve_source
     from .backend import LocalModel
 
     source = resolve_source(model)
     net, tokenizer = load(source, dtype=dtype, device=device, quantize=quantize, tensor_parallel=tensor_parallel,
-                          **long_context)
+                          devices=devices, **long_context)
     quantized = sorted({type(m).__name__ for m in net.modules() if hasattr(m, "bits")})
     setup = {"model": source.name, "source": str(source), "dtype": str(net.dtype).removeprefix("torch."),
              "device": str(net.device), "quantize": quantize, "quantized_layers": quantized}

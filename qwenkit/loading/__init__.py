@@ -68,7 +68,8 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
          rope_scaling: str | dict | None = None, dynamic_ntk: bool | None = None, logn: bool | None = None,
          train_length: int | None = None, window_attention: str | list | None = None,
          context: int | None = None, kv_cache: str = "float",
-         tensor_parallel: TensorParallel | None = None) -> tuple[Model, Tokenizer]:
+         tensor_parallel: TensorParallel | None = None,
+         devices: str | list[str | torch.device] | None = None) -> tuple[Model, Tokenizer]:
     """Load a Qwen model and its tokenizer. See the module docstring for the accepted sources.
 
     `quantize`: "auto", None, "int8", "int4" or "gguf" — weight-only quantization of each linear as it
@@ -107,6 +108,15 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     `tensor_parallel`: this rank's shard only (qwenkit.parallel: started by parallel.start under torchrun). A float
     checkpoint is read a slice at a time; a GGUF file or a quantized checkpoint is read whole, each layer cut to
     this rank's part once it is whole; with an adapter the whole model is loaded, then split.
+
+    `devices`: split the model by layers over several devices of this process (llama.cpp's --split-mode layer,
+    qwenkit.parallel's layer split): a list such as ["cuda:0", "cuda:1"], the same as one string
+    "cuda:0,cuda:1", or "auto" for every visible GPU (the CPU alone where there is none). Consecutive blocks go
+    on each device in proportion to its free memory, the embedding on the first and the final norm and head on
+    the last; each tensor is placed on its device as it is read, so no device holds the whole model. The logits
+    come back on the first device (model.device); each layer's KV cache is on its layer's device. Instead of
+    `device`, not with `tensor_parallel` or `compile`; decode steps run without CUDA graphs (a graph is captured
+    on one device). One device is no split: the same as `device`.
     """
     from .on_load import QUANTIZE_MODES
 
@@ -120,8 +130,9 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     if adapter is not None:
         from ..train.lora import read_adapter_config
         read_adapter_config(adapter)  # a bad adapter directory fails before the model loads
+    devices = _devices(devices, device, compile, tensor_parallel)
     path = resolve_source(model)
-    device = resolve_device(device)
+    device = devices[0]
     asked_auto = isinstance(dtype, str) and dtype == "auto"
     dtype = resolve_dtype(dtype, device)
     # What float linear weights are stored in when packed: for dtype="auto" on the CPU the plan's choice
@@ -141,7 +152,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     split = None  # with tp: a file read whole, each layer cut to this rank's part once it is whole
     if path.is_file():
         net, tokenizer, split = _load_gguf(path, dtype, device, quantize, pack_now, weight_dtype,
-                                           tp if adapter is None else None)
+                                           tp if adapter is None else None, devices)
     else:
         if quantize == "gguf":
             raise ValueError(f"quantize='gguf' keeps a GGUF file's own block formats, but {path} is a "
@@ -167,7 +178,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
                 split = SplitAsLoaded(config, tp)
         net = build_model(config, tensors, dtype, device,
                           description=f"loading {path.name}", total_bytes=total, prepare=prepare,
-                          quantize=quantize, pack=pack_now, weight_dtype=weight_dtype, split=split)
+                          quantize=quantize, pack=pack_now, weight_dtype=weight_dtype, split=split, devices=devices)
         net.generation_config = _read_json(path / "generation_config.json")
     if adapter is not None:
         from ..train.lora import load_adapter, merge_lora
@@ -196,13 +207,32 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         keep_freed_memory()
         from ..runtime.small_ops import use_small_ops
         use_small_ops(net)  # (a compiled step traces the model's own ops instead: inductor fuses them)
-    if device.type == "cuda" and cuda_graphs:
+    if device.type == "cuda" and cuda_graphs and len(devices) == 1:
         from ..runtime.cuda_graphs import use_cuda_graphs
         use_cuda_graphs(net)
     if compile:
         from ..runtime.compiled import compile_decode
         compile_decode(net)
     return net, tokenizer
+
+
+def _devices(devices, device, compile: bool, tensor_parallel) -> list[torch.device]:
+    """The devices load() puts the model on: `device` alone, or those `devices` names (more than one: a layer
+    split), checked before anything loads."""
+    if devices is None:
+        return [resolve_device(device)]
+    from ..parallel import split_devices
+
+    if str(device) != "auto":
+        raise ConfigError(f"give device ({device}) or devices ({devices}), not both")
+    if tensor_parallel is not None:
+        raise ConfigError("a layer split (devices) runs the model in one process; tensor parallelism splits every "
+                          "layer over processes: use one of them")
+    devices = split_devices(devices)
+    if compile and len(devices) > 1:
+        raise ConfigError("torch.compile of the decode step with a layer split (devices) is not supported: load "
+                          "without compile, or on one device")
+    return devices
 
 
 def resolve_source(model: str | Path) -> Path:
@@ -232,9 +262,9 @@ def resolve_source(model: str | Path) -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None,
                pack: bool = False, weight_dtype: torch.dtype | None = None, tp: TensorParallel | None = None,
-               ) -> tuple[Model, Tokenizer, SplitAsLoaded | None]:
+               devices: list[torch.device] | None = None) -> tuple[Model, Tokenizer, SplitAsLoaded | None]:
     """The model and tokenizer of a GGUF file; with `tp`, each layer cut to this rank's part as it loads (and not
-    packed: the shard is packed afterwards), with the SplitAsLoaded that did it."""
+    packed: the shard is packed afterwards), with the SplitAsLoaded that did it; `devices`: build_model's."""
     from .gguf import GGUFFile
 
     gguf = GGUFFile(path)
@@ -246,7 +276,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantize: s
     tokenizer = Tokenizer.from_gguf_fields(gguf.tokenizer_fields())
     net = build_model(config, gguf.stored_tensors(), dtype, device, description=f"loading {path.name}",
                       total_bytes=path.stat().st_size, quantize=quantize, pack=pack and split is None,
-                      weight_dtype=weight_dtype, split=split)
+                      weight_dtype=weight_dtype, split=split, devices=devices)
     net.generation_config = dict(GGUF_GENERATION_DEFAULTS[config.arch], eos_token_id=tokenizer.eos_token_id)
     return net, tokenizer, split
 
@@ -287,7 +317,8 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
                 dtype: torch.dtype, device: torch.device, description: str = "loading", total_bytes: int = 0,
                 prepare: Callable[[Model], object] | None = None, quantize: str | None = None,
                 pack: bool = False, weight_dtype: torch.dtype | None = None,
-                split: Callable[[Model, str], str | None] | None = None) -> Model:
+                split: Callable[[Model, str], str | None] | None = None,
+                devices: list[torch.device] | None = None) -> Model:
     """Build on the meta device, then assign each (canonical name, tensor) as it arrives.
 
     `prepare(model)` runs on the meta-built model first, e.g. to swap in empty quantized linears.
@@ -300,10 +331,17 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     copied into one tensor per layer and group. Either way sibling projections may run as one product
     (qwenkit.runtime.fused). `split(model, name)` runs after each tensor is in place and returns the name of a
     layer it replaced by a part of it, or None (tensor parallelism: qwenkit.parallel.SplitAsLoaded).
+    `devices` (more than one): the model split over them by layers (qwenkit.parallel.plan_split, planned before
+    any tensor is read), each tensor placed on its part's device as it arrives; `device` is then the first.
     """
     from ..runtime.fused import fuse_siblings, lay_out_siblings
     from ..runtime.packed import inference_layout, pack_linears
 
+    layers_on = None  # a layer split: where each part goes
+    if devices is not None and len(devices) > 1:
+        from ..parallel import plan_split
+        layers_on = plan_split(config, devices)
+    place = layers_on.device_of if layers_on is not None else lambda name: device  # each tensor's device, by name
     with torch.device("meta"):
         net = ChatModel(config)
     fuse_siblings(net)
@@ -315,7 +353,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     weight_dtype = weight_dtype if pack else dtype
     # Laid out before the tensors arrive (nothing to fuse when they become quantized or packed layers);
     # these parameters are filled in place, so the meta check below cannot see which are missing.
-    laid_out = lay_out_siblings(net, dtype, device) if quantize is None and not pack and split is None else set()
+    laid_out = lay_out_siblings(net, dtype, place) if quantize is None and not pack and split is None else set()
     unfilled = set(laid_out)
     mapped: dict[str, torch.Tensor] = {}  # tensors the model holds as read from a mapped file, by name
     expected = dict(net.named_parameters())
@@ -338,7 +376,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
                                       f"{tuple(param.shape)}: config.json and the weights do not match")
             read = tensor if isinstance(tensor, torch.Tensor) else None  # perhaps a view of a mapped file
             swap = _quantize_embedding if name == "model.embed_tokens.weight" else _quantize_linear
-            if quantize is not None and swap(net, name, tensor, quantize, dtype, device):
+            if quantize is not None and swap(net, name, tensor, quantize, dtype, place):
                 del tensor
                 if read is not None:
                     release_file_pages(read)
@@ -347,7 +385,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
                 cast = weight_dtype if _linear_of(net, name)[1] is not None else dtype
                 if not isinstance(tensor, torch.Tensor):  # a GGUF StoredTensor
                     tensor = tensor.dequantize(cast)
-                tensor = tensor.to(device=device, dtype=cast if tensor.is_floating_point() else None)
+                tensor = tensor.to(device=place(name), dtype=cast if tensor.is_floating_point() else None)
                 if name in laid_out:
                     param.data.copy_(tensor)
                     unfilled.discard(name)
@@ -375,12 +413,16 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor |
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}: "
                               "the download may be incomplete")
+    if layers_on is not None:
+        from ..parallel import split_model
+        split_model(net, layers_on)  # (everything is in place: a tied head's copy, and the hooks between devices)
     return net.eval()
 
 
 def _quantize_linear(net: Model, name: str, weight: torch.Tensor | StoredTensor, mode: str,
-                     dtype: torch.dtype, device: torch.device) -> bool:
-    """Swap the nn.Linear whose weight `name` is for its quantized form; False where it stays as it is."""
+                     dtype: torch.dtype, place: Callable[[str], torch.device]) -> bool:
+    """Swap the nn.Linear whose weight `name` is for its quantized form, on its device (`place(name)`); False
+    where it stays as it is."""
     from .on_load import quantized_linear
 
     module_name, linear = _linear_of(net, name)
@@ -389,7 +431,7 @@ def _quantize_linear(net: Model, name: str, weight: torch.Tensor | StoredTensor,
     layer = quantized_linear(name, weight, mode, dtype)
     if layer is None:
         return False
-    layer = layer.to(device)
+    layer = layer.to(place(name))
     layer.bias = linear.bias  # the bias read already, or its meta placeholder
     net.set_submodule(module_name, layer)
     return True
@@ -417,16 +459,18 @@ def _linear_of(net: Model, name: str) -> tuple[str, nn.Linear | None]:
 
 
 def _quantize_embedding(net: Model, name: str, weight: torch.Tensor | StoredTensor, mode: str,
-                        dtype: torch.dtype, device: torch.device) -> bool:
+                        dtype: torch.dtype, place: Callable[[str], torch.device]) -> bool:
     """A tied head becomes its own quantized layer, from the embedding's weight; the embedding becomes
-    an int8 table where qwenkit.loading.on_load says so (False where it stays float)."""
+    an int8 table where qwenkit.loading.on_load says so (False where it stays float). The table is the int8
+    head's own where both are on one device."""
     from .on_load import quantized_embedding
 
     tied = net.config.tie_word_embeddings
-    head_quantized = tied and _quantize_linear(net, "lm_head.weight", weight, mode, dtype, device)
-    embedding = quantized_embedding(weight, mode, dtype, net.lm_head if head_quantized else None)
+    head_quantized = tied and _quantize_linear(net, "lm_head.weight", weight, mode, dtype, place)
+    shared = head_quantized and place("lm_head.weight") == place(name)
+    embedding = quantized_embedding(weight, mode, dtype, net.lm_head if shared else None)
     if embedding is not None:
-        net.model.embed_tokens = embedding.to(device)
+        net.model.embed_tokens = embedding.to(place(name))
     if head_quantized and not (embedding is not None and embedding.weight is net.lm_head.weight):
         net.config.tie_word_embeddings = False  # the head has a quantized copy of its own
     return embedding is not None

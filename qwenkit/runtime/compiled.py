@@ -39,6 +39,7 @@ from collections.abc import Iterable
 import torch
 from torch.fx.experimental import _config as fx_config
 
+from ..errors import QwenkitError
 from ..model import Model
 from .decode import decode_setup, decode_step
 from .packed import Bf16Linear, PackedLinear, unpack_linears
@@ -48,6 +49,9 @@ def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper:
     """Compile `model`'s one-token decode step and warm it up for each batch size; returns the seconds
     it took. Idempotent: a model already compiled returns 0. `cpp_wrapper` (default: on the CPU) calls
     the compiled kernels from C++ rather than Python; on a GPU the CUDA graphs replay them anyway."""
+    if getattr(model, "layer_split", None) is not None:
+        raise QwenkitError("compile_decode (--compile) does not compile a model split over devices "
+                           "(qwenkit.parallel's layer split): decode it eagerly, or load it on one device")
     setup = decode_setup(model)
     if setup.compiled is not None:
         return 0.0

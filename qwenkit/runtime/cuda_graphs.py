@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QwenkitError
 from ..model import KVCache, Model, StepInputs, Transformer
 from .decode import decode_setup
 
@@ -33,6 +34,9 @@ LENGTH_STEP = 256  # attended positions are rounded up to this: few captures, li
 
 def use_cuda_graphs(model: Model, enabled: bool = True) -> None:
     """Replay `model`'s one-token decode steps on CUDA as graphs (or, with enabled=False, stop)."""
+    if enabled and getattr(model, "layer_split", None) is not None:
+        # A graph is captured from one device's stream: the other devices' kernels would run once, not replay.
+        raise QwenkitError("CUDA graphs capture one device's work: a model split over devices decodes without them")
     decode_setup(model).graphs = GraphedBlocks if enabled else None
 
 

@@ -20,6 +20,8 @@ batch-1 decode (one pass instead of three). On the CPU, bf16 linears are packed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,10 +104,10 @@ def fuse_siblings(model: nn.Module) -> None:
             module.__class__ = JOINT[type(module)]
 
 
-def lay_out_siblings(model: nn.Module, dtype: torch.dtype, device: torch.device) -> set[str]:
+def lay_out_siblings(model: nn.Module, dtype: torch.dtype, device_of: Callable[[str], torch.device]) -> set[str]:
     """Give each group of sibling float linears of a fused model (`fuse_siblings`; plain nn.Linear of one
-    input size, all with or all without bias) one uninitialised joint tensor on `device`, their
-    parameters views of it; returns the names of those parameters, which the caller must fill."""
+    input size, all with or all without bias) one uninitialised joint tensor on its device (`device_of(module
+    name)`), their parameters views of it; returns the names of those parameters, which the caller must fill."""
     laid_out = set()
     for name, module in model.named_modules():
         if not isinstance(module, (JointAttention, JointMLP)):
@@ -115,6 +117,7 @@ def lay_out_siblings(model: nn.Module, dtype: torch.dtype, device: torch.device)
                 or len({m.bias is None for m in linears}) > 1:
             continue
         rows = [m.out_features for m in linears]
+        device = device_of(name)
         weight = torch.empty(sum(rows), linears[0].in_features, dtype=dtype, device=device)
         bias = None if linears[0].bias is None else torch.empty(sum(rows), dtype=dtype, device=device)
         for child, m, w, b in zip(module.siblings, linears, weight.split(rows),
