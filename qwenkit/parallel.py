@@ -67,19 +67,28 @@ class TensorParallel:
     rank: int
     size: int
     steps: dist.ProcessGroup | None = None
+    shared: SharedMemoryCollectives | None = None  # ranks of one machine: the steps' collectives through it
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None and self.shared.takes(t, reduce=True):
+            return self.shared.all_reduce(t)
         dist.all_reduce(t, group=self.steps)
         return t
 
     def gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's `t` side by side on the last dimension (equal shapes on every rank)."""
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous(), group=self.steps)
+        t = t.contiguous()
+        if self.shared is not None and self.shared.takes(t):
+            parts = list(self.shared.all_gather(t).view(self.size, *t.shape))
+        else:
+            parts = [torch.empty_like(t) for _ in range(self.size)]
+            dist.all_gather(parts, t, group=self.steps)
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` on every rank (in place)."""
+        if self.shared is not None and self.shared.takes(t):
+            return t.copy_(self.shared.all_gather(t.contiguous())[0].view(t.shape))
         dist.broadcast(t, src=0, group=self.steps)
         return t
 
@@ -110,6 +119,63 @@ class TensorParallel:
                                + "; ".join(f"rank {rank}: {e}" for rank, e in failed))
 
 
+class SharedMemoryCollectives:
+    """The forwards' collectives of ranks on one machine through one shared memory area (qwenkit's kernels,
+    cpu.cpp's "collectives through shared memory"): microseconds where gloo's loopback sockets took ~1.8 ms an
+    all-reduce of one token's hidden state (2 ranks, one thread each, this 2-core machine), which a decode step
+    meets twice a layer. Rank 0 makes the area (a file in /dev/shm, removed once every rank has mapped it, so
+    nothing is left behind); the ranks then count their steps alike. Not while torch.compile traces (the
+    compiled step keeps torch.distributed's traceable collectives)."""
+
+    SLOT_BYTES = 4 << 20  # a rank's part of one step; larger tensors take several steps
+
+    def __init__(self, ops, area: torch.Tensor, rank: int, size: int, timeout: float):
+        self.ops, self.area, self.rank, self.size, self.timeout = ops, area, rank, size, timeout
+        self.step = 1  # the next step (the area's counters start at 0)
+
+    @classmethod
+    def open(cls, rank: int, size: int, timeout: float) -> SharedMemoryCollectives | None:
+        """Every rank's view of one new area (a collective call); None, on every rank, where qwenkit's kernels
+        are not built here."""
+        import mmap
+        import tempfile
+
+        from .runtime.cpu_plan import kernel_ops
+
+        ops = kernel_ops()
+        if not all(TensorParallel(rank, size).gather_objects(ops is not None)):
+            return None
+        nbytes = 64 * size + 2 * size * cls.SLOT_BYTES
+        path = None
+        if rank == 0:
+            fd, path = tempfile.mkstemp(prefix="qwenkit-tp-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            os.ftruncate(fd, nbytes)
+            os.close(fd)
+        path = TensorParallel(rank, size).from_rank0(path)
+        with open(path, "r+b") as f:
+            area = torch.frombuffer(mmap.mmap(f.fileno(), nbytes), dtype=torch.uint8)
+        area[64 * rank + 8:64 * rank + 16].view(torch.int64)[0] = os.getpid()  # (so that others see it go)
+        dist.barrier()
+        if rank == 0:
+            os.unlink(path)
+        return cls(ops, area, rank, size, timeout)
+
+    def takes(self, t: torch.Tensor, reduce: bool = False) -> bool:
+        return t.device.type == "cpu" and t.is_contiguous() and not torch.compiler.is_compiling() and (
+            not reduce or t.dtype in (torch.float32, torch.bfloat16))
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.step = self.ops.shm_all_reduce(t, self.area, self.rank, self.size, self.SLOT_BYTES, self.step,
+                                            self.timeout)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[size, t.numel()]: every rank's t."""
+        out, self.step = self.ops.shm_all_gather(t, self.area, self.rank, self.size, self.SLOT_BYTES, self.step,
+                                                 self.timeout)
+        return out
+
+
 def start(size: int, device: torch.device | str) -> tuple[TensorParallel, torch.device | str]:
     """Join the process group torchrun started for `--tp size`; returns it and the device this rank runs on
     (cuda:LOCAL_RANK for CUDA, else `device`, resolved already: not "auto"). Errors name the fix where torchrun is
@@ -138,8 +204,11 @@ def start(size: int, device: torch.device | str) -> tuple[TensorParallel, torch.
         torch.set_num_threads(max(1, cores // int(env.get("LOCAL_WORLD_SIZE", size))))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT)
-    steps = dist.new_group(timeout=timedelta(seconds=float(env["QWENKIT_TP_TIMEOUT"])) if "QWENKIT_TP_TIMEOUT" in env
-                           else STEP_WAIT)
+    step_wait = timedelta(seconds=float(env["QWENKIT_TP_TIMEOUT"])) if "QWENKIT_TP_TIMEOUT" in env else STEP_WAIT
+    steps = dist.new_group(timeout=step_wait)
+    shared = None
+    if not cuda and int(env.get("LOCAL_WORLD_SIZE", size)) == size and env.get("QWENKIT_TP_SHARED_MEMORY") != "0":
+        shared = SharedMemoryCollectives.open(rank, size, step_wait.total_seconds())
     if rank:
         # Followers print nothing: rank 0 alone speaks (replies, progress bars, warnings).
         sys.stdout = open(os.devnull, "w")
@@ -147,7 +216,7 @@ def start(size: int, device: torch.device | str) -> tuple[TensorParallel, torch.
     else:
         # torchrun stops the others with SIGTERM when one fails: say so rather than vanish without a word.
         signal.signal(signal.SIGTERM, _stopped)
-    return TensorParallel(rank, size, steps), device
+    return TensorParallel(rank, size, steps, shared), device
 
 
 def _stopped(signum, frame):

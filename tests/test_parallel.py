@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from qwenkit.errors import QwenkitError
 from qwenkit.generate import Decoder
 from qwenkit.loading import load
-from qwenkit.parallel import TensorParallel, shard_model
+from qwenkit.parallel import SharedMemoryCollectives, TensorParallel, shard_model
 from qwenkit.quant.linear import QuantizedLinear
 
 from .conftest import (BYTE_VOCAB, assert_a_fibonacci_function, free_port, tiny_model, v1_checkpoint,
@@ -173,7 +173,7 @@ def loaded(path: Path, tp: TensorParallel | None = None):
 def _worker(rank: int, size: int, port: int, cases: list[str], out: str, paths: dict[str, Path]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    tp = TensorParallel(rank, size)
+    tp = TensorParallel(rank, size, shared=SharedMemoryCollectives.open(rank, size, timeout=60))  # as on one machine
     results = {}
     for case in cases:
         if case.endswith("-compiled"):  # every rank's decode step compiled, its collectives inside
@@ -288,6 +288,38 @@ def test_a_rank_reading_a_whole_file_holds_one_whole_layer_at_most(checkpoints, 
                   if name.endswith(("_proj", "lm_head")))
     assert len(seen) > 10 and max(bytes for bytes, _ in seen) <= held(shard) + biggest
     assert held(shard) < 0.75 * held(whole)
+
+
+def _collectives_worker(rank: int, size: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    shared = SharedMemoryCollectives.open(rank, size, timeout=60)
+    shared.SLOT_BYTES = 4096  # (the area holds 4 MiB slots: small ones here, so that tensors take several steps)
+    tp = TensorParallel(rank, size, shared=shared)
+    gen = torch.Generator().manual_seed(rank)
+    mine = {"small": torch.randn(896, generator=gen), "large": torch.randn(3, 1000, generator=gen),
+            "bf16": torch.randn(2, 2100, generator=gen).bfloat16()}
+    results = {"mine": mine, "reduced": {k: tp.all_reduce(v.clone()) for k, v in mine.items()},
+               "gathered": tp.gather_last(mine["large"]),
+               "broadcast": tp.broadcast(torch.tensor([7 + rank, 3], dtype=torch.long)), "steps": shared.step}
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_shared_memory_collectives(tmp_path):
+    """Three ranks: sums in rank order (bf16: summed in float32, rounded once) with the same bits on every rank,
+    across several steps of a slot each; gathers and rank 0's broadcast."""
+    out = str(tmp_path / "r")
+    mp.start_processes(_collectives_worker, args=(3, free_port(), out), nprocs=3, start_method="spawn")
+    ranks = [torch.load(f"{out}.{r}") for r in range(3)]
+    for name, first in ranks[0]["mine"].items():
+        parts = [r["mine"][name].float() for r in ranks]
+        expected = (parts[0] + parts[1] + parts[2]).to(first.dtype)
+        for r in ranks:
+            assert torch.equal(r["reduced"][name], expected), name
+    expected = torch.cat([r["mine"]["large"] for r in ranks], dim=-1)
+    assert all(torch.equal(r["gathered"], expected) for r in ranks)
+    assert all(r["broadcast"].tolist() == [7, 3] for r in ranks)
+    assert len({r["steps"] for r in ranks}) == 1 and ranks[0]["steps"] > 10  # chunked: several steps a tensor
 
 
 def test_heads_that_do_not_divide():

@@ -16,8 +16,9 @@
 // For many rows of x (prefill) int8_gemm / int4_gemm multiply the same stored weights by x rounded to
 // int16 per block instead (AVX-512 or AVX2 code, as built; see "many rows" below).
 // Below them, a product over bf16 weights (float32 sums of exact products), and the small ops of an
-// eager decode step (RMS norm, decode attention) in one call each. Last, LargeBlocks: torch's CPU allocator
-// for large tensors once qwenkit/runtime/allocator.py registers it.
+// eager decode step (RMS norm, decode attention) in one call each. Then LargeBlocks: torch's CPU allocator
+// for large tensors once qwenkit/runtime/allocator.py registers it. Last, tensor-parallel collectives through
+// shared memory.
 // Built once per instruction set (-mavx2, -mavx512*) by qwenkit/kernels/__init__.py.
 
 #include <ATen/ATen.h>
@@ -25,15 +26,22 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/BFloat16.h>
 #include <pthread.h>
+#include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -1417,6 +1425,120 @@ void release_free_blocks() {
   if (LargeBlocks::instance) LargeBlocks::instance->release_free();
 }
 
+// --------------------------------------------------------------------------- collectives through shared memory
+// The forwards' collectives of tensor-parallel ranks on one machine (qwenkit/parallel.py, SharedMemoryCollectives)
+// go through one mapped area instead of gloo's loopback sockets:
+//   a header of one 64-byte line a rank: the last step it published (int64), then its pid (int64);
+//   two sets of `size` slots of `slot_bytes` each, step s using set s % 2.
+// In a step each rank copies its part into its slot, publishes s (release) and waits until every rank has
+// (acquire), then reads the slots. A rank writes set s % 2 again at step s + 2 only after every rank published
+// s + 1, which each does after it has read step s: one wait a step is enough. Every rank sums the slots in rank
+// order, so all hold the same bits, as after gloo's all-reduce.
+
+struct SharedArea {
+  uint8_t* base;
+  int64_t rank, size, slot_bytes;
+
+  std::atomic<int64_t>* published(int64_t r) const { return reinterpret_cast<std::atomic<int64_t>*>(base + 64 * r); }
+  int64_t pid(int64_t r) const { return reinterpret_cast<const int64_t*>(base + 64 * r)[1]; }
+  uint8_t* slot(int64_t step, int64_t r) const { return base + 64 * size + ((step & 1) * size + r) * slot_bytes; }
+};
+
+SharedArea area_of(const at::Tensor& area, int64_t rank, int64_t size, int64_t slot_bytes) {
+  TORCH_CHECK(area.scalar_type() == at::kByte && area.is_contiguous() &&
+                  area.numel() >= 64 * size + 2 * size * slot_bytes,
+              "the shared area is too small for ", size, " ranks of ", slot_bytes, " bytes");
+  return SharedArea{area.data_ptr<uint8_t>(), rank, size, slot_bytes};
+}
+
+// Whether process `pid` still runs: not gone, nor a zombie (a killed rank its parent has not reaped yet).
+bool running(int64_t pid) {
+  if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return false;
+  char path[64], stat[256] = {0};
+  std::snprintf(path, sizeof path, "/proc/%lld/stat", static_cast<long long>(pid));
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return true;  // (no /proc: kill's answer)
+  const size_t n = std::fread(stat, 1, sizeof stat - 1, f);
+  std::fclose(f);
+  const char* end = std::strrchr(stat, ')');  // "pid (name) S ...": the state follows the name
+  return n == 0 || end == nullptr || end[1] == 0 || (end[2] != 'Z' && end[2] != 'X');
+}
+
+// Publish `step` and wait until every rank has; an error names a rank that is gone or that did not come within
+// `timeout_s` (stopped, or stuck), rather than wait for ever.
+void meet(const SharedArea& a, int64_t step, double timeout_s) {
+  a.published(a.rank)->store(step, std::memory_order_release);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < a.size; ++r) {
+    for (int64_t spins = 0; a.published(r)->load(std::memory_order_acquire) < step; ++spins) {
+      if (spins < 4096) {  // a rank a few microseconds behind: spin
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        continue;
+      }
+      if (spins % 256 == 0) {
+        const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        TORCH_CHECK(waited < timeout_s, "timed out after ", timeout_s, " s waiting for rank ", r,
+                    " in a collective (stopped or stuck?)");
+        const int64_t pid = a.pid(r);
+        TORCH_CHECK(pid <= 0 || running(pid), "rank ", r, " (pid ", pid, ") is gone");
+      }
+      sched_yield();  // (more ranks and threads than cores: let the late one run)
+    }
+  }
+}
+
+// x (float32 or bfloat16, contiguous) summed over the ranks in place, a slot at a time; returns the next step.
+int64_t shm_all_reduce(at::Tensor x, const at::Tensor& area, int64_t rank, int64_t size, int64_t slot_bytes,
+                       int64_t step, double timeout_s) {
+  TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "shm_all_reduce takes contiguous float32 or bfloat16 tensors");
+  const SharedArea a = area_of(area, rank, size, slot_bytes);
+  const int64_t item = x.element_size(), per_slot = slot_bytes / item;
+  uint8_t* data = static_cast<uint8_t*>(x.data_ptr());
+  for (int64_t start = 0; start < x.numel(); start += per_slot, ++step) {
+    const int64_t n = std::min(per_slot, x.numel() - start);
+    std::memcpy(a.slot(step, rank), data + start * item, n * item);
+    meet(a, step, timeout_s);
+    if (x.scalar_type() == at::kFloat) {
+      float* out = reinterpret_cast<float*>(data) + start;
+      for (int64_t i = 0; i < n; ++i) out[i] = reinterpret_cast<const float*>(a.slot(step, 0))[i];
+      for (int64_t r = 1; r < size; ++r) {
+        const float* part = reinterpret_cast<const float*>(a.slot(step, r));
+        for (int64_t i = 0; i < n; ++i) out[i] += part[i];
+      }
+    } else {  // summed in float32, rounded once
+      c10::BFloat16* out = reinterpret_cast<c10::BFloat16*>(data) + start;
+      for (int64_t i = 0; i < n; ++i) {
+        float sum = 0.0f;
+        for (int64_t r = 0; r < size; ++r) sum += static_cast<float>(reinterpret_cast<const c10::BFloat16*>(
+                                               a.slot(step, r))[i]);
+        out[i] = c10::BFloat16(sum);
+      }
+    }
+  }
+  return step;
+}
+
+// Every rank's x (contiguous, any dtype, the same shape on every rank) as [size, numel]; and the next step.
+std::tuple<at::Tensor, int64_t> shm_all_gather(const at::Tensor& x, const at::Tensor& area, int64_t rank,
+                                               int64_t size, int64_t slot_bytes, int64_t step, double timeout_s) {
+  TORCH_CHECK(x.is_contiguous(), "shm_all_gather takes a contiguous tensor");
+  const SharedArea a = area_of(area, rank, size, slot_bytes);
+  at::Tensor out = at::empty({size, x.numel()}, x.options());
+  const int64_t bytes = x.numel() * x.element_size();
+  const uint8_t* data = static_cast<const uint8_t*>(x.data_ptr());
+  uint8_t* gathered = static_cast<uint8_t*>(out.data_ptr());
+  for (int64_t start = 0; start < bytes; start += slot_bytes, ++step) {
+    const int64_t n = std::min(slot_bytes, bytes - start);
+    std::memcpy(a.slot(step, rank), data + start, n);
+    meet(a, step, timeout_s);
+    for (int64_t r = 0; r < size; ++r) std::memcpy(gathered + r * bytes + start, a.slot(step, r), n);
+  }
+  return {out, step};
+}
+
 // The instruction set this library was built for, so Python can tell what it loaded.
 std::string isa() {
 #if defined(__AVX512VNNI__)
@@ -1450,6 +1572,11 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
   m.def("keep_large_blocks(int min_bytes, int max_free_bytes, int idle_allocations) -> bool", &keep_large_blocks);
   m.def("large_block_stats() -> int[]", &large_block_stats);
   m.def("release_free_blocks() -> ()", &release_free_blocks);
+  // Tensor parallelism on one machine: qwenkit/parallel.py.
+  m.def("shm_all_reduce(Tensor(a!) x, Tensor area, int rank, int size, int slot_bytes, int step, float timeout)"
+        " -> int");
+  m.def("shm_all_gather(Tensor x, Tensor area, int rank, int size, int slot_bytes, int step, float timeout)"
+        " -> (Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
@@ -1461,4 +1588,6 @@ TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("decode_attention_int8", &decode_attention_int8);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("shm_all_reduce", &shm_all_reduce);
+  m.impl("shm_all_gather", &shm_all_gather);
 }
