@@ -497,7 +497,7 @@ def test_a_rank_that_hangs_mid_reply_stops_rank0(byte_checkpoint):
 
 @pytest.mark.real
 def test_demo_greedy_text_under_tp(demo_path):
-    """The demo GGUF (read whole, then split: q/k/v, gate/up and the head by rows, o/down at int4 group bounds)
+    """The demo GGUF (each layer cut as it loads: q/k/v, gate/up and the head by rows, o/down at int4 group bounds)
     writes the function under tp=2, starting as one process does. (Equal to the end here, AVX-512 BF16; but
     qwenkit's int4 kernel rounds activations per group, so where a partial sum's last bit flips such a rounding
     the two greedy texts may part late: what any correct run shows is asserted.)"""
