@@ -84,6 +84,23 @@ def test_generate_and_bench(demo_path):
     assert {"prefill_tok_s", "decode_tok_s", "ttft_s", "gb_per_s", "peak_rss_mib"} <= set(result)
 
 
+def test_bench_on_a_model_with_a_small_vocabulary(tmp_path, capsys):
+    """The synthetic prompt's ids come from the model's vocabulary (here 320 ids, below the 1000-20000 drawn for a
+    Qwen vocabulary)."""
+    from safetensors.torch import save_file
+
+    from qwenkit.cli import main
+
+    from .conftest import BYTE_VOCAB, tiny_model, write_byte_tokenizer
+
+    model = tiny_model(**BYTE_VOCAB)
+    directory = write_byte_tokenizer(tmp_path / "byte")
+    (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    assert main(["bench", "-m", str(directory), "--prompt-tokens", "16", "--new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decode_tok_s"] > 0
+
+
 @pytest.mark.real
 def test_draft_model_on_the_command_line(demo_path):
     """The demo drafting for itself: the same greedy text as without, and bench reports the drafts."""

@@ -55,7 +55,8 @@ def run_bench(model: Model, tokenizer: Tokenizer, prompt_tokens: int = 512, new_
     greedy = SamplingParams(temperature=0.0)
     if prompt is None:
         gen = torch.Generator().manual_seed(0)
-        prompt = torch.randint(1000, 20000, (prompt_tokens,), generator=gen).tolist()
+        high = min(20000, model.config.vocab_size)  # (a small test model's vocabulary has fewer ids)
+        prompt = torch.randint(min(1000, high // 4), high, (prompt_tokens,), generator=gen).tolist()
         request = Request(prompt, new_tokens, greedy, grammar=grammar)
     else:
         request = Request(prompt, new_tokens, greedy, default_stop_ids(model, tokenizer), grammar=grammar)
