@@ -3,9 +3,11 @@ odd shapes, several rows, sibling weights and every instruction set this machine
 to the float reference of the same quantized weights; and the build's failure modes.
 """
 
+import copy
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -221,6 +223,47 @@ def check_small_ops():
 
 def test_small_ops_equal_the_model_code():
     check_small_ops()
+
+
+def check_self_attention_step():
+    """A batch-1 decode step through decode_self_attention (rotary, cache write and attention in one call) gives
+    the model's own step bit for bit: its logits and what it writes into the cache, float32 and bfloat16, with
+    and without q/k/v biases, over prefill and eight steps."""
+    from qwenkit.runtime import small_ops
+
+    from .conftest import tiny_model
+
+    calls = []
+
+    class Counting:  # qwenkit's ops, counting the one-call steps
+        def __getattr__(self, name):
+            if name == "decode_self_attention":
+                calls.append(name)
+            return getattr(ops, name)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for bias in (False, True):
+            fast = tiny_model(seed=3, scale=0.3, qkv_bias=bias, num_heads=4, num_kv_heads=2, head_dim=32).to(dtype)
+            small_ops.use_small_ops(fast)
+            plain = copy.deepcopy(fast)
+            for block in plain.model.layers:  # the same kernels, without the one-call step
+                block.self_attn.__class__ = type(block.self_attn).__bases__[1]
+            caches, logits = [], []
+            for model in (fast, plain):
+                cache = model.new_cache(1, 40)
+                with torch.inference_mode(), mock.patch.object(small_ops, "kernel_ops", Counting):
+                    out = [model(torch.tensor([[5, 9, 2, 7, 1, 3]]), torch.arange(6), cache)[:, -1]]
+                    for pos in range(6, 14):
+                        out.append(model(out[-1].argmax(-1, keepdim=True), torch.tensor([pos]), cache)[:, -1])
+                caches.append(cache)
+                logits.append(torch.cat(out))
+            assert torch.equal(logits[0], logits[1]), (dtype, bias)
+            assert all(torch.equal(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
+    assert len(calls) == 4 * 8 * len(fast.model.layers)  # every decode step of the fast model took it
+
+
+def test_one_call_self_attention_is_the_model_code_bit_for_bit():
+    check_self_attention_step()
 
 
 def check_bf16_linear():

@@ -1219,6 +1219,79 @@ at::Tensor decode_attention_int8(const at::Tensor& q, const at::Tensor& k, const
   return attention_one_query(q, k, v, k_scale, v_scale, mask);
 }
 
+// One query's rotary embedding, x * cos + rotate_half(x) * sin in float32 as model.apply_rotary computes it
+// (rotate_half(x) * sin as x rolled by half a head times a sign-carrying sin; the two products rounded apart,
+// then added: fp-contract off, so that no FMA changes a bit), rounded to T.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T>
+void rotate_head(const T* x, const float* cos, const float* sin, T* out, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) {
+    const float a = static_cast<float>(x[i]) * cos[i];
+    const float b = static_cast<float>(x[i < half ? i + half : i - half]) * sin[i];
+    out[i] = static_cast<T>(a + b);
+  }
+}
+#pragma GCC pop_options
+
+// A decode step's attention for rows that all write one position (batch-1 decode), in one call instead of a
+// dozen: qkv [B, 1, (H + 2G) * D], the joint q/k/v projection's output; cos, sin [B or 1, 1, 1, D] float32. q and
+// k are rotated, k and v written into the caches [B, G, L, D] at position write_pos[0], and q attends to their
+// first `length` positions (decode_attention's arithmetic). Returns [B, 1, H * D], as the model reshapes it.
+template <typename T>
+at::Tensor decode_self_attention_as(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                    at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos, int64_t length,
+                                    int64_t heads, int64_t kv_heads, const c10::optional<at::Tensor>& mask) {
+  const int64_t b_rows = qkv.size(0), d = k_cache.size(3);
+  at::Tensor q = at::empty({b_rows, heads, 1, d}, qkv.options());
+  const T* in = reinterpret_cast<const T*>(qkv.data_ptr());
+  T* q_out = reinterpret_cast<T*>(q.data_ptr());
+  T* k_out = reinterpret_cast<T*>(k_cache.data_ptr());
+  T* v_out = reinterpret_cast<T*>(v_cache.data_ptr());
+  const int64_t cache_len = k_cache.size(2), width = (heads + 2 * kv_heads) * d;
+  for (int64_t b = 0; b < b_rows; ++b) {
+    const int64_t angle = cos.size(0) == 1 ? 0 : b;
+    const float* c = cos.data_ptr<float>() + angle * d;
+    const float* s = sin.data_ptr<float>() + angle * d;
+    const T* row = in + b * width;
+    for (int64_t h = 0; h < heads; ++h) rotate_head(row + h * d, c, s, q_out + (b * heads + h) * d, d);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const int64_t at = ((b * kv_heads + g) * cache_len + pos) * d;
+      rotate_head(row + (heads + g) * d, c, s, k_out + at, d);
+      std::memcpy(v_out + at, row + (heads + kv_heads + g) * d, d * sizeof(T));
+    }
+  }
+  return attention_one_query(q, k_cache.narrow(2, 0, length), v_cache.narrow(2, 0, length), c10::nullopt,
+                             c10::nullopt, mask).view({b_rows, 1, heads * d});
+}
+
+at::Tensor decode_self_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                 at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& write_pos, int64_t length,
+                                 int64_t heads, int64_t kv_heads, const c10::optional<at::Tensor>& mask) {
+  const int64_t b_rows = qkv.size(0), d = k_cache.size(3);
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == 1 && qkv.size(2) == (heads + 2 * kv_heads) * d && qkv.is_contiguous(),
+              "decode_self_attention: qkv [B, 1, (H + 2G) * D], contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.size(0) == b_rows && k_cache.size(1) == kv_heads && k_cache.scalar_type() == qkv.scalar_type()
+                  && v_cache.scalar_type() == qkv.scalar_type(),
+              "decode_self_attention: caches [B, G, L, D] of qkv's dtype, contiguous");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == sin.numel() && cos.size(-1) == d &&
+                  (cos.numel() == d || cos.numel() == b_rows * d),
+              "decode_self_attention: cos and sin float32 [B or 1, 1, 1, D]");
+  TORCH_CHECK(write_pos.numel() == 1 && write_pos.scalar_type() == at::kLong, "decode_self_attention: one position");
+  const int64_t pos = write_pos.item<int64_t>();
+  TORCH_CHECK(pos >= 0 && pos < length && length <= k_cache.size(2), "decode_self_attention: position ", pos,
+              " outside the ", length, " attended of the cache's ", k_cache.size(2));
+  if (qkv.scalar_type() == at::kFloat) {
+    return decode_self_attention_as<float>(qkv, cos, sin, k_cache, v_cache, pos, length, heads, kv_heads, mask);
+  }
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16, "decode_self_attention: float32 or bfloat16");
+  return decode_self_attention_as<c10::BFloat16>(qkv, cos, sin, k_cache, v_cache, pos, length, heads, kv_heads,
+                                                 mask);
+}
+
 // --------------------------------------------------------------------------- bf16 weights
 
 // y = x · Wᵀ (+ bias) for bf16 weights read as stored and x float32 or bf16. A bf16 value widens to
@@ -1567,6 +1640,8 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
   m.def("decode_attention_int8(Tensor q, Tensor k, Tensor v, Tensor k_scale, Tensor v_scale, Tensor? mask) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor[] weights, Tensor? bias) -> Tensor");
+  m.def("decode_self_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache,"
+        " Tensor write_pos, int length, int heads, int kv_heads, Tensor? mask) -> Tensor");
   m.def("isa() -> str", &isa);
   // Process-wide, not per tensor: qwenkit/runtime/allocator.py.
   m.def("keep_large_blocks(int min_bytes, int max_free_bytes, int idle_allocations) -> bool", &keep_large_blocks);
@@ -1588,6 +1663,7 @@ TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("decode_attention_int8", &decode_attention_int8);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("decode_self_attention", &decode_self_attention);
   m.impl("shm_all_reduce", &shm_all_reduce);
   m.impl("shm_all_gather", &shm_all_gather);
 }

@@ -5,11 +5,14 @@ attention about a dozen, together a tenth of a demo token's time on two cores (b
 README.md, "The small ops of an eager step"). qwenkit's CPU kernels (qwenkit/kernels) do the same
 arithmetic in one call. `use_small_ops(model)` applies them from outside the model: each RMSNorm
 becomes a KernelRMSNorm, each Attention takes `kernel_decode_attention` (which also reads an int8 cache as
-it is held). The model's own code runs wherever they do not apply: another device or dtype, autograd,
-and torch.compile (which fuses these ops itself).
+it is held) and, for a batch-1 decode step over a float cache, runs the rotary embedding, the cache write and
+the attention between its projections as one call (KernelSelfAttention). The model's own code runs wherever
+they do not apply: another device or dtype, autograd, and torch.compile (which fuses these ops itself).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -45,6 +48,32 @@ def kernel_decode_attention(q: torch.Tensor, k: torch.Tensor | Int8KV, v: torch.
     return decode_attention(q, k, v, mask)
 
 
+class KernelSelfAttention:
+    """Mixed into a model's attention class (use_small_ops): a one-token step whose rows all write one position
+    (batch-1 decode) into a float cache runs what lies between the q/k/v and o projections (the rotary embedding,
+    the cache write, attention, and the reshapes: a dozen eager ops) as one call, with the same arithmetic
+    (cpu.cpp's decode_self_attention). Any other forward is the class's own."""
+
+    def forward(self, x, rope, mask, write_pos, cache, q_scale):
+        layer = self.layer_idx
+        if (x.shape[1] == 1 and cache is not None and write_pos.dim() == 1 and q_scale is None
+                and self.window is None and self.q_norm is None and cache.k_scale is None
+                and cache.ring[layer] is None and rope[0].shape[-1] == self.head_dim and _applies(x)
+                and cache.k[layer].dtype == x.dtype and cache.k[layer].is_contiguous()):
+            qkv = self.project_qkv(x)
+            if qkv.is_contiguous():
+                y = kernel_ops().decode_self_attention(qkv, rope[0], rope[1], cache.k[layer], cache.v[layer],
+                                                       write_pos, cache.length, self.num_heads, self.num_kv_heads,
+                                                       mask)
+                return self.o_proj(y)
+        return super().forward(x, rope, mask, write_pos, cache, q_scale)
+
+
+@functools.cache
+def _with_kernel_attention(cls: type) -> type:
+    return type(f"Kernel{cls.__name__}", (KernelSelfAttention, cls), {})
+
+
 def use_small_ops(model: nn.Module) -> bool:
     """Give `model`'s norms and attention qwenkit's one-call CPU ops; False (nothing changed) when the
     kernels are not built."""
@@ -55,4 +84,6 @@ def use_small_ops(model: nn.Module) -> bool:
             module.__class__ = KernelRMSNorm
         elif isinstance(module, Attention):
             module.decode_attention = kernel_decode_attention
+            if not isinstance(module, KernelSelfAttention):
+                module.__class__ = _with_kernel_attention(type(module))
     return True
