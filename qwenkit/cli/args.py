@@ -128,10 +128,10 @@ def devices_arg(args: argparse.Namespace) -> str | None:
     if args.device != "auto":
         raise QwenkitError(f"--device {args.device} and --devices/--device-map {devices}: give one of them")
     from ..parallel import split_devices
-    if getattr(args, "compile", False) and len(split_devices(devices)) > 1:  # (a bad list fails here, too)
+    listed = split_devices(devices)  # (a bad list fails here, before anything loads)
+    if getattr(args, "compile", False) and len(listed) > 1:
         raise QwenkitError("--compile with a layer split (--devices/--device-map) is not supported yet: leave one "
                            "of them out")
-    split_devices(devices)
     return devices
 
 
