@@ -12,13 +12,12 @@ they do not apply: another device or dtype, autograd, and torch.compile (which f
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from ..model import Attention, Int8KV, RMSNorm, decode_attention
 from .cpu_plan import kernel_ops
+from .fused import JointAttention
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -48,11 +47,11 @@ def kernel_decode_attention(q: torch.Tensor, k: torch.Tensor | Int8KV, v: torch.
     return decode_attention(q, k, v, mask)
 
 
-class KernelSelfAttention:
-    """Mixed into a model's attention class (use_small_ops): a one-token step whose rows all write one position
-    (batch-1 decode) into a float cache runs what lies between the q/k/v and o projections (the rotary embedding,
-    the cache write, attention, and the reshapes: a dozen eager ops) as one call, with the same arithmetic
-    (cpu.cpp's decode_self_attention). Any other forward is the class's own."""
+class KernelSelfAttention(Attention):
+    """Attention whose one-token step, where its rows all write one position (batch-1 decode) into a float cache,
+    runs what lies between the q/k/v and o projections (the rotary embedding, the cache write, attention, and the
+    reshapes: a dozen eager ops) as one call with the same arithmetic (cpu.cpp's decode_self_attention). Any other
+    forward is the model's own."""
 
     def forward(self, x, rope, mask, write_pos, cache, q_scale):
         layer = self.layer_idx
@@ -69,9 +68,11 @@ class KernelSelfAttention:
         return super().forward(x, rope, mask, write_pos, cache, q_scale)
 
 
-@functools.cache
-def _with_kernel_attention(cls: type) -> type:
-    return type(f"Kernel{cls.__name__}", (KernelSelfAttention, cls), {})
+class KernelJointAttention(KernelSelfAttention, JointAttention):
+    """The same for attention whose q/k/v run as one product (runtime/fused.py)."""
+
+
+KERNEL_ATTENTION = {Attention: KernelSelfAttention, JointAttention: KernelJointAttention}
 
 
 def use_small_ops(model: nn.Module) -> bool:
@@ -84,6 +85,5 @@ def use_small_ops(model: nn.Module) -> bool:
             module.__class__ = KernelRMSNorm
         elif isinstance(module, Attention):
             module.decode_attention = kernel_decode_attention
-            if not isinstance(module, KernelSelfAttention):
-                module.__class__ = _with_kernel_attention(type(module))
+            module.__class__ = KERNEL_ATTENTION.get(type(module), type(module))
     return True
