@@ -47,9 +47,8 @@ from .packed import Bf16Linear, PackedLinear, unpack_linears
 
 def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper: bool | None = None) -> float:
     """Compile `model`'s one-token decode step and warm it up for each batch size; returns the seconds
-    it took. Idempotent: a model already compiled returns 0. `cpp_wrapper` (default: on the CPU, unless the model
-    is a tensor-parallel shard) calls the compiled kernels from C++ rather than Python; on a GPU the CUDA graphs
-    replay them anyway."""
+    it took. Idempotent: a model already compiled returns 0. `cpp_wrapper` (default: on the CPU) calls
+    the compiled kernels from C++ rather than Python; on a GPU the CUDA graphs replay them anyway."""
     if getattr(model, "layer_split", None) is not None:
         raise QwenkitError("compile_decode (--compile) does not compile a model split over devices "
                            "(qwenkit.parallel's layer split): decode it eagerly, or load it on one device")
@@ -64,9 +63,7 @@ def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper:
     unpack_linears(model)  # the tracer cannot read oneDNN's packed weights, nor call qwenkit's bf16 kernel
     _warm_up(model, 1)  # eager: quantized linears prepare their kernels outside the trace
     if cpp_wrapper is None:
-        # Not around a tensor-parallel model's collectives: with AVX2 code the C++ wrapper's step read NaN logits
-        # (torch 2.13, gloo; bit-exact with the Python wrapper and natively), so it calls them from Python.
-        cpp_wrapper = model.device.type == "cpu" and getattr(model, "tensor_parallel", None) is None
+        cpp_wrapper = model.device.type == "cpu"
     setup.compiled = CompiledBlocks(model.model, cpp_wrapper)
     for batch in sorted(set(batch_sizes) | {1}):
         _warm_up(model, batch)
