@@ -301,6 +301,13 @@ def test_shared_memory_collectives(tmp_path):
     assert len({r["steps"] for r in ranks}) == 1 and ranks[0]["steps"] > 10  # chunked: several steps a tensor
 
 
+def test_compile_refuses_a_shard():
+    from qwenkit.runtime.compiled import compile_decode
+
+    with pytest.raises(QwenkitError, match="does not compile a tensor-parallel shard"):
+        compile_decode(shard_model(tiny_model(), TensorParallel(0, 2)))  # (rank 0 of 2: nothing runs)
+
+
 def test_heads_that_do_not_divide():
     model = tiny_model(num_heads=8, num_kv_heads=2, head_dim=16)
     with pytest.raises(QwenkitError, match="2 KV heads do not divide among 4 ranks"):

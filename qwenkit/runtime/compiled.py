@@ -49,6 +49,11 @@ def compile_decode(model: Model, batch_sizes: Iterable[int] = (1,), cpp_wrapper:
     """Compile `model`'s one-token decode step and warm it up for each batch size; returns the seconds
     it took. Idempotent: a model already compiled returns 0. `cpp_wrapper` (default: on the CPU) calls
     the compiled kernels from C++ rather than Python; on a GPU the CUDA graphs replay them anyway."""
+    if getattr(model, "tensor_parallel", None) is not None:
+        # Tried (torch 2.13, gloo): traced or left eager between graphs, the all-reduces gave NaN logits with AVX2
+        # code and a corrupted heap natively.
+        raise QwenkitError("compile_decode (--compile) does not compile a tensor-parallel shard (--tp) yet: decode "
+                           "it eagerly")
     if getattr(model, "layer_split", None) is not None:
         raise QwenkitError("compile_decode (--compile) does not compile a model split over devices "
                            "(qwenkit.parallel's layer split): decode it eagerly, or load it on one device")
