@@ -88,7 +88,7 @@ class TensorParallel:
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` on every rank (in place)."""
         if self.shared is not None and self.shared.takes(t):
-            return t.copy_(self.shared.all_gather(t.contiguous())[0].view(t.shape))
+            return t.copy_(self.shared.all_gather(t)[0].view(t.shape))
         dist.broadcast(t, src=0, group=self.steps)
         return t
 

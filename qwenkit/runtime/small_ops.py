@@ -59,12 +59,10 @@ class KernelSelfAttention(Attention):
                 and self.window is None and self.q_norm is None and cache.k_scale is None
                 and cache.ring[layer] is None and rope[0].shape[-1] == self.head_dim and _applies(x)
                 and cache.k[layer].dtype == x.dtype and cache.k[layer].is_contiguous()):
-            qkv = self.project_qkv(x)
-            if qkv.is_contiguous():
-                y = kernel_ops().decode_self_attention(qkv, rope[0], rope[1], cache.k[layer], cache.v[layer],
-                                                       write_pos, cache.length, self.num_heads, self.num_kv_heads,
-                                                       mask)
-                return self.o_proj(y)
+            qkv = self.project_qkv(x).contiguous()  # (a no-op for the joint and concatenated products)
+            y = kernel_ops().decode_self_attention(qkv, rope[0], rope[1], cache.k[layer], cache.v[layer], write_pos,
+                                                   cache.length, self.num_heads, self.num_kv_heads, mask)
+            return self.o_proj(y)
         return super().forward(x, rope, mask, write_pos, cache, q_scale)
 
 
