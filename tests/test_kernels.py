@@ -313,8 +313,7 @@ def check_decode_block():
                 (fast_logits, fast_cache), (plain_logits, plain_cache) = steps(fast), steps(plain)
                 assert len(calls) == 8 * len(fast.model.layers), (kind, dtype, bias)  # every decode step took it
                 assert torch.equal(fast_logits, plain_logits), (kind, dtype, bias)
-                assert all(torch.equal(a, b) for a, b in zip(fast_cache.k + fast_cache.v,
-                                                             plain_cache.k + plain_cache.v))
+                assert all(torch.equal(a, b) for a, b in zip(fast_cache.k + fast_cache.v, plain_cache.k + plain_cache.v))
     # A hook on one layer's down product, and a float o product in another: both blocks run eagerly.
     seen = []
     fast.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
