@@ -266,67 +266,6 @@ def test_one_call_self_attention_is_the_model_code_bit_for_bit():
     check_self_attention_step()
 
 
-def check_decode_block():
-    """A batch-1 decode step through decode_block (a whole block in one call) gives the eager block with the same
-    kernels bit for bit: logits and cache, for int4, int8 and bf16-weight products, float32 and bfloat16
-    activations, with and without q/k/v biases; and a block with a hook (tensor parallelism's all-reduce) or a
-    product that is not one of the kernels (a float linear) runs the eager block."""
-    from qwenkit.model import Block
-    from qwenkit.quant import quantize_model
-    from qwenkit.runtime import small_ops
-    from qwenkit.runtime.fused import fuse_siblings
-    from qwenkit.runtime.packed import pack_linears
-
-    from .conftest import tiny_model
-
-    calls = []
-
-    class Counting:  # qwenkit's ops, counting the one-call blocks
-        def __getattr__(self, name):
-            if name == "decode_block":
-                calls.append(name)
-            return getattr(ops, name)
-
-    def steps(model):
-        cache = model.new_cache(1, 40)
-        with torch.inference_mode(), mock.patch.object(small_ops, "kernel_ops", Counting):
-            out = [model(torch.tensor([[5, 9, 2, 7, 1, 3]]), torch.arange(6), cache)[:, -1]]
-            for pos in range(6, 14):
-                out.append(model(out[-1].argmax(-1, keepdim=True), torch.tensor([pos]), cache)[:, -1])
-        return torch.cat(out), cache
-
-    for kind in ("int4", "int8", "bf16"):
-        for dtype in (torch.float32, torch.bfloat16):
-            for bias in (False, True):
-                fast = tiny_model(seed=3, scale=0.3, qkv_bias=bias, num_heads=4, num_kv_heads=2, head_dim=32)
-                if kind == "bf16":
-                    pack_linears(fast.to(dtype), torch.bfloat16)
-                else:
-                    quantize_model(fast, bits=int(kind[-1]), group_size=32).to(dtype)
-                fuse_siblings(fast)
-                small_ops.use_small_ops(fast)
-                assert all(type(block) is small_ops.KernelBlock for block in fast.model.layers)
-                plain = copy.deepcopy(fast)
-                for block in plain.model.layers:  # the same kernels and one-call attention, block by block
-                    block.__class__ = Block
-                calls.clear()
-                (fast_logits, fast_cache), (plain_logits, plain_cache) = steps(fast), steps(plain)
-                assert len(calls) == 8 * len(fast.model.layers), (kind, dtype, bias)  # every decode step took it
-                assert torch.equal(fast_logits, plain_logits), (kind, dtype, bias)
-                assert all(torch.equal(a, b) for a, b in zip(fast_cache.k + fast_cache.v, plain_cache.k + plain_cache.v))
-    # A hook on one layer's down product, and a float o product in another: both blocks run eagerly.
-    seen = []
-    fast.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    fast.model.layers[1].self_attn.o_proj = plain.model.layers[1].self_attn.o_proj.unpacked()
-    calls.clear()
-    steps(fast)
-    assert not calls and len(seen) == 9
-
-
-def test_one_call_decode_block_is_the_eager_block_bit_for_bit():
-    check_decode_block()
-
-
 def check_bf16_linear():
     """The bf16-weight op against F.linear in float64 over the same bf16 weights: only float32 sums (and a
     bf16 output's rounding) between them, on odd K and N (the vector loops' tails), several rows, siblings

@@ -93,41 +93,6 @@ def ops(isa: str):
     return torch.ops.qwenkit_cpu
 
 
-class KernelProduct:
-    """One of cpu.cpp's matrix-vector products prepared for a layer: `op(x, *operands)`. Its `kind` lets a
-    decode block run it inside one call too (cpu.cpp's Product, runtime/small_ops.py's KernelBlock).
-
-        int4: operands (qweights, scales, zeros, bias, group_size)   -> qwenkit_cpu::int4_linear
-        int8: operands (weights, scales, bias)                       -> qwenkit_cpu::int8_linear
-        bf16: operands (weights, bias)                               -> qwenkit_cpu::bf16_linear
-    """
-
-    KINDS = ("int4", "int8", "bf16")  # cpu.cpp's Product::Kind, in order
-
-    def __init__(self, kind: str, op, *operands):
-        self.kind, self.op, self.operands = kind, op, operands
-        self._script_object = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x, *self.operands)
-
-    def script_object(self):
-        """The same product as a torch.classes.qwenkit_cpu.Product, for an op to take."""
-        if self._script_object is None:
-            if self.kind == "int4":
-                qweights, scales, zeros, bias, group_size = self.operands
-                tensors = (list(qweights), list(scales), list(zeros))
-            elif self.kind == "int8":
-                weights, scales, bias = self.operands
-                tensors, group_size = (list(weights), [scales], []), 0
-            else:
-                weights, bias = self.operands
-                tensors, group_size = (list(weights), [], []), 0
-            self._script_object = torch.classes.qwenkit_cpu.Product(self.KINDS.index(self.kind), *tensors, bias,
-                                                                    group_size)
-        return self._script_object
-
-
 def _register_fakes() -> None:
     """Shapes for torch.compile: both ops map x [M, K] to [M, sum of the weights' N] in x's dtype."""
     def int4_linear(x, qweights, scales, zeros, bias, group_size):

@@ -1320,54 +1320,6 @@ at::Tensor bf16_linear(const at::Tensor& x, at::TensorList weights, const c10::o
   return y.out;
 }
 
-// --------------------------------------------------------------------------- a decode block in one call
-
-// One linear of a decoder block as its layer's kernel runs it (qwenkit.kernels.KernelProduct): int4_linear
-// (a = qweights, b = scales, c = zeros), int8_linear (a = weights, b = [scales]) or bf16_linear (a = weights).
-struct Product : torch::CustomClassHolder {
-  enum Kind : int64_t { kInt4 = 0, kInt8 = 1, kBf16 = 2 };
-  int64_t kind;
-  std::vector<at::Tensor> a, b, c;
-  c10::optional<at::Tensor> bias;
-  int64_t group_size;
-
-  Product(int64_t kind, std::vector<at::Tensor> a, std::vector<at::Tensor> b, std::vector<at::Tensor> c,
-          c10::optional<at::Tensor> bias, int64_t group_size)
-      : kind(kind), a(std::move(a)), b(std::move(b)), c(std::move(c)), bias(std::move(bias)), group_size(group_size) {
-    TORCH_CHECK(kind == kInt4 || kind == kInt8 || kind == kBf16, "Product: kind 0 (int4), 1 (int8) or 2 (bf16)");
-    TORCH_CHECK(kind != kInt8 || this->b.size() == 1, "Product: an int8 product has one scales tensor");
-  }
-  at::Tensor operator()(const at::Tensor& x) const {
-    if (kind == kInt4) return int4_linear(x, a, b, c, bias, group_size);
-    if (kind == kInt8) return int8_linear(x, a, b[0], bias);
-    return bf16_linear(x, a, bias);
-  }
-};
-
-// A Block's one-token step (model.py) for rows that all write one position, as one call: the norm, the joint
-// q/k/v product, decode_self_attention, the o product and the residual; the norm, the joint gate/up product,
-// silu(gate) * up, the down product and the residual. The same ops in the same order as the eager block with
-// qwenkit's small ops (runtime/small_ops.py), so the same bits, without Python between them.
-at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attention_norm, double attention_eps,
-                        const at::Tensor& mlp_norm, double mlp_eps, const c10::intrusive_ptr<Product>& qkv,
-                        const c10::intrusive_ptr<Product>& o, const c10::intrusive_ptr<Product>& gate_up,
-                        const c10::intrusive_ptr<Product>& down, const at::Tensor& cos, const at::Tensor& sin,
-                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& write_pos, int64_t length,
-                        int64_t heads, int64_t kv_heads, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_block: x [B, 1, hidden]");
-  const int64_t b_rows = x.size(0), hidden = x.size(2);
-  const at::Tensor rows = x.reshape({b_rows, hidden});
-  const at::Tensor projected = (*qkv)(rms_norm(rows, attention_norm, attention_eps)).view({b_rows, 1, -1});
-  const at::Tensor attended = decode_self_attention(projected, cos, sin, k_cache, v_cache, write_pos, length, heads,
-                                                    kv_heads, mask);
-  const at::Tensor h = rows + (*o)(attended.view({b_rows, -1}));
-  const at::Tensor gates = (*gate_up)(rms_norm(h, mlp_norm, mlp_eps));
-  TORCH_CHECK(gates.size(1) % 2 == 0, "decode_block: gate/up must be two products of one size");
-  const int64_t inner = gates.size(1) / 2;
-  const at::Tensor mixed = at::silu(gates.narrow(1, 0, inner)) * gates.narrow(1, inner, inner);
-  return (h + (*down)(mixed)).view({b_rows, 1, hidden});
-}
-
 // --------------------------------------------------------------------------- large CPU blocks
 
 // torch's CPU tensors come from malloc. A prefill frees and makes again, layer after layer, tensors of a few
@@ -1690,14 +1642,6 @@ TORCH_LIBRARY(qwenkit_cpu, m) {
   m.def("bf16_linear(Tensor x, Tensor[] weights, Tensor? bias) -> Tensor");
   m.def("decode_self_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache,"
         " Tensor write_pos, int length, int heads, int kv_heads, Tensor? mask) -> Tensor");
-  m.class_<Product>("Product")
-      .def(torch::init<int64_t, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                       c10::optional<at::Tensor>, int64_t>());
-  m.def("decode_block(Tensor x, Tensor attention_norm, float attention_eps, Tensor mlp_norm, float mlp_eps,"
-        " __torch__.torch.classes.qwenkit_cpu.Product qkv, __torch__.torch.classes.qwenkit_cpu.Product o,"
-        " __torch__.torch.classes.qwenkit_cpu.Product gate_up, __torch__.torch.classes.qwenkit_cpu.Product down,"
-        " Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor write_pos, int length, int heads,"
-        " int kv_heads, Tensor? mask) -> Tensor");
   m.def("isa() -> str", &isa);
   // Process-wide, not per tensor: qwenkit/runtime/allocator.py.
   m.def("keep_large_blocks(int min_bytes, int max_free_bytes, int idle_allocations) -> bool", &keep_large_blocks);
@@ -1720,7 +1664,6 @@ TORCH_LIBRARY_IMPL(qwenkit_cpu, CPU, m) {
   m.impl("decode_attention_int8", &decode_attention_int8);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("decode_self_attention", &decode_self_attention);
-  m.impl("decode_block", &decode_block);
   m.impl("shm_all_reduce", &shm_all_reduce);
   m.impl("shm_all_gather", &shm_all_gather);
 }

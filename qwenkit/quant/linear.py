@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import KernelProduct
 from ..runtime.cpu_plan import int_gemm_prefill, kernel_ops
 from .rtn import quantize_int4, quantize_int8
 
@@ -248,9 +247,6 @@ class QuantizedLinear(nn.Module):
     def _bias_in(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
 
-    def __getstate__(self):  # prepared kernels hold this layer's tensors: deepcopy and pickle make them anew
-        return {**self.__dict__, "_kernel": None, "_gemm": None, "_fused": None}
-
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -321,11 +317,10 @@ class Int8Linear(QuantizedLinear):
         scales, bias = _operands(torch.cat([layer.scales.float() for layer in layers]),
                                  _joint_bias(layers))
 
-        if not gemm:
-            return KernelProduct("int8", ops.int8_linear, weights, scales, bias)
+        op = ops.int8_gemm if gemm else ops.int8_linear
 
         def run(x):
-            return ops.int8_gemm(x, weights, scales, bias)
+            return op(x, weights, scales, bias)
         return run
 
     def _torch_kernel(self, device, dtype):
@@ -410,8 +405,6 @@ class Int4Linear(QuantizedLinear):
         zeros = _operands(*(layer.zeros.contiguous() for layer in layers))
         bias, perm = _operands(_joint_bias(layers), None if self.perm is None else self.perm.long())
         group_size, op = self.group_size, ops.int4_gemm if gemm else ops.int4_linear
-        if perm is None and not gemm:
-            return KernelProduct("int4", op, qweights, scales, zeros, bias, group_size)
 
         def run(x):
             x = x if perm is None else x.index_select(-1, perm)  # stored column j is input perm[j]

@@ -64,19 +64,13 @@ class JointWeights:
         return F.linear(x, self.weight, self.bias)
 
 
-def joint_kernel(joint: JointWeights | None, x2d: torch.Tensor, linears: tuple[nn.Module, ...]) -> Callable | None:
-    """One product `x2d [M, K] -> the outputs of linears side by side`, or None where they cannot run as one."""
+def joint_product(joint: JointWeights | None, x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    """The outputs of `linears` on x side by side from one product, or None where they cannot run as one."""
+    x2d = x.reshape(-1, x.shape[-1])
     run = joint(linears, x2d) if joint is not None else None
     fused_with = getattr(type(linears[0]), "fused_with", None)
     if run is None and fused_with is not None:
         run = fused_with(linears[0], linears[1:], x2d)
-    return run
-
-
-def joint_product(joint: JointWeights | None, x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
-    """The outputs of `linears` on x side by side from one product, or None where they cannot run as one."""
-    x2d = x.reshape(-1, x.shape[-1])
-    run = joint_kernel(joint, x2d, linears)
     return None if run is None else run(x2d).view(*x.shape[:-1], -1)
 
 

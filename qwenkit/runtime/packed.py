@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QwenkitError
-from ..kernels import KernelProduct
 from .allocator import return_freed_memory
 from .cpu_plan import kernel_ops
 
@@ -134,7 +133,10 @@ class Bf16Linear(nn.Module):
             return None
         weights = [layer.weight for layer in layers]
         bias = None if self.bias is None else torch.cat([layer.bias.detach().float() for layer in layers])
-        return KernelProduct("bf16", ops.bf16_linear, weights, bias)
+
+        def run(x):
+            return ops.bf16_linear(x, weights, bias)
+        return run
 
     def _widened_linear(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
