@@ -154,6 +154,35 @@ def test_new_weights_replace_the_prepared_kernel(kernels):
         assert rel_err(layer(x), reference(layer, x)) < kernels[torch.float32]
 
 
+def test_a_quantized_model_that_ran_pickles_and_deep_copies(kernels):
+    """After its kernels were prepared (a forward), a quantized model saves with torch.save, and a deep copy
+    computes with its own tensors: where the kernels read the stored tensors as they are (qwenkit's), changing
+    the copy's weights in place changes the copy's outputs only."""
+    import copy
+    import io
+
+    from qwenkit.quant import linear
+    from qwenkit.runtime.fused import fuse_siblings
+
+    model = quantize_model(tiny_model(), bits=4, group_size=32)
+    fuse_siblings(model)
+    x = torch.randint(0, model.config.vocab_size, (1, 3))
+    with torch.no_grad():
+        want = model(x)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), want)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x), want)
+        if linear._qwenkit_ops(x.device, torch.float32) is None:
+            return  # torch's kernels read a packed copy made once
+        for layer in twin.modules():
+            if isinstance(layer, Int4Linear):
+                layer.scales.mul_(2)  # in place: no new Parameter, so nothing tells the layer
+        assert not torch.allclose(twin(x), want) and torch.equal(model(x), want)
+
+
 def test_siblings_sharing_an_input_run_as_one_fused_kernel(monkeypatch):
     """q/k/v and gate/up as one int4 kernel: the same outputs as the layers run one by one, remade
     when a layer's tensors change, and no fusing across layer kinds, group sizes or for many rows where

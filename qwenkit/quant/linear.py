@@ -247,6 +247,11 @@ class QuantizedLinear(nn.Module):
     def _bias_in(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
 
+    def __getstate__(self):
+        # The prepared kernels are closures over this layer's tensors: pickle cannot write them, and a deepcopy
+        # would share them (the copy computing with the original's tensors). Both make them anew.
+        return {**self.__dict__, "_kernel": None, "_gemm": None, "_fused": None}
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
