@@ -133,8 +133,11 @@ class Plan:
             quantized = "torch's weight-only kernels"
         prefill = (f"qwenkit {self.kernels} GEMM, int16 activations per block" if self.int_gemm
                    else f"dequantize the layer, {dtype} GEMM")
+        batched = [("int8 / int4 weights, batched decode (int8 16-47 rows, int4 32-127)",
+                    f"qwenkit {self.kernels} GEMM, int16 activations per block")] if self.kernels else []
         return float_rows + [
             ("int8 / int4 weights, decode (a few rows)", quantized),
+            *batched,
             ("int8 / int4 weights, prefill (many rows)", prefill),
         ]
 
