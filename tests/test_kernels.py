@@ -190,6 +190,29 @@ def test_many_rows_take_the_gemm_where_the_plan_has_it(monkeypatch):
         assert torch.equal(joint, torch.cat([layer(x) for layer in siblings], dim=-1))
 
 
+@pytest.mark.parametrize("plan_has_it", [False, True])
+def test_a_batch_of_decoded_rows_takes_the_gemm_on_every_class(monkeypatch, plan_has_it):
+    """Between int_gemm_min_rows and gemm_min_rows (sequences decoded together) a layer takes the integer GEMM
+    whether or not the CPU plan has it for prefill; fewer rows take the matrix-vector op; from gemm_min_rows on,
+    only the plan's GEMM, else dequantize-and-matmul."""
+    from qwenkit.quant import linear
+
+    monkeypatch.setattr(linear, "int_gemm_prefill", lambda: plan_has_it)
+    torch.manual_seed(0)
+    for layer in (Int4Linear.from_float(nn.Linear(256, 40), group_size=64), Int8Linear.from_float(nn.Linear(256, 48))):
+        many = "gemm" if plan_has_it else "float"
+        for rows, path in ((layer.int_gemm_min_rows - 1, "kernel"), (layer.int_gemm_min_rows, "gemm"),
+                           (layer.gemm_min_rows - 1, "gemm"), (layer.gemm_min_rows, many)):
+            layer._changed()
+            x = torch.randn(rows, 256)
+            with torch.no_grad():
+                y = layer(x)
+            taken = "gemm" if layer._gemm is not None else "kernel" if layer._kernel is not None else "float"
+            assert taken == path, (type(layer).__name__, rows, plan_has_it)
+            want = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
+            assert rel_err(y, want) < (ACTIVATION_ROUNDING if path == "kernel" else 1e-4)
+
+
 def check_small_ops():
     """The one-call ops of an eager step against the model's torch code, on odd sizes (the vector
     loops' tails), grouped heads, a used prefix of a longer cache and a mask."""
