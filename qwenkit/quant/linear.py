@@ -20,8 +20,9 @@ do the work, which is faster there (benchmarks/results/README.md, "Quantized dec
 llama.cpp and transformers"); except where the CPU plan prefers qwenkit's integer GEMM over the
 stored tensors (`int_gemm_prefill`: CPUs without native bf16, whose float32 GEMM is the slower one),
 which takes over from `int_gemm_min_rows` rows. Between `int_gemm_min_rows` and `gemm_min_rows` rows (a batch of
-sequences decoded together) the integer GEMM runs on every CPU with qwenkit's kernels: it reuses each weight for
-four rows of x, where the matrix-vector loop pays per row. The same dequantize-and-matmul path covers devices and
+sequences decoded together) the integer GEMM runs on every CPU with qwenkit's kernels: measured faster there than
+the matrix-vector loop and than dequantize-and-matmul with native bf16 too (benchmarks/results/README.md, "A batch
+of decoded sequences on the integer GEMM"). The same dequantize-and-matmul path covers devices and
 shapes without a kernel, and autograd (the fast ops have no backward). CUDA's int8 op is a naive
 one-thread-per-output loop, slower than dequantizing, so int8 on CUDA saves memory, not time.
 
@@ -169,13 +170,12 @@ class QuantizedLinear(nn.Module):
 
     def _int_gemm(self, x2d: torch.Tensor) -> bool:
         """Whether x2d's rows take qwenkit's integer GEMM rather than the matrix-vector kernel: from
-        `int_gemm_min_rows` on where the CPU plan has it for prefill, and below `gemm_min_rows` on every CPU
-        with qwenkit's kernels (a batch of decoded sequences: there it beats both the matrix-vector kernel and
-        dequantize-and-matmul, native bf16 or not). The row count is tested first: a decode step (and the code
-        torch.compile traces for it) stops there."""
+        `int_gemm_min_rows` on where the CPU plan has it for prefill, and up to `gemm_min_rows` on every CPU
+        with qwenkit's kernels (a batch of decoded sequences; see the module docstring). The row count is
+        tested first: a decode step (and the code torch.compile traces for it) stops there."""
         rows = x2d.shape[0]
         return (rows >= self.int_gemm_min_rows and x2d.device.type == "cpu"
-                and (rows < self.gemm_min_rows and _qwenkit_ops(x2d.device, x2d.dtype) is not None
+                and ((rows < self.gemm_min_rows and _qwenkit_ops(x2d.device, x2d.dtype) is not None)
                      or int_gemm_prefill()))
 
     def fused_with(self, others: tuple[nn.Module, ...], x: torch.Tensor) -> Callable | None:

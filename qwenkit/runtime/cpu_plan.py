@@ -133,7 +133,11 @@ class Plan:
             quantized = "torch's weight-only kernels"
         prefill = (f"qwenkit {self.kernels} GEMM, int16 activations per block" if self.int_gemm
                    else f"dequantize the layer, {dtype} GEMM")
-        batched = [("int8 / int4 weights, batched decode (int8 16-47 rows, int4 32-127)",
+        from ..quant.linear import Int4Linear, Int8Linear  # (they import this module)
+
+        bands = ", ".join(f"{layer.bits}-bit {layer.int_gemm_min_rows}-{layer.gemm_min_rows - 1} rows"
+                          for layer in (Int8Linear, Int4Linear))
+        batched = [(f"int8 / int4 weights, batched decode ({bands})",
                     f"qwenkit {self.kernels} GEMM, int16 activations per block")] if self.kernels else []
         return float_rows + [
             ("int8 / int4 weights, decode (a few rows)", quantized),
