@@ -133,11 +133,8 @@ class Plan:
             quantized = "torch's weight-only kernels"
         prefill = (f"qwenkit {self.kernels} GEMM, int16 activations per block" if self.int_gemm
                    else f"dequantize the layer, {dtype} GEMM")
-        from ..quant.linear import Int4Linear, Int8Linear  # (they import this module)
-
-        bands = ", ".join(f"{layer.bits}-bit {layer.int_gemm_min_rows}-{layer.gemm_min_rows - 1} rows"
-                          for layer in (Int8Linear, Int4Linear))
-        batched = [(f"int8 / int4 weights, batched decode ({bands})",
+        # (the row counts are the layers' int_gemm_min_rows and gemm_min_rows, in qwenkit/quant/linear.py)
+        batched = [("int8 / int4 weights, a batch of decoded sequences (tens of rows)",
                     f"qwenkit {self.kernels} GEMM, int16 activations per block")] if self.kernels else []
         return float_rows + [
             ("int8 / int4 weights, decode (a few rows)", quantized),
