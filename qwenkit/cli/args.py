@@ -254,10 +254,10 @@ def start_parallel(args: argparse.Namespace):
         return args.tensor_parallel, args.tp_device
     tp, device = None, args.device
     if getattr(args, "tp", None) is not None:
-        from ..parallel import start
         if getattr(args, "compile", False):
             raise QwenkitError("--compile with --tp is not supported yet: leave one of them out")
         from ..loading import resolve_device
+        from ..parallel import start
         tp, device = start(args.tp, resolve_device(args.device))
     args.tensor_parallel, args.tp_device = tp, device
     return tp, device

@@ -214,8 +214,7 @@ class QuantizedLinear(nn.Module):
         merged._parameters = {name: None if value is None else
                               frozen(torch.cat([layer._parameters[name] for layer in layers]))
                               for name, value in self._parameters.items()}
-        merged.out_features = sum(layer.out_features for layer in layers)
-        merged._kernel = merged._gemm = merged._fused = None
+        merged.out_features = sum(layer.out_features for layer in layers)  # (copy.copy left out the kernels)
         return merged
 
     def _kernel_for(self, x: torch.Tensor) -> Callable | None:
@@ -231,6 +230,8 @@ class QuantizedLinear(nn.Module):
                 run = None
             self._kernel = (x.dtype, run)
         return self._kernel[1]
+
+    _PREPARED = ("_kernel", "_gemm", "_fused")  # what is derived from the stored tensors
 
     # The ways the portable tensors change: assigned by name (loaders), copied into by
     # load_state_dict, converted or moved by .to()/.half()/.cuda().
@@ -249,7 +250,7 @@ class QuantizedLinear(nn.Module):
 
     def _changed(self) -> None:
         """Drop what was derived from the stored tensors (this layer's kernel, fused kernels)."""
-        self.__dict__["_kernel"] = self.__dict__["_gemm"] = self.__dict__["_fused"] = None
+        self.__dict__.update(dict.fromkeys(self._PREPARED))
         self.__dict__["_generation"] = self.__dict__.get("_generation", 0) + 1
 
     def _bias_in(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -258,7 +259,7 @@ class QuantizedLinear(nn.Module):
     def __getstate__(self):
         # The prepared kernels are closures over this layer's tensors: pickle cannot write them, and a deepcopy
         # would share them (the copy computing with the original's tensors). Both make them anew.
-        return {**self.__dict__, "_kernel": None, "_gemm": None, "_fused": None}
+        return {**self.__dict__, **dict.fromkeys(self._PREPARED)}
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
