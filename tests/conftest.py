@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -398,6 +399,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it. torchrun starts each worker in a session of its own, so
+    killing torchrun's process group leaves the workers running, and holding the pipes a test reads."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):  # a process that ended meanwhile
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "(name)": state, then ppid
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    pending, tree = [pid], []
+    while pending:
+        tree.append(pending.pop())
+        pending += children.get(tree[-1], [])
+    for each in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGKILL)
+
+
+def output_within(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """`process`'s (stdout, stderr) once it ends; past `timeout` (a hang) it is killed with everything it
+    started, and the test fails with the end of what it printed."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        out, err = process.communicate()
+        pytest.fail(f"{process.args[:4]}... hung past {timeout} s: {(out + err)[-3000:]}")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ sandbox against hostile programs, resuming, and the errors a user meets."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from qwenkit.evals.humaneval import HumanEval, chat_instruction, extract_code
 from qwenkit.evals.runner import _choices
 from qwenkit.evals.sandbox import Limits, run_program
 
-from .conftest import BYTE_VOCAB, TINY, randomize, write_byte_tokenizer
+from .conftest import BYTE_VOCAB, TINY, output_within, randomize, write_byte_tokenizer
 
 
 # ------------------------------------------------------------------ multiple choice
@@ -631,14 +630,8 @@ def torchrun_eval(*args, timeout: float = 300) -> tuple[int, str, str]:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), QWENKIT_NO_PROGRESS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qwenkit",
                "eval", *map(str, args)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"torchrun hung past {timeout} s: {(out + err)[-3000:]}")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = output_within(process, timeout)
     return process.returncode, out, err
 
 

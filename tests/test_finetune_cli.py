@@ -21,7 +21,7 @@ from qwenkit.cli import main
 from qwenkit.config import ModelConfig
 from qwenkit.model import Model
 
-from .conftest import randomize, write_checkpoint
+from .conftest import output_within, randomize, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"]
@@ -59,21 +59,16 @@ def rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def cli(*argv, torchrun: int = 0, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ, QWENKIT_NO_PROGRESS="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+def cli(*argv, torchrun: int = 0, env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, QWENKIT_NO_PROGRESS="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
                  "--standalone"] if torchrun else [sys.executable]) + ["-m", "qwenkit"]
     return subprocess.Popen(launcher + list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, **kwargs)
+                            text=True, start_new_session=True)
 
 
 def finished(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun's workers too
-        out, err = process.communicate()
-        pytest.fail(f"timed out after {timeout} s: {(out + err)[-3000:]}")
+    out, err = output_within(process, timeout)
     return process.returncode, out + err
 
 
@@ -241,10 +236,27 @@ def test_deepspeed_zero3_two_processes(tiny_ckpt, tmp_path, one_process):
     out = tmp_path / "ds"
     run = args(tiny_ckpt, out, "--max-steps", "3", "--lora-dropout", "0", "--save-every", "2", "--batch-size", "1",
                "--deepspeed", str(config))
-    code, output = finished(cli(*run, torchrun=2), timeout=600)
+    # DeepSpeed compiles its CPU communication op on first use, into torch's extensions folder, under a lock
+    # file: a run killed mid-build leaves the lock behind and every later run waits on it for ever.
+    code, output = finished(cli(*run, torchrun=2, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}),
+                            timeout=600)
     assert code == 0, output
     assert_same_run(out, one_process)
     assert (out / "checkpoints" / "step-00000003" / "deepspeed").is_dir()
+
+
+def test_a_build_lock_left_by_an_interrupted_run_is_named(tmp_path, monkeypatch, capsys):
+    from qwenkit.train.distributed import _warn_of_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "py311_cpu" / "fresh").mkdir()
+    (stale := tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock").touch()
+    (tmp_path / "py311_cpu" / "fresh" / "lock").touch()  # a build running now
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    _warn_of_stale_build_locks()
+    err = capsys.readouterr().err
+    assert f"{stale} is 60 minutes old" in err and "delete it" in err and "fresh" not in err
 
 
 def nbytes(tensors) -> int:

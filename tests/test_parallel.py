@@ -27,8 +27,8 @@ from qwenkit.loading import load
 from qwenkit.parallel import SharedMemoryCollectives, TensorParallel, shard_model
 from qwenkit.quant.linear import QuantizedLinear
 
-from .conftest import (BYTE_VOCAB, assert_a_fibonacci_function, free_port, tiny_model, v1_checkpoint,
-                       write_byte_tokenizer, write_checkpoint)
+from .conftest import (BYTE_VOCAB, assert_a_fibonacci_function, free_port, kill_tree, output_within, tiny_model,
+                       v1_checkpoint, write_byte_tokenizer, write_checkpoint)
 
 TOL = 1e-4
 STEPS = 4  # decode steps after the prefill
@@ -353,12 +353,12 @@ def start_ranks(argvs: list[list[str]], env_extra: dict | None = None) -> list[s
 
 def finished(procs: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int, str, str]]:
     try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
+        outputs = [output_within(p, timeout) for p in procs]
         return [(p.returncode, *out) for p, out in zip(procs, outputs)]
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                kill_tree(p.pid)
 
 
 def one_process(capsys, argv: list[str]) -> str:
@@ -490,8 +490,9 @@ def test_demo_greedy_text_under_tp(demo_path):
     argv = ["generate", "-m", str(demo_path), "--chat", "--prompt", "Write a Python function that returns the n-th "
             "Fibonacci number.", "--temperature", "0", "--max-new-tokens", "48"]
     one = subprocess.run([sys.executable, "-m", "qwenkit", *argv], capture_output=True, text=True, timeout=300)
-    tp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "qwenkit",
-                         *argv, "--tp", "2"], capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0 and tp.returncode == 0, tp.stderr[-2000:]
-    assert_a_fibonacci_function(tp.stdout)
-    assert tp.stdout[:60] == one.stdout[:60]
+    (tp_code, tp_out, tp_err), = finished([subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "qwenkit", *argv, "--tp", "2"],
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)], timeout=300)
+    assert one.returncode == 0 and tp_code == 0, tp_err[-2000:]
+    assert_a_fibonacci_function(tp_out)
+    assert tp_out[:60] == one.stdout[:60]

@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import socket
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -263,6 +265,8 @@ class DeepSpeed(SingleProcess):
     def prepare(self, model, lr, weight_decay, betas, max_grad_norm, lr_lambda):
         import deepspeed
 
+        if self.rank == 0:
+            _warn_of_stale_build_locks()
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimizer = adamw(self.params, lr, weight_decay, betas) if self.own_optimizer else None
         scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)) if self.own_scheduler else None
@@ -317,6 +321,20 @@ class DeepSpeed(SingleProcess):
         if self.engine.zero_optimization_stage() == 3:
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
         return self.model.state_dict() if self.is_main else {}
+
+
+def _warn_of_stale_build_locks(age_s: float = 600) -> None:
+    """Name the lock files an interrupted build left in torch's extensions folder. DeepSpeed builds its
+    ops there on first use (on the CPU, always), and torch waits on such a lock without end or message."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in root.glob("*/*/lock"):
+        with contextlib.suppress(OSError):  # a build that just ended
+            if time.time() - lock.stat().st_mtime > age_s:
+                print(f"qwenkit: {lock} is {(time.time() - lock.stat().st_mtime) / 60:.0f} minutes old; if no "
+                      "build is running, an interrupted one left it, and DeepSpeed will wait on it for ever: "
+                      "delete it", file=sys.stderr, flush=True)
 
 
 def _all_auto(section: dict | None) -> bool:
