@@ -567,12 +567,15 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], **
 
 def generate_batch(model: Model, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
                    max_batch: int = 8, on_done: Callable[[int, GenerationResult], None] | None = None,
-                   draft: Drafter | None = None, **kwargs) -> list[GenerationResult]:
+                   draft: Drafter | None = None, done_when: Callable[[int, str], bool] | None = None,
+                   **kwargs) -> list[GenerationResult]:
     """Generate for many prompts of different lengths, decoding up to `max_batch` of them together;
-    `on_done(index, result)` is called as each one finishes (e.g. to save it at once)."""
+    `on_done(index, result)` is called as each one finishes (e.g. to save it at once). A prompt's
+    generation also stops (finish_reason "stop") once `done_when(index, its text so far)` holds."""
     requests = [make_request(model, tokenizer, p, **kwargs) for p in prompts]
     results: list[GenerationResult | None] = [None] * len(requests)
     parts: dict[int, list[Delta]] = {}
+    texts: dict[int, str] = {}
     max_len = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
     decoder = Decoder(model, tokenizer, min(max_batch, len(requests)), max_len, draft=draft)
     index_of: dict[int, int] = {}
@@ -581,7 +584,13 @@ def generate_batch(model: Model, tokenizer: Tokenizer, prompts: Sequence[str | S
     def record(row, delta):
         i = index_of[id(row)]
         parts.setdefault(i, []).append(delta)
+        if done_when is not None and not delta.finish_reason:
+            texts[i] = texts.get(i, "") + delta.text
+            if done_when(i, texts[i]):
+                decoder.cancel(row)
+                delta.finish_reason = "stop"
         if delta.finish_reason:
+            texts.pop(i, None)
             results[i] = _collect(requests[i], parts.pop(i))
             if on_done is not None:
                 on_done(i, results[i])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qwenkit.cli import main
 from qwenkit.errors import DataError, QwenkitError
@@ -239,6 +241,23 @@ def test_humaneval_chat_prompt_and_code_extraction():
     bare = "def add(a, b):\n    s = a + b\n    return s\nprint(add(1, 2))"
     assert extract_code(bare, "add") == "    s = a + b\n    return s"
     assert extract_code("return a + b", "add") == "    return a + b"
+
+
+REPLY_PARTS = ["```python\n", "```\n", "\n```", "\n", "def add(a, b):\n", "def add_all(x):\n", "def other():\n",
+               "    return a + b\n", "    # a: b\n", "Use add: it adds.\n", "print(add(1, 2))", "`", "python\n"]
+
+
+@given(st.lists(st.sampled_from(REPLY_PARTS), max_size=14))
+@settings(max_examples=300, deadline=None)
+def test_a_chat_reply_is_decided_once_its_fenced_function_is_closed(parts):
+    """The chat reply's generation stops at the first prefix HumanEval calls decided: that prefix must
+    give the body the whole reply gives, and every longer prefix must be decided too."""
+    reply, task, item = "".join(parts), HumanEval(), {"entry_point": "add"}
+    decided = [k for k in range(len(reply) + 1) if task.decided(item, reply[:k], "chat")]
+    assert decided == list(range(decided[0], len(reply) + 1)) if decided else True
+    if decided:
+        assert extract_code(reply[:decided[0]], "add") == extract_code(reply, "add")
+    assert not task.decided(item, reply, "base")
 
 
 def write_humaneval(root: Path) -> Path:

@@ -72,6 +72,21 @@ def test_batched_generation_equals_one_by_one(tiny, tok):
     assert batched == single
 
 
+def test_a_sequence_stops_once_done_when_holds(tiny, tok):
+    """Beside sequences that run to their length, in two rows for three prompts: the stopped one's row is
+    taken by the third prompt, and every text is a prefix of (or equal to) what it generates alone."""
+    prompts = ["hello world", "a much longer prompt with many more tokens in it, to differ", "短"]
+    kw = dict(temperature=0, max_new_tokens=24, stop_token_ids=[])
+    alone = [qwenkit.generate(tiny, tok, p, **kw) for p in prompts]
+    batched = qwenkit.generate_batch(tiny, tok, prompts, max_batch=2, done_when=lambda i, text: i == 0 and
+                                     len(text) >= 5, **kw)
+    assert [r.token_ids for r in batched[1:]] == [r.token_ids for r in alone[1:]]
+    stopped, whole = batched[0], alone[0]
+    assert len(stopped.text) >= 5 and whole.text.startswith(stopped.text) and stopped.finish_reason == "stop"
+    assert stopped.token_ids == whole.token_ids[:len(stopped.token_ids)] and len(stopped.token_ids) < 24
+    assert len(tok.decode(stopped.token_ids[:-1])) < 5  # it stopped at the first token that made it hold
+
+
 def test_seed_reproduces_and_differs(tiny, tok):
     kw = dict(temperature=1.0, top_p=0.95, max_new_tokens=16)
     a = qwenkit.generate(tiny, tok, "hello", seed=7, **kw).token_ids

