@@ -298,7 +298,8 @@ class ServerModel:
 
     def generate(self, prompts: list[str], chat: bool, max_new_tokens: int, stop: Sequence[str],
                  on_done: Callable[[int, str], None], done_when: Callable[[int, str], bool] | None = None) -> int:
-        """As LocalModel.generate; a server writes each reply whole (`done_when` only saves time)."""
+        """As LocalModel.generate, but a server writes each reply whole: `done_when`, which would only have
+        saved time, goes unused."""
         def one(i: int) -> tuple[int, str]:
             # repetition_penalty: the usual extension (qwenkit serve, vLLM); a server's default may not be 1.
             body = {"model": self.name, "max_tokens": max_new_tokens, "temperature": 0.0, "repetition_penalty": 1.0,

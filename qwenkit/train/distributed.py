@@ -331,10 +331,10 @@ def _warn_of_stale_build_locks(age_s: float = 600) -> None:
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     for lock in root.glob("*/*/lock"):
         with contextlib.suppress(OSError):  # a build that just ended
-            if time.time() - lock.stat().st_mtime > age_s:
-                print(f"qwenkit: {lock} is {(time.time() - lock.stat().st_mtime) / 60:.0f} minutes old; if no "
-                      "build is running, an interrupted one left it, and DeepSpeed will wait on it for ever: "
-                      "delete it", file=sys.stderr, flush=True)
+            age = time.time() - lock.stat().st_mtime
+            if age > age_s:
+                print(f"qwenkit: {lock} is {age / 60:.0f} minutes old; if no build is running, an interrupted one "
+                      "left it, and DeepSpeed will wait on it for ever: delete it", file=sys.stderr, flush=True)
 
 
 def _all_auto(section: dict | None) -> bool:
