@@ -151,13 +151,15 @@ class SharedMemoryCollectives:
             fd, path = tempfile.mkstemp(prefix="qwenkit-tp-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
             os.ftruncate(fd, nbytes)
             os.close(fd)
-        path = TensorParallel(rank, size).from_rank0(path)
-        with open(path, "r+b") as f:
-            area = torch.frombuffer(mmap.mmap(f.fileno(), nbytes), dtype=torch.uint8)
-        area[64 * rank + 8:64 * rank + 16].view(torch.int64)[0] = os.getpid()  # (so that others see it go)
-        dist.barrier()
-        if rank == 0:
-            os.unlink(path)
+        try:
+            shared = TensorParallel(rank, size).from_rank0(path)
+            with open(shared, "r+b") as f:
+                area = torch.frombuffer(mmap.mmap(f.fileno(), nbytes), dtype=torch.uint8)
+            area[64 * rank + 8:64 * rank + 16].view(torch.int64)[0] = os.getpid()  # (so that others see it go)
+            dist.barrier()
+        finally:  # also when a rank failed to map it: the file would hold its memory until a reboot
+            if path is not None:
+                os.unlink(path)
         return cls(ops, area, rank, size, timeout)
 
     def takes(self, t: torch.Tensor, reduce: bool = False) -> bool:
