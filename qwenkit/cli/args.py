@@ -72,8 +72,10 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the one-token decode step before starting: a one-off warm-up of a "
                              "minute or more. On a GPU it adds ~20 %% to the CUDA graphs (bf16 and int4 on an "
-                             "H100); on a 2-core CPU 10-50 %% to quantized decode (more on AVX2), while bf16 "
-                             "weights get slower (they must be unpacked). Check with bench --compile")
+                             "H100). On a 2-core CPU, where the eager step already runs qwenkit's kernels, it "
+                             "gained 4-14 %% for the default and int8 paths and lost 11-28 %% for int4 with "
+                             "AVX-512 BF16, gained 7 %% for int4 with AVX2, and bf16 weights get slower (they must "
+                             "be unpacked): check with bench --compile")
     parser.add_argument("--lookup", type=int, default=0, metavar="N",
                         help="speculative decoding by prompt lookup: draft up to N tokens that followed the last "
                              "words where they appeared before (code edits, quotes, summaries), checked in one "
