@@ -254,8 +254,8 @@ def test_a_chat_reply_is_decided_once_its_fenced_function_is_closed(parts):
     give the body the whole reply gives, and every longer prefix must be decided too."""
     reply, task, item = "".join(parts), HumanEval(), {"entry_point": "add"}
     decided = [k for k in range(len(reply) + 1) if task.decided(item, reply[:k], "chat")]
-    assert decided == list(range(decided[0], len(reply) + 1)) if decided else True
     if decided:
+        assert decided == list(range(decided[0], len(reply) + 1))
         assert extract_code(reply[:decided[0]], "add") == extract_code(reply, "add")
     assert not task.decided(item, reply, "base")
 
@@ -498,8 +498,8 @@ def test_sequences_generated_together_fill_the_kv_cache_budget(tiny_checkpoint, 
     from qwenkit.evals import backend
 
     model, tokenizer = qwenkit.load(tiny_checkpoint, dtype="float32", device="cpu")
-    default, given = backend.LocalModel(model, tokenizer), backend.LocalModel(model, tokenizer, batch_size=3)
-    assert (default.batch_size, given.batch_size, given.generated_rows([[1] * 10], 20)) == (8, 3, 3)
+    default, sized = backend.LocalModel(model, tokenizer), backend.LocalModel(model, tokenizer, batch_size=3)
+    assert (default.batch_size, sized.batch_size, sized.generated_rows([[1] * 10], 20)) == (8, 3, 3)
     assert default.generated_rows([[1] * 10], 20) == backend.GENERATED_ROWS == 32
     position = model.new_cache(1, 1).nbytes
     monkeypatch.setattr(backend, "GENERATED_KV_BYTES", position * (10 + 20) * 5 + position)
