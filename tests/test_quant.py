@@ -25,8 +25,9 @@ from qwenkit.quant import (
     quantize_model,
     unpack_int4,
 )
+from qwenkit.saving import save_checkpoint
 
-from .conftest import assert_greedy, random_tokens, rel_err, tiny_config, tiny_model, write_checkpoint
+from .conftest import BYTE_VOCAB, assert_greedy, random_tokens, rel_err, tiny_config, tiny_model, write_checkpoint
 
 # Relative error of a quantized layer against F.linear on its own dequantized weight. torch's kernels
 # accumulate in fp32, so only the output rounding of the activation dtype remains; qwenkit's also
@@ -318,6 +319,49 @@ def test_converted_tensors_give_back_the_file_pages_they_were_read_from(tmp_path
         release_file_pages(read)
         assert mapped_rss(path) < 1 << 20
         assert torch.equal(read.float(), copy)  # read again from the file when touched
+
+
+def mapping_of(address: int) -> tuple[str, str]:
+    """The path (or "" for anonymous memory) and the VmFlags of the mapping holding `address` (/proc/self/smaps)."""
+    found = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if line[0] in "0123456789abcdef" and "-" in fields[0]:
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                found = (fields[5] if len(fields) > 5 else "") if lo <= address < hi else None
+            elif found is not None and line.startswith("VmFlags:"):
+                return found, line
+    raise LookupError(hex(address))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_a_checkpoint_read_in_place_moves_onto_huge_pages(tmp_path, byte_tokenizer):
+    """A quantized checkpoint's layers are read in place from its mapped file, at the file's offsets on 4 KiB
+    pages; loading for inference moves them into one anonymous mapping advised for huge pages, each at a
+    64-byte boundary (decode ~12-20 % faster on the demo). The embedding, read a row at a time, stays; so does
+    everything when loading for training (pack=False)."""
+    model = tiny_model(**BYTE_VOCAB, tie_word_embeddings=False)
+    quantize_model(model, bits=4, group_size=32, lm_head_bits=4)
+    save_checkpoint(model, byte_tokenizer, tmp_path / "q")
+    weights = str(tmp_path / "q" / "model.safetensors")
+
+    served, _ = qwenkit.load(tmp_path / "q", dtype="float32", device="cpu")
+    trained, _ = qwenkit.load(tmp_path / "q", dtype="float32", device="cpu", pack=False)
+    moved = [p for n, p in served.named_parameters() if not n.startswith("model.embed_tokens")]
+    assert {mapping_of(p.data_ptr())[0] for p in moved} == {""}
+    assert all(p.data_ptr() % 64 == 0 for p in moved)
+    assert " hg" in mapping_of(moved[0].data_ptr())[1]  # madvise(MADV_HUGEPAGE)
+    assert mapping_of(served.model.embed_tokens.weight.data_ptr())[0] == weights
+    assert {mapping_of(p.data_ptr())[0] for p in trained.parameters()} == {weights}
+    for (name, a), b in zip(served.named_parameters(), trained.parameters()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(served(IDS[:, :64] % 320), trained(IDS[:, :64] % 320))
+    saved, _ = qwenkit.load(save_checkpoint(served, byte_tokenizer, tmp_path / "again"), dtype="float32", device="cpu",
+                            pack=False)
+    for (name, a), b in zip(saved.named_parameters(), trained.parameters()):
+        assert torch.equal(a, b), name
 
 
 VOCAB = tiny_config().vocab_size

@@ -22,7 +22,7 @@ from ..model import KV_CACHE_KINDS, Model
 from ..progress import progress
 from ..quant import autogptq
 from ..qwen7b import ChatModel
-from ..runtime.allocator import keep_freed_memory, release_file_pages, return_freed_memory
+from ..runtime.allocator import keep_freed_memory, onto_huge_pages, release_file_pages, return_freed_memory
 from ..tokenizer import Tokenizer
 from . import hf, hub
 
@@ -91,10 +91,12 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     at batch 1 much faster than launching each step's kernels from Python.
 
     `pack`: on the CPU, hold bf16 linear weights in an inference layout (qwenkit/runtime/packed.py): read by
-    qwenkit's bf16 kernel, or packed for oneDNN; faster decode, the same values. With dtype="auto" on a CPU
-    without native bf16, the linear weights are then stored in bf16 and the activations stay float32 (the
-    CPU plan, qwenkit/runtime/cpu_plan.py). The layers are for inference; pack=False keeps plain nn.Linear
-    in `dtype` (fine-tuning does; quantizers and LoRA unpack a model themselves).
+    qwenkit's bf16 kernel, or packed for oneDNN; faster decode, the same values. Weights a step reads whole
+    (all but the embedding) that were read in place from a mapped file move into memory advised for huge pages
+    (runtime/allocator.py onto_huge_pages). With dtype="auto" on a CPU without native bf16, the linear weights
+    are then stored in bf16 and the activations stay float32 (the CPU plan, qwenkit/runtime/cpu_plan.py). The
+    layers are for inference; pack=False keeps plain nn.Linear in `dtype`, where they were read (fine-tuning
+    does; quantizers and LoRA unpack a model themselves).
 
     `rope_scaling`: RoPE scaling over the checkpoint's, "linear:F", "dynamic:F", "yarn:F", a config-style
     dict, or "none" (plain RoPE); None keeps the checkpoint's (qwenkit.config.rope_scaling_of).
@@ -144,6 +146,7 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
     if quantize == "auto":
         quantize = "gguf" if path.is_file() and device.type == "cpu" else None
     quantize = None if quantize == "none" else quantize
+    for_inference = pack  # (fine-tuning and the quantizers load with pack=False)
     pack = pack and not compile  # the tracer cannot read oneDNN's packed tensors
     # Packed as the weights arrive, unless an adapter must be folded into plain weights first.
     pack_now = pack and adapter is None
@@ -202,6 +205,9 @@ def load(model: str | Path = "demo", dtype: str | torch.dtype = "auto", device: 
         net.set_window_attention(window_attention)
     net.set_kv_cache(kv_cache)
     if device.type == "cpu":
+        if for_inference:  # every weight a step reads whole; the embedding gives a row per token
+            embedding = {id(p) for p in net.model.embed_tokens.parameters()}
+            onto_huge_pages([p for p in net.parameters() if id(p) not in embedding])
         # From here on (faster prefill: qwenkit/runtime/allocator.py); not while loading, whose freed
         # temporaries would stay with the process.
         keep_freed_memory()

@@ -124,6 +124,60 @@ def release_file_pages(tensor: torch.Tensor) -> None:
         madvise(start, end - start, MADV_PAGEOUT)
 
 
+HUGE_PAGE = 2 << 20
+CACHE_LINE = 64
+COPY_CHUNK = 8 << 20  # bytes copied before the file pages they came from are let go (bounds the peak RSS)
+
+
+def onto_huge_pages(params: list[torch.nn.Parameter]) -> mmap.mmap | None:
+    """Move the tensors of `params` that are read in place from a memory-mapped file (a safetensors
+    checkpoint's, as the loader keeps them where it can) into one anonymous mapping, 2 MiB-aligned and advised
+    for transparent huge pages, each at a 64-byte boundary, letting go of the file's pages as they are copied.
+    Why: a decode step streams every weight from memory. In place they sit at the file's offsets (safetensors
+    aligns tensors to 8 bytes, so most 64-byte loads straddle two cache lines) on 4 KiB pages (a TLB miss
+    every 4 KiB): the int4 demo checkpoint's decode step took ~7 % longer on the file's pages than on anonymous
+    ones, and ~12 % longer than on huge pages (benchmarks/results/README.md, "Weights on huge pages").
+    Tensors elsewhere stay: copying one in memory would hold it twice for a moment, and the largest (a head)
+    would raise the peak RSS past its goal. Returns the mapping (the tensors hold it too); None where nothing
+    moved or there is no such mapping (not Linux)."""
+    file_pages = _file_mapped_ranges()
+    params = [p for p in params if p.device.type == "cpu" and p.layout == torch.strided and p.is_contiguous()
+              and p.nbytes > 0 and any(lo <= p.data_ptr() < hi for lo, hi in file_pages)]
+    if not params or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    sizes = [-(-p.nbytes // CACHE_LINE) * CACHE_LINE for p in params]
+    area = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % HUGE_PAGE
+    area.madvise(mmap.MADV_HUGEPAGE, start, len(area) - start)
+    offset = start
+    for param, size in zip(params, sizes):
+        old = param.data
+        # A storage of its own (holding `area` while it lives), so that it saves and pickles alone.
+        new = torch.frombuffer(area, dtype=torch.uint8, count=old.nbytes, offset=offset)
+        source = old.reshape(-1).view(torch.uint8)
+        for at in range(0, old.nbytes, COPY_CHUNK):
+            new[at:at + COPY_CHUNK].copy_(source[at:at + COPY_CHUNK])
+            release_file_pages(source[at:at + COPY_CHUNK])
+        param.data = new.view(old.dtype).view(old.shape)
+        offset += size
+    return area
+
+
+def _file_mapped_ranges() -> list[tuple[int, int]]:
+    """The address ranges this process maps from files (/proc/self/maps), or none where that is unknown."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].startswith("/"):
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     """The C library, looked up once (find_library runs ldconfig in a subprocess, and loading calls
