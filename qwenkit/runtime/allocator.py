@@ -146,9 +146,12 @@ def onto_huge_pages(params: list[torch.nn.Parameter]) -> mmap.mmap | None:
     if not params or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     sizes = [-(-p.nbytes // CACHE_LINE) * CACHE_LINE for p in params]
-    area = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    start = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % HUGE_PAGE
-    area.madvise(mmap.MADV_HUGEPAGE, start, len(area) - start)
+    try:
+        area = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        start = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % HUGE_PAGE
+        area.madvise(mmap.MADV_HUGEPAGE, start, len(area) - start)
+    except OSError:  # no memory to map, or a kernel without huge pages: the tensors stay where they are
+        return None
     offset = start
     for param, size in zip(params, sizes):
         old = param.data
