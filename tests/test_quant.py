@@ -335,7 +335,8 @@ def mapping_of(address: int) -> tuple[str, str]:
     raise LookupError(hex(address))
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
+                    reason="a Linux kernel with transparent huge pages")
 def test_a_checkpoint_read_in_place_moves_onto_huge_pages(tmp_path, byte_tokenizer):
     """A quantized checkpoint's layers are read in place from its mapped file, at the file's offsets on 4 KiB
     pages; loading for inference moves them into one anonymous mapping advised for huge pages, each at a
