@@ -39,6 +39,7 @@ from ..tokenizer import Tokenizer
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0}  # the release's evaluation scripts decode greedily
 PACKED_ROW_TOKENS = 512  # questions packed into one row of a batch, up to this many tokens (LocalModel._packed)
 HEAD_CHUNK = 256  # positions whose logits are made at a time (the vocabulary is ~152K wide)
+BATCH_SIZE = 8  # questions scored together, and requests a server has in flight, unless batch_size says
 # Sequences generated together by default: rows decoded together share each read of the weights (the demo's
 # HumanEval: ~85 tok/s at 8 rows, ~137 at 32, AVX-512 BF16), as many as this much KV cache holds.
 GENERATED_ROWS = 32
@@ -52,10 +53,10 @@ def seed_choice_probs(probabilities: Sequence[float]) -> list[float]:
 
 class LocalModel:
     def __init__(self, model: Model, tokenizer: Tokenizer, batch_size: int | None = None):
-        """`batch_size`: questions scored together (default 8) and sequences generated together (default:
-        `generated_rows`)."""
+        """`batch_size`: questions scored together (default BATCH_SIZE) and sequences generated together
+        (default: `generated_rows`)."""
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self._rows = batch_size or 8, batch_size
+        self.batch_size, self._rows = batch_size or BATCH_SIZE, batch_size
         self.context_length = model.config.context_length
         self._cache = None
         self._held: list[int] = []  # the tokens whose keys and values the cache row holds
@@ -285,8 +286,9 @@ class LocalModel:
 
 
 class ServerModel:
-    def __init__(self, url: str, batch_size: int = 8, api_key: str | None = None, timeout: float = 600):
-        self.url, self.batch_size, self.api_key, self.timeout = url.rstrip("/"), batch_size, api_key, timeout
+    def __init__(self, url: str, batch_size: int | None = None, api_key: str | None = None, timeout: float = 600):
+        self.url, self.api_key, self.timeout = url.rstrip("/"), api_key, timeout
+        self.batch_size = batch_size or BATCH_SIZE  # requests at a time
         self.url = self.url.removesuffix("/v1")
         models = self._call("GET", "/v1/models").get("data") or [{}]
         self.name = models[0].get("id") or self.url

@@ -139,7 +139,7 @@ def run(model: str | Path = "demo", tasks: list[str] | tuple[str, ...] = ("mmlu"
                                     "mode": "base"}
         elif server is not None:
             from .backend import ServerModel
-            backend = ServerModel(server, batch_size or 8, api_key)
+            backend = ServerModel(server, batch_size, api_key)
             setup = {"model": backend.name, "server": backend.url, "mode": mode or "chat"}
         else:
             backend, setup = _load(model, dtype, device, quantize, batch_size, long_context, tensor_parallel,
